@@ -1,0 +1,24 @@
+# One entry point per job: `make setup`, `make test`, `make bench`, `make reproduce`.
+PY_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+# Rebuilt only when the project's dependency list changes, so a second `make setup` returns at once.
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh $(PY_BOOT) $(VENV) $(HAS_CUDA)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/dump_teacher_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""taid-cache: offline teacher top-k caching and TAID distillation."""

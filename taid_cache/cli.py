@@ -1,0 +1,107 @@
+"""The `taid-cache` command line: options are parsed here into config dataclasses; the work is in pipelines/."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pay for the teacher once: cache its top-k log-probs, then distil from the cache.")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """A user mistake becomes one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command("dump-teacher")
+@user_errors
+def dump_teacher_cmd(
+    model: str = typer.Option(..., help="Teacher: a local model folder or a hub id."),
+    data: list[str] = typer.Option(..., help="Local jsonl/json/parquet/csv files (repeatable) or a hub dataset name."),
+    output: Path = typer.Option(..., help="Cache folder (created; shared by all workers)."),
+    split: str = typer.Option("train", help="Dataset split (hub datasets)."),
+    input_kind: str = typer.Option("auto", help="Row kind: auto, chat (messages), text, tokens (input_ids)."),
+    engine: str = typer.Option("auto", help="auto (vLLM when it imports), vllm or hf (transformers)."),
+    top_k: int = typer.Option(64, help="Top-k next-token log-probs stored per position."),
+    top_p: Optional[float] = typer.Option(None, help="Keep only the fewest entries (1..k) whose mass reaches p."),
+    precision: str = typer.Option("compact", help="Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact)."),
+    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor-parallel size."),
+    max_length: int = typer.Option(2048, help="Longest sequence in tokens."),
+    overlong: str = typer.Option("truncate", help="Longer rows: truncate or drop."),
+    dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
+    num_workers: int = typer.Option(1, help="Independent processes sharing the dataset."),
+    worker_index: int = typer.Option(0, help="This process's slice, 0..num_workers-1."),
+    batch_tokens: int = typer.Option(16384, help="Tokens per engine call."),
+    shard_size_mb: float = typer.Option(256.0, help="Roll to a new shard past this size."),
+    zstd_level: int = typer.Option(3, help="zstd level of the Arrow IPC buffers."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run the teacher over a dataset once and store its top-k next-token log-probs as Arrow shards."""
+    from .pipelines.dump_teacher import DumpConfig, dump_teacher
+
+    dump_teacher(DumpConfig(model=model, data=data, output=output, split=split, input_kind=input_kind, engine=engine,
+                            top_k=top_k, top_p=top_p, precision=precision, tensor_parallel_size=tensor_parallel_size,
+                            max_length=max_length, overlong=overlong, dtype=dtype, num_workers=num_workers,
+                            worker_index=worker_index, batch_tokens=batch_tokens, shard_size_mb=shard_size_mb,
+                            zstd_level=zstd_level, progress=progress))
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    plot: Optional[Path] = typer.Option(None, help="Write a histogram of the captured mass to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+) -> None:
+    """Sizes, bytes per token and per entry, and the teacher mass the top-k captures."""
+    from .shards.inspect import cache_stats, plot_captured_mass
+
+    stats, captured = cache_stats(cache)
+    if plot is not None:
+        plot_captured_mass(captured, stats["top_k"], plot)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    table = Table(title=f"taid-cache {cache}", show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Check every shard's checksum and schema, and that the cache is complete."""
+    from .shards.verify import verify_cache
+
+    manifest = verify_cache(cache)
+    typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['records']} sequences, {manifest['tokens']:,} tokens")
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Teacher engines: each turns batches of token sequences into per-position top-k log-probs."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+ENGINES = ("auto", "vllm", "hf")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    top_k: int
+    max_length: int
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    lm_head_chunk: int = 1024  # hf: positions per LM-head chunk, bounding the [chunk, vocab] float32 logits
+
+
+def resolve_engine(name: str) -> str:
+    """`auto` is vLLM when it can be imported, else transformers."""
+    if name != "auto":
+        return name
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def make_engine(name: str, config: EngineConfig):
+    if name == "vllm":
+        from .vllm_engine import VllmEngine
+
+        return VllmEngine(config)
+    from .hf_engine import HfEngine
+
+    return HfEngine(config)

@@ -1,0 +1,96 @@
+"""The transformers engine: a plain forward pass, then top-k of the log-softmax, with the LM head applied
+to chunks of positions so a full [tokens, vocab] float32 tensor never exists for a whole batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..inputs import Sequence
+from ..shards.writer import TeacherRecord
+from . import EngineConfig
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torch_dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name))
+
+
+@dataclass
+class HfPending:
+    """Top-k still on the device; `materialize` (in the writer thread) copies it out and splits it."""
+
+    sequences: list[Sequence]
+    ids: torch.Tensor  # [positions, k]
+    logprobs: torch.Tensor
+    cursor: dict[str, int]
+
+    def materialize(self) -> list[TeacherRecord]:
+        ids = self.ids.cpu().numpy()
+        lps = self.logprobs.cpu().numpy()
+        records, at = [], 0
+        for seq in self.sequences:
+            n = len(seq.input_ids) - 1
+            records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids[at : at + n], lps[at : at + n]))
+            at += n
+        return records
+
+
+class HfEngine:
+    name = "hf"
+
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.device = pick_device()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
+        except Exception as exc:
+            raise UserError(f"cannot load model {config.model}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        self.model.to(self.device).eval()
+        self.decoder = self.model.get_decoder()
+        self.head = self.model.get_output_embeddings()
+        self.max_top_k = self.head.out_features
+
+    def _padded(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded input ids and attention mask on the device."""
+        lengths = torch.tensor([len(s.input_ids) for s in sequences])
+        attention = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+        ids = torch.zeros_like(attention)
+        ids[attention.bool()] = torch.from_numpy(np.concatenate([s.input_ids for s in sequences]))
+        return ids.to(self.device), attention.to(self.device)
+
+    @torch.inference_mode()
+    def top_k(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (ids, log-probs) for every position j < T-1 of every sequence, concatenated in order."""
+        ids, attention = self._padded(sequences)
+        hidden = self.decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        # Positions that predict a real next token: all but the last of each sequence (padding is on the right).
+        keep = attention.bool()
+        keep[:, :-1] &= attention[:, 1:].bool()
+        keep[:, -1] = False
+        hidden = hidden[keep]
+        out_ids, out_lps = [], []
+        for chunk in hidden.split(self.config.lm_head_chunk):
+            logprobs = torch.log_softmax(self.head(chunk).float(), dim=-1)
+            values, indices = logprobs.topk(self.config.top_k, dim=-1, sorted=True)
+            out_ids.append(indices)
+            out_lps.append(values)
+        return torch.cat(out_ids), torch.cat(out_lps)
+
+    def submit(self, sequences: list[Sequence], cursor: dict[str, int]) -> HfPending:
+        ids, lps = self.top_k(sequences)
+        return HfPending(sequences, ids, lps, dict(cursor))
+
+    def forward_only(self, sequences: list[Sequence]) -> None:
+        """The bare forward a user would run (full logits, no top-k): the benchmark's reference."""
+        ids, attention = self._padded(sequences)
+        with torch.inference_mode():
+            self.model(input_ids=ids, attention_mask=attention).logits.sum().item()

@@ -1,0 +1,148 @@
+"""Dataset rows -> token sequences with a loss mask.
+
+Three row kinds, detected from the columns (or forced): `chat` (a `messages` list of role/content turns;
+the tokenizer's chat template renders it and the mask covers the assistant turns), `text` (mask = every
+token) and `tokens` (`input_ids`, optional `loss_mask`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+KINDS = ("auto", "chat", "text", "tokens")
+KIND_COLUMNS = {"chat": "messages", "text": "text", "tokens": "input_ids"}
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+@dataclass
+class Sequence:
+    sample_id: str
+    input_ids: np.ndarray  # [T] int64
+    loss_mask: np.ndarray  # [T] bool: True where token j is a training target
+
+
+def load_rows(data: list[str], split: str):
+    """Local files (by extension) or a dataset name on the hub, read with `datasets`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    paths = [Path(d) for d in data]
+    try:
+        if all(p.is_file() for p in paths):
+            builders = {FILE_BUILDERS.get(p.suffix.lower()) for p in paths}
+            if None in builders or len(builders) != 1:
+                raise UserError(f"--data files must all be one of {', '.join(FILE_BUILDERS)}: got {', '.join(map(str, paths))}")
+            return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train")
+        missing = [str(p) for p in paths if (p.suffix.lower() in FILE_BUILDERS or len(data) > 1) and not p.exists()]
+        if missing:
+            raise UserError(f"data file not found: {missing[0]}")
+        if len(data) != 1:
+            raise UserError("several --data values must all be local files")
+        return datasets.load_dataset(data[0], split=split)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable or unknown data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first}") from None
+
+
+def dataset_fingerprint(data: list[str], rows) -> str:
+    """Content hash of local files; the `datasets` fingerprint of a hub dataset."""
+    paths = [Path(d) for d in data]
+    if not all(p.is_file() for p in paths):
+        return rows._fingerprint
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def detect_kind(columns: list[str], forced: str) -> str:
+    if forced != "auto":
+        if KIND_COLUMNS[forced] not in columns:
+            raise UserError(f"--input-kind {forced} needs a '{KIND_COLUMNS[forced]}' column; the data has {', '.join(columns)}")
+        return forced
+    for kind, column in KIND_COLUMNS.items():
+        if column in columns:
+            return kind
+    raise UserError(f"no usable column: expected one of messages, text or input_ids; the data has {', '.join(columns)}")
+
+
+def source_tag(data: list[str]) -> str:
+    first = Path(data[0])
+    return first.stem if first.is_file() else data[0].replace("/", "__")
+
+
+def chat_sequence(messages: list[dict[str, Any]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Render with the chat template; mask the characters of each assistant turn (after its header, up to
+    and including its end-of-turn marker) and map them to tokens through the offset mapping."""
+
+    def render(msgs: list[dict[str, Any]], prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        if not text.startswith(render(messages[: i + 1], False)):
+            raise UserError("the tokenizer's chat template does not render a conversation's prefix as a prefix of it")
+        spans.append((start, end))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
+    starts = np.asarray([s for s, _ in encoded["offset_mapping"]], dtype=np.int64)
+    mask = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        mask |= (starts >= start) & (starts < end)
+    return ids, mask
+
+
+class RowTokenizer:
+    """Turns one dataset row into a Sequence (or None when it is dropped), counting what it changed."""
+
+    def __init__(self, tokenizer, kind: str, max_length: int, overlong: str, tag: str) -> None:
+        if kind == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise UserError("the data has chat rows but the model's tokenizer has no chat template")
+        if kind == "chat" and not tokenizer.is_fast:
+            raise UserError("chat rows need a fast tokenizer (offset mapping) to build the assistant mask")
+        self.tokenizer, self.kind, self.max_length, self.overlong, self.tag = tokenizer, kind, max_length, overlong, tag
+
+    def __call__(self, row: dict[str, Any], index: int, cursor: dict[str, int]) -> Sequence | None:
+        if self.kind == "chat":
+            ids, mask = chat_sequence(row["messages"], self.tokenizer)
+        elif self.kind == "text":
+            ids = np.asarray(self.tokenizer(row["text"])["input_ids"], dtype=np.int64)
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            ids = np.asarray(row["input_ids"], dtype=np.int64)
+            given = row.get("loss_mask")
+            mask = np.ones(len(ids), dtype=bool) if given is None else np.asarray(given, dtype=bool)
+            if len(mask) != len(ids):
+                raise UserError(f"row {index}: loss_mask has {len(mask)} entries for {len(ids)} input_ids")
+        if len(ids) > self.max_length:
+            if self.overlong == "drop":
+                cursor["dropped"] += 1
+                return None
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+            cursor["truncated"] += 1
+        if len(ids) < 2:  # nothing to predict
+            cursor["dropped"] += 1
+            return None
+        sample_id = str(row["id"]) if row.get("id") is not None else f"{self.tag}-{index:09d}"
+        return Sequence(sample_id, ids, mask)
+
+
+def worker_slice(num_rows: int, num_workers: int, worker_index: int) -> tuple[int, int]:
+    """Contiguous, disjoint slices covering every row; their concatenation is the dataset's order."""
+    return num_rows * worker_index // num_workers, num_rows * (worker_index + 1) // num_workers

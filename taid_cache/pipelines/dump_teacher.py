@@ -1,0 +1,200 @@
+"""Stage one: run the teacher over a dataset once and store its top-k next-token log-probs.
+
+One obvious path: check every input before anything is written, reopen this worker's part of the cache
+(or start it), then tokenize -> batch -> engine -> writer thread, committing shards as they fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..engines import ENGINES, EngineConfig, make_engine, resolve_engine
+from ..errors import UserError
+from ..fingerprints import model_hash, resolve_model, tokenizer_hash
+from ..inputs import KINDS, RowTokenizer, Sequence, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
+from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
+from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
+from ..shards.schema import FORMAT_VERSION
+from ..shards.writer import BackgroundWriter, ShardWriter, TeacherRecord
+
+OVERLONG = ("truncate", "drop")
+
+
+@dataclass
+class DumpConfig:
+    model: str
+    data: list[str]
+    output: Path
+    split: str = "train"
+    input_kind: str = "auto"
+    engine: str = "auto"
+    top_k: int = 64
+    top_p: float | None = None
+    precision: str = "compact"
+    tensor_parallel_size: int = 1
+    max_length: int = 2048
+    overlong: str = "truncate"
+    dtype: str = "auto"
+    num_workers: int = 1
+    worker_index: int = 0
+    batch_tokens: int = 16384
+    shard_size_mb: float = 256.0
+    zstd_level: int = 3
+    lm_head_chunk: int = 1024
+    progress: bool = True
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+
+def check_options(cfg: DumpConfig) -> None:
+    choices = {"--engine": (cfg.engine, ENGINES), "--precision": (cfg.precision, PRECISIONS),
+               "--input-kind": (cfg.input_kind, KINDS), "--overlong": (cfg.overlong, OVERLONG)}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, not {cfg.top_k}")
+    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], not {cfg.top_p}")
+    if cfg.max_length < 2:
+        raise UserError(f"--max-length must be at least 2, not {cfg.max_length}")
+    if cfg.num_workers < 1 or not 0 <= cfg.worker_index < cfg.num_workers:
+        raise UserError(f"--worker-index must be in [0, --num-workers); got {cfg.worker_index} of {cfg.num_workers}")
+    if cfg.tensor_parallel_size < 1 or cfg.batch_tokens < 1 or cfg.shard_size_mb <= 0:
+        raise UserError("--tensor-parallel-size, --batch-tokens and --shard-size-mb must be positive")
+
+
+def load_tokenizer_and_vocab(folder: Path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise UserError(f"cannot load model {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if not vocab:
+        raise UserError(f"cannot load model {folder}: its config has no vocab_size")
+    return tokenizer, int(vocab)
+
+
+def remove_orphans(cache: Path, part: WorkerPart) -> None:
+    """Shards of this worker that a killed run wrote but never recorded, and temporary files."""
+    listed = {s["file"] for s in part.shards}
+    for f in cache.glob(f"{shard_prefix(part.worker_index)}-*.arrow"):
+        if f.name not in listed:
+            f.unlink()
+    for f in cache.glob(f".{shard_prefix(part.worker_index)}-*.tmp*"):
+        f.unlink()
+
+
+def batches(rows, part: WorkerPart, to_sequence: RowTokenizer, batch_tokens: int):
+    """Yield (sequences, cursor) in source order, each batch holding about `batch_tokens` tokens."""
+    cursor = dict(part.cursor)
+    batch: list[Sequence] = []
+    tokens = 0
+    start = cursor["next_row"]
+    for index, row in enumerate(rows.select(range(start, part.row_end)), start=start):
+        seq = to_sequence(row, index, cursor)
+        cursor["next_row"] = index + 1
+        if seq is not None:
+            batch.append(seq)
+            tokens += len(seq.input_ids)
+        if tokens >= batch_tokens:
+            yield batch, dict(cursor)
+            batch, tokens = [], 0
+    yield batch, dict(cursor)
+
+
+def progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]dump-teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
+        TextColumn("{task.fields[tokens]:,} tokens"), TextColumn("{task.fields[rate]:,.0f} tok/s"),
+        TimeElapsedColumn(), console=console, disable=not enabled,
+    )
+
+
+def dump_teacher(cfg: DumpConfig) -> dict:
+    """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds."""
+    check_options(cfg)
+    folder = resolve_model(cfg.model)
+    tokenizer, vocab_size = load_tokenizer_and_vocab(folder)
+    if cfg.top_k > vocab_size:
+        raise UserError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size} tokens)")
+    rows = load_rows(cfg.data, cfg.split)
+    if len(rows) == 0:
+        raise UserError(f"the dataset {', '.join(cfg.data)} (split {cfg.split}) has no rows")
+    kind = detect_kind(rows.column_names, cfg.input_kind)
+    to_sequence = RowTokenizer(tokenizer, kind, cfg.max_length, cfg.overlong, source_tag(cfg.data))
+    engine_name = resolve_engine(cfg.engine)
+    settings = {
+        "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
+        "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
+        "top_k": cfg.top_k, "top_p": cfg.top_p, "precision": cfg.precision,
+        "logprob_step": LOGPROB_STEP if cfg.precision == "compact" else None, "id_dtype": id_dtype(vocab_size).name,
+        "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(cfg.data, rows),
+        "dataset_rows": len(rows), "input_kind": kind, "max_length": cfg.max_length, "overlong": cfg.overlong,
+        "engine": engine_name, "dtype": cfg.dtype, "num_workers": cfg.num_workers,
+    }
+
+    cache = cfg.output
+    check_compatible(cache, settings)
+    part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
+    if part is not None and part.done:
+        complete = try_finalize(cache)
+        cfg.console.print(f"worker {cfg.worker_index} of {cfg.num_workers} already finished in {cache}: nothing to do"
+                          + ("" if complete else " (other workers still missing)"))
+        return {"complete": complete, "resumed": False, "nothing_to_do": True}
+    (cache / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    if part is None:
+        start, end = worker_slice(len(rows), cfg.num_workers, cfg.worker_index)
+        part = WorkerPart(settings, cfg.worker_index, cfg.num_workers, start, end,
+                          cursor={"next_row": start, "dropped": 0, "truncated": 0})
+        save_part(cache, part)
+    resumed = bool(part.shards)
+    remove_orphans(cache, part)
+
+    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, cfg.max_length, cfg.dtype,
+                                                   cfg.tensor_parallel_size, cfg.lm_head_chunk))
+    if cfg.top_k > engine.max_top_k:
+        raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
+
+    def on_commit(entry) -> None:
+        part.shards.append(asdict(entry))
+        part.cursor = dict(entry.cursor)
+        save_part(cache, part)
+
+    writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.top_p,
+                         cfg.precision, int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit)
+    with progress_bar(cfg.console, cfg.progress) as progress:
+        task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
+        done = {"rows": part.cursor["next_row"] - part.row_start, "tokens": 0}
+        progress.update(task, completed=done["rows"])
+
+        def on_written(records: list[TeacherRecord]) -> None:
+            done["tokens"] += sum(len(r.input_ids) for r in records)
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, advance=len(records), tokens=done["tokens"], rate=done["tokens"] / elapsed)
+
+        background = BackgroundWriter(writer, on_written)
+        try:
+            final = dict(part.cursor)
+            for sequences, final in batches(rows, part, to_sequence, cfg.batch_tokens):
+                if sequences:
+                    background.put(engine.submit(sequences, final))
+        finally:
+            background.close()
+    part.cursor, part.done = final, True
+    save_part(cache, part)
+    complete = try_finalize(cache)
+    records = sum(s["records"] for s in part.shards)
+    cfg.console.print(
+        f"worker {cfg.worker_index} of {cfg.num_workers}: {records} sequences, {sum(s['tokens'] for s in part.shards):,} tokens "
+        f"in {len(part.shards)} shards ({'resumed' if resumed else 'fresh run'}); "
+        f"dropped {final['dropped']}, truncated {final['truncated']} to {cfg.max_length} tokens; "
+        + ("cache complete" if complete else "waiting for other workers")
+    )
+    return {"complete": complete, "resumed": resumed, "nothing_to_do": False, "records": records}

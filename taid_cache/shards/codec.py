@@ -1,0 +1,92 @@
+"""How top-k entries are encoded for storage, and decoded back.
+
+Ids use the narrowest unsigned integer type the vocabulary allows. Log-probs are either stored exactly
+(`fp32`) or, by default (`compact`), quantised on a uniform grid of LOGPROB_STEP nats (error at most half a
+step) and delta-coded along each position's list, which is sorted by descending log-prob, so the stored
+codes are small non-negative integers that zstd packs tightly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PRECISIONS = ("compact", "fp32")
+# 1/64 nat grid: a power of two, so -code * step is exact in float32; the bound is step / 2 = 0.0078 nats.
+LOGPROB_STEP = 1.0 / 64.0
+MAX_CODE = np.iinfo(np.uint16).max  # log-probs below -MAX_CODE * step (-1024 nats) are clamped there
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Narrowest unsigned integer type that holds every token id of the vocabulary."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"vocabulary of {vocab_size} tokens does not fit 32-bit ids")
+
+
+def logprob_storage_dtype(precision: str) -> np.dtype:
+    return np.dtype(np.uint16) if precision == "compact" else np.dtype(np.float32)
+
+
+def max_logprob_error(precision: str) -> float:
+    """The largest difference between a stored and a true log-prob (above the clamp at -1024 nats)."""
+    return LOGPROB_STEP / 2 if precision == "compact" else 0.0
+
+
+def _segment_starts(counts: np.ndarray) -> np.ndarray:
+    """Boolean mask over the flat entries: True at the first entry of each position."""
+    first = np.zeros(int(counts.sum()), dtype=bool)
+    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    first[offsets[counts > 0]] = True
+    return first
+
+
+def encode_logprobs(flat: np.ndarray, counts: np.ndarray, precision: str) -> np.ndarray:
+    """Flat log-probs (each position's run sorted descending) -> stored values."""
+    if precision == "fp32":
+        return flat.astype(np.float32, copy=False)
+    codes = np.clip(np.rint(-flat.astype(np.float64) / LOGPROB_STEP), 0, MAX_CODE).astype(np.int64)
+    deltas = np.diff(codes, prepend=0)
+    first = _segment_starts(counts)
+    deltas[first] = codes[first]
+    if (deltas < 0).any():
+        raise ValueError("top-k log-probs must be sorted in descending order within each position")
+    return deltas.astype(np.uint16)
+
+
+def decode_logprobs(stored: np.ndarray, counts: np.ndarray, precision: str) -> np.ndarray:
+    """Stored values -> flat float32 log-probs."""
+    if precision == "fp32":
+        return stored.astype(np.float32, copy=False)
+    running = np.cumsum(stored, dtype=np.int64)
+    # Undo the running sum at every position boundary: subtract what the previous positions added.
+    ends = np.cumsum(counts)
+    base = np.concatenate(([0], running[ends[:-1] - 1])) if len(counts) else np.zeros(0, np.int64)
+    codes = running - np.repeat(base, counts)
+    return (-codes * LOGPROB_STEP).astype(np.float32)
+
+
+def top_p_counts(logprobs: np.ndarray, top_p: float | None) -> np.ndarray:
+    """For [P, k] log-probs sorted descending: the fewest entries per row whose probability reaches top_p."""
+    positions, k = logprobs.shape
+    if top_p is None:
+        return np.full(positions, k, dtype=np.int64)
+    cum = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)
+    # Number of entries strictly below p, plus the one that reaches it; rows that never reach p keep all k.
+    return np.minimum((cum < top_p).sum(axis=1) + 1, k)
+
+
+def pack_ragged(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[P, k] arrays and per-row counts -> the flat concatenation of each row's first counts[i] entries."""
+    keep = np.arange(ids.shape[1])[None, :] < counts[:, None]
+    return ids[keep], logprobs[keep]
+
+
+def unpack_ragged(flat_ids: np.ndarray, flat_logprobs: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack_ragged: unused slots hold id -1 and log-prob -inf."""
+    keep = np.arange(k)[None, :] < counts[:, None]
+    ids = np.full((len(counts), k), -1, dtype=np.int64)
+    lps = np.full((len(counts), k), -np.inf, dtype=np.float32)
+    ids[keep] = flat_ids
+    lps[keep] = flat_logprobs
+    return ids, lps

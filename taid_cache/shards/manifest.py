@@ -1,0 +1,112 @@
+"""Cache bookkeeping: one part file per worker (its settings, committed shards and resume cursor), and
+`manifest.json`, the merged view written once every worker has finished.
+
+Each worker only ever writes its own part file, so N independent processes can share one output folder.
+A worker that finishes marks its part done and then looks at the others; whichever sees all parts done
+writes the manifest (two that finish together write the same content, atomically), so at least one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import read_json, write_json
+from ..errors import UserError
+from .schema import FORMAT_VERSION
+
+MANIFEST = "manifest.json"
+PARTS_DIR = "parts"
+
+
+@dataclass
+class WorkerPart:
+    settings: dict[str, Any]
+    worker_index: int
+    num_workers: int
+    row_start: int
+    row_end: int
+    # Where the worker stands: the next source row, and rows dropped and truncated so far.
+    cursor: dict[str, int] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+
+def part_path(cache: Path, worker_index: int, num_workers: int) -> Path:
+    return cache / PARTS_DIR / f"worker-{worker_index:05d}-of-{num_workers:05d}.json"
+
+
+def shard_prefix(worker_index: int) -> str:
+    return f"shard-w{worker_index:05d}"
+
+
+def save_part(cache: Path, part: WorkerPart) -> None:
+    write_json(part_path(cache, part.worker_index, part.num_workers), asdict(part))
+
+
+def load_parts(cache: Path) -> list[WorkerPart]:
+    folder = cache / PARTS_DIR
+    if not folder.is_dir():
+        return []
+    return [WorkerPart(**read_json(p)) for p in sorted(folder.glob("worker-*.json"))]
+
+
+def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def check_compatible(cache: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add to a folder that holds a cache made with other settings, or anything else."""
+    recorded = [p.settings for p in load_parts(cache)]
+    if (cache / MANIFEST).exists():
+        recorded.append(read_json(cache / MANIFEST)["settings"])
+    for old in recorded:
+        diff = differing_settings(old, settings)
+        if diff:
+            shown = ", ".join(f"{k} ({old.get(k)!r} there, {settings.get(k)!r} now)" for k in diff[:3])
+            raise UserError(f"{cache} holds a cache made with other settings: {shown}; use another --output")
+    if not recorded and cache.is_dir() and any(cache.iterdir()):
+        raise UserError(f"{cache} is not empty and holds no taid-cache cache; use an empty or new --output")
+
+
+def try_finalize(cache: Path) -> bool:
+    """Write manifest.json if every worker's part is done; return whether the cache is complete."""
+    parts = load_parts(cache)
+    if not parts:
+        return False
+    num_workers = parts[0].num_workers
+    if len(parts) != num_workers or not all(p.done for p in parts):
+        return False
+    parts.sort(key=lambda p: p.worker_index)
+    shards = [s for p in parts for s in p.shards]
+    write_json(
+        cache / MANIFEST,
+        {
+            "format_version": FORMAT_VERSION,
+            "settings": parts[0].settings,
+            "num_workers": num_workers,
+            "records": sum(s["records"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "entries": sum(s["entries"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "dropped": sum(p.cursor["dropped"] for p in parts),
+            "truncated": sum(p.cursor["truncated"] for p in parts),
+            "shards": shards,
+        },
+    )
+    return True
+
+
+def load_manifest(cache: Path) -> dict[str, Any]:
+    """The finished cache's manifest, or a one-line error saying why there is none."""
+    if (cache / MANIFEST).is_file():
+        manifest = read_json(cache / MANIFEST)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{cache}: cache format {manifest.get('format_version')} is not supported (this is {FORMAT_VERSION})")
+        return manifest
+    parts = load_parts(cache)
+    if not parts:
+        raise UserError(f"{cache} is not a taid-cache cache (no {MANIFEST})")
+    done = sum(p.done for p in parts)
+    raise UserError(f"{cache} is incomplete: {done} of {parts[0].num_workers} workers finished; rerun the missing ones")

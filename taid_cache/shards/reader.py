@@ -1,0 +1,56 @@
+"""Reading a finished cache: one mapping per sequence, decoded to plain numpy arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .codec import decode_logprobs, unpack_ragged
+from .manifest import load_manifest
+
+
+def _list_rows(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, offsets) so rows are cheap numpy slices."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def iter_shard(path: Path, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Decode every sequence of one shard file."""
+    k, precision = settings["top_k"], settings["precision"]
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            cols = {name: _list_rows(batch.column(name)) for name in batch.schema.names if name != "sample_id"}
+            sample_ids = batch.column("sample_id").to_pylist()
+            for i, sample_id in enumerate(sample_ids):
+                row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in cols.items()}
+                counts = row["topk_counts"].astype(np.int64)
+                logprobs = decode_logprobs(row["topk_logprobs"], counts, precision)
+                topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], logprobs, counts, k)
+                yield {
+                    "sample_id": sample_id,
+                    "input_ids": row["input_ids"].astype(np.int64),
+                    "loss_mask": row["loss_mask"].astype(bool),
+                    "topk_ids": topk_ids,
+                    "topk_logprobs": topk_logprobs,
+                }
+
+
+def read_cache(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Yield every sequence of a finished cache, in dataset order across all workers' shards.
+
+    Each item: `sample_id` (str), `input_ids` [T] int64, `loss_mask` [T] bool, `topk_ids` [T-1, k] int64 and
+    `topk_logprobs` [T-1, k] float32, row j being the teacher's top-k for token j+1. Entries dropped by
+    --top-p hold id -1 and log-prob -inf.
+    """
+    cache = Path(path)
+    manifest = load_manifest(cache)
+    for shard in manifest["shards"]:
+        yield from iter_shard(cache / shard["file"], manifest["settings"])

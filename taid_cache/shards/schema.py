@@ -1,0 +1,39 @@
+"""The Arrow schema of a shard: one row per sequence, flat lists for the ragged top-k entries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .codec import id_dtype, logprob_storage_dtype
+
+FORMAT_VERSION = 1
+
+
+def shard_schema(vocab_size: int, top_k: int, precision: str) -> pa.Schema:
+    ids = pa.from_numpy_dtype(id_dtype(vocab_size))
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("input_ids", pa.list_(ids), nullable=False),
+            pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
+            # Entries kept at each of the T-1 positions: k, or fewer with --top-p.
+            pa.field("topk_counts", pa.list_(pa.from_numpy_dtype(id_dtype(top_k + 1))), nullable=False),
+            pa.field("topk_ids", pa.list_(ids), nullable=False),
+            pa.field("topk_logprobs", pa.list_(pa.from_numpy_dtype(logprob_storage_dtype(precision))), nullable=False),
+        ],
+        metadata={
+            "taid_cache.format_version": str(FORMAT_VERSION),
+            "taid_cache.vocab_size": str(vocab_size),
+            "taid_cache.top_k": str(top_k),
+            "taid_cache.precision": precision,
+        },
+    )
+
+
+def list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """One Arrow list per numpy array, built from a single concatenated buffer (no per-element Python)."""
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+    offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int32)))
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat.astype(value_type.to_pandas_dtype(), copy=False), value_type))

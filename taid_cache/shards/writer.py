@@ -1,0 +1,188 @@
+"""Writing shards: encode records, append them to an Arrow IPC file, and commit it atomically when full.
+
+A shard becomes visible only when it is complete: it is written under a temporary name, checksummed,
+renamed into place, and only then announced to the caller (which records it in the worker's part file).
+A shard still being written when the process dies is simply absent, and the resumed run redoes its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from .codec import encode_logprobs, id_dtype, pack_ragged, top_p_counts
+from .schema import list_array, shard_schema
+
+
+@dataclass
+class TeacherRecord:
+    """One sequence with its teacher's top-k: row j of the top-k arrays is the distribution of token j+1."""
+
+    sample_id: str
+    input_ids: np.ndarray  # [T] int
+    loss_mask: np.ndarray  # [T] bool
+    topk_ids: np.ndarray  # [T-1, k] int, by descending log-prob
+    topk_logprobs: np.ndarray  # [T-1, k] float32, normalised over the full vocabulary
+
+
+@dataclass
+class ShardEntry:
+    file: str
+    records: int
+    tokens: int
+    entries: int
+    bytes: int
+    sha256: str
+    # The worker's position in its slice once this shard is in (next source row, rows dropped and
+    # truncated so far): where a resumed run starts, with its counters.
+    cursor: dict[str, int]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Appends encoded records to the current shard and rolls to a new one past `shard_bytes`."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        name_prefix: str,
+        first_index: int,
+        vocab_size: int,
+        top_k: int,
+        top_p: float | None,
+        precision: str,
+        shard_bytes: int,
+        zstd_level: int,
+        on_commit: Callable[[ShardEntry], None],
+    ) -> None:
+        self.out_dir = out_dir
+        self.name_prefix = name_prefix
+        self.next_index = first_index
+        self.schema = shard_schema(vocab_size, top_k, precision)
+        self.top_p = top_p
+        self.precision = precision
+        self.shard_bytes = shard_bytes
+        self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
+        self.on_commit = on_commit
+        self._ids = id_dtype(vocab_size)
+        self._open: tuple[Path, Path, pa.OSFile, pa.ipc.RecordBatchFileWriter] | None = None
+        self._stats = {"records": 0, "tokens": 0, "entries": 0}
+        self._cursor: dict[str, int] = {}
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.name_prefix}-{index:05d}.arrow"
+
+    def _batch(self, records: list[TeacherRecord]) -> pa.RecordBatch:
+        counts, ids, stored = [], [], []
+        for rec in records:
+            n = top_p_counts(rec.topk_logprobs, self.top_p)
+            flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
+            counts.append(n)
+            ids.append(flat_ids.astype(self._ids))
+            stored.append(encode_logprobs(flat_lps, n, self.precision))
+        fields = {f.name: f.type.value_type for f in self.schema if pa.types.is_list(f.type)}
+        columns = [
+            pa.array([r.sample_id for r in records], pa.string()),
+            list_array([r.input_ids for r in records], fields["input_ids"]),
+            list_array([r.loss_mask for r in records], fields["loss_mask"]),
+            list_array(counts, fields["topk_counts"]),
+            list_array(ids, fields["topk_ids"]),
+            list_array(stored, fields["topk_logprobs"]),
+        ]
+        self._stats["records"] += len(records)
+        self._stats["tokens"] += sum(len(r.input_ids) for r in records)
+        self._stats["entries"] += sum(len(i) for i in ids)
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+    def write(self, records: list[TeacherRecord], cursor: dict[str, int]) -> None:
+        """Append records; `cursor` says where the source stands once they (and rows dropped before them) are in."""
+        if records:
+            if self._open is None:
+                final = self.out_dir / self.shard_name(self.next_index)
+                tmp = final.with_name(f".{final.name}.tmp")
+                sink = pa.OSFile(str(tmp), "wb")
+                self._open = (final, tmp, sink, pa.ipc.new_file(sink, self.schema, options=self.options))
+            self._open[3].write_batch(self._batch(records))
+        self._cursor = cursor
+        if self._open is not None and self._open[2].tell() >= self.shard_bytes:
+            self.commit()
+
+    def commit(self) -> None:
+        """Close the current shard, move it into place and announce it."""
+        if self._open is None:
+            return
+        final, tmp, sink, writer = self._open
+        writer.close()
+        sink.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), cursor=self._cursor, **self._stats)
+        os.replace(tmp, final)
+        self._open = None
+        self._stats = {"records": 0, "tokens": 0, "entries": 0}
+        self.next_index += 1
+        self.on_commit(entry)
+
+
+class PendingBatch(Protocol):
+    """An engine's output for one batch, turned into records off the engine's critical path."""
+
+    cursor: dict[str, int]
+
+    def materialize(self) -> list[TeacherRecord]: ...
+
+
+class BackgroundWriter:
+    """Runs top-k transfer, encoding, compression and writing in a thread, so the engine keeps computing.
+
+    The queue is bounded, so a slow disk applies back-pressure instead of filling memory.
+    """
+
+    def __init__(self, writer: ShardWriter, on_written: Callable[[list[TeacherRecord]], None], depth: int = 4) -> None:
+        self.writer = writer
+        self.on_written = on_written
+        self._queue: queue.Queue[PendingBatch | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="taid-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                records = item.materialize()
+                self.writer.write(records, item.cursor)
+                self.on_written(records)
+            except BaseException as exc:  # re-raised in the producer's thread
+                self._error = exc
+
+    def put(self, item: PendingBatch) -> None:
+        self._raise_if_failed()
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait for every queued batch, then commit the last shard."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        self.writer.commit()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error

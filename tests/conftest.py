@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny Llama teacher with a tokenizer trained here on standard-library text, and small
+datasets of each row kind. Nothing comes from a hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from taid_cache.reproduce.corpus import chat_pairs, stdlib_files
+from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return [p.read_text(errors="ignore") for p in stdlib_files()[:40]]
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, texts) -> Path:
+    """A 2-layer Llama (hidden 128, head dimension 64) with a 512-token BPE tokenizer and chat template."""
+    root = tmp_path_factory.mktemp("teacher")
+    tokenizer = train_tokenizer(texts, VOCAB, root / "tokenizer")
+    new_llama(LlamaSize(), len(tokenizer), tokenizer, seed=0, out=root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, texts) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    convs = [c for t in texts for c in chat_pairs(t)][:24]
+    write_jsonl(root / "chat.jsonl", [{"messages": c} for c in convs])
+    snippets = [t[i : i + 600] for t in texts[:6] for i in range(0, 3000, 600)]
+    write_jsonl(root / "text.jsonl", [{"text": s, "id": f"doc{i}"} for i, s in enumerate(snippets)])
+    write_jsonl(root / "tokens.jsonl", [{"input_ids": list(range(3 + i, 40 + 3 * i)), "loss_mask": [i % 2 == 0] * (37 + 2 * i)} for i in range(6)])
+    write_jsonl(root / "empty.jsonl", [])
+    write_jsonl(root / "nocolumn.jsonl", [{"question": "a", "answer": "b"}])
+    return root
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"taid-cache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
