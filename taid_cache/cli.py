@@ -44,7 +44,7 @@ def dump_teacher_cmd(
     top_p: Optional[float] = typer.Option(None, help="Keep only the fewest entries (1..k) whose mass reaches p."),
     precision: str = typer.Option("compact", help="Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact)."),
     tensor_parallel_size: int = typer.Option(1, help="vLLM tensor-parallel size."),
-    max_length: int = typer.Option(2048, help="Longest sequence in tokens."),
+    max_length: Optional[int] = typer.Option(None, help="Longest sequence in tokens [default: the teacher's context - 1]."),
     overlong: str = typer.Option("truncate", help="Longer rows: truncate or drop."),
     dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
     num_workers: int = typer.Option(1, help="Independent processes sharing the dataset."),

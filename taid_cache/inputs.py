@@ -39,6 +39,8 @@ def load_rows(data: list[str], split: str):
             builders = {FILE_BUILDERS.get(p.suffix.lower()) for p in paths}
             if None in builders or len(builders) != 1:
                 raise UserError(f"--data files must all be one of {', '.join(FILE_BUILDERS)}: got {', '.join(map(str, paths))}")
+            if all(p.stat().st_size == 0 or not p.open("rb").read(4096).strip() for p in paths):
+                raise UserError(f"the dataset {', '.join(data)} has no rows")
             return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train")
         missing = [str(p) for p in paths if (p.suffix.lower() in FILE_BUILDERS or len(data) > 1) and not p.exists()]
         if missing:

@@ -31,10 +31,15 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, texts) -> Path:
-    """A 2-layer Llama (hidden 128, head dimension 64) with a 512-token BPE tokenizer and chat template."""
+    """A 2-layer Llama (hidden 128, head dimension 64) with a 512-token BPE tokenizer and chat template.
+    Its LM head is scaled up so its next-token distributions are peaked like a trained model's (the stored
+    top-16 then holds ~90% of the mass, and top-p has something to cut)."""
     root = tmp_path_factory.mktemp("teacher")
     tokenizer = train_tokenizer(texts, VOCAB, root / "tokenizer")
-    new_llama(LlamaSize(), len(tokenizer), tokenizer, seed=0, out=root / "model")
+    model = new_llama(LlamaSize(), len(tokenizer), tokenizer, seed=0)
+    model.lm_head.weight.data.mul_(20.0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
     return root / "model"
 
 
@@ -43,7 +48,7 @@ def data_dir(tmp_path_factory, texts) -> Path:
     root = tmp_path_factory.mktemp("data")
     convs = [c for t in texts for c in chat_pairs(t)][:24]
     write_jsonl(root / "chat.jsonl", [{"messages": c} for c in convs])
-    snippets = [t[i : i + 600] for t in texts[:6] for i in range(0, 3000, 600)]
+    snippets = [s for t in texts[:8] for i in range(0, 3000, 600) if len(s := t[i : i + 600]) > 100]
     write_jsonl(root / "text.jsonl", [{"text": s, "id": f"doc{i}"} for i, s in enumerate(snippets)])
     write_jsonl(root / "tokens.jsonl", [{"input_ids": list(range(3 + i, 40 + 3 * i)), "loss_mask": [i % 2 == 0] * (37 + 2 * i)} for i in range(6)])
     write_jsonl(root / "empty.jsonl", [])

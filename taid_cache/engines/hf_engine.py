@@ -18,8 +18,12 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def torch_dtype(name: str):
-    return "auto" if name == "auto" else getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name))
+def torch_dtype(name: str) -> torch.dtype:
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype):
+        raise UserError(f"--dtype {name} is not a torch dtype (float32, bfloat16, float16)")
+    return value
 
 
 @dataclass

@@ -36,7 +36,7 @@ class DumpConfig:
     top_p: float | None = None
     precision: str = "compact"
     tensor_parallel_size: int = 1
-    max_length: int = 2048
+    max_length: int | None = None  # None: the teacher's context minus one
     overlong: str = "truncate"
     dtype: str = "auto"
     num_workers: int = 1
@@ -46,7 +46,7 @@ class DumpConfig:
     zstd_level: int = 3
     lm_head_chunk: int = 1024
     progress: bool = True
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    console: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
 
 
 def check_options(cfg: DumpConfig) -> None:
@@ -59,7 +59,7 @@ def check_options(cfg: DumpConfig) -> None:
         raise UserError(f"--top-k must be at least 1, not {cfg.top_k}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], not {cfg.top_p}")
-    if cfg.max_length < 2:
+    if cfg.max_length is not None and cfg.max_length < 2:
         raise UserError(f"--max-length must be at least 2, not {cfg.max_length}")
     if cfg.num_workers < 1 or not 0 <= cfg.worker_index < cfg.num_workers:
         raise UserError(f"--worker-index must be in [0, --num-workers); got {cfg.worker_index} of {cfg.num_workers}")
@@ -67,7 +67,15 @@ def check_options(cfg: DumpConfig) -> None:
         raise UserError("--tensor-parallel-size, --batch-tokens and --shard-size-mb must be positive")
 
 
-def load_tokenizer_and_vocab(folder: Path):
+@dataclass
+class TeacherFacts:
+    tokenizer: object
+    vocab_size: int  # rows of the LM head: the range of token ids
+    context: int | None  # positions the model was built for
+    dtype: str  # the dtype it was saved in: what `--dtype auto` means for both engines
+
+
+def teacher_facts(folder: Path) -> TeacherFacts:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -75,10 +83,12 @@ def load_tokenizer_and_vocab(folder: Path):
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:
         raise UserError(f"cannot load model {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-    vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if not vocab:
+    text = config.get_text_config()
+    if not getattr(text, "vocab_size", None):
         raise UserError(f"cannot load model {folder}: its config has no vocab_size")
-    return tokenizer, int(vocab)
+    saved = getattr(config, "dtype", None) or "float32"
+    return TeacherFacts(tokenizer, int(text.vocab_size), getattr(text, "max_position_embeddings", None),
+                        str(saved).removeprefix("torch."))
 
 
 def remove_orphans(cache: Path, part: WorkerPart) -> None:
@@ -121,14 +131,20 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds."""
     check_options(cfg)
     folder = resolve_model(cfg.model)
-    tokenizer, vocab_size = load_tokenizer_and_vocab(folder)
+    teacher = teacher_facts(folder)
+    tokenizer, vocab_size = teacher.tokenizer, teacher.vocab_size
     if cfg.top_k > vocab_size:
         raise UserError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size} tokens)")
+    # vLLM samples one token after the prompt, so the longest prompt is one below the model's context.
+    if teacher.context is not None and cfg.max_length is not None and cfg.max_length >= teacher.context:
+        raise UserError(f"--max-length {cfg.max_length} must be below the teacher's context of {teacher.context} positions")
+    max_length = cfg.max_length or (teacher.context - 1 if teacher.context else 2048)
+    dtype = teacher.dtype if cfg.dtype == "auto" else cfg.dtype
     rows = load_rows(cfg.data, cfg.split)
     if len(rows) == 0:
         raise UserError(f"the dataset {', '.join(cfg.data)} (split {cfg.split}) has no rows")
     kind = detect_kind(rows.column_names, cfg.input_kind)
-    to_sequence = RowTokenizer(tokenizer, kind, cfg.max_length, cfg.overlong, source_tag(cfg.data))
+    to_sequence = RowTokenizer(tokenizer, kind, max_length, cfg.overlong, source_tag(cfg.data))
     engine_name = resolve_engine(cfg.engine)
     settings = {
         "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
@@ -136,8 +152,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         "top_k": cfg.top_k, "top_p": cfg.top_p, "precision": cfg.precision,
         "logprob_step": LOGPROB_STEP if cfg.precision == "compact" else None, "id_dtype": id_dtype(vocab_size).name,
         "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(cfg.data, rows),
-        "dataset_rows": len(rows), "input_kind": kind, "max_length": cfg.max_length, "overlong": cfg.overlong,
-        "engine": engine_name, "dtype": cfg.dtype, "num_workers": cfg.num_workers,
+        "dataset_rows": len(rows), "input_kind": kind, "max_length": max_length, "overlong": cfg.overlong,
+        "engine": engine_name, "dtype": dtype, "num_workers": cfg.num_workers,
     }
 
     cache = cfg.output
@@ -157,7 +173,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     resumed = bool(part.shards)
     remove_orphans(cache, part)
 
-    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, cfg.max_length, cfg.dtype,
+    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype,
                                                    cfg.tensor_parallel_size, cfg.lm_head_chunk))
     if cfg.top_k > engine.max_top_k:
         raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
@@ -194,7 +210,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     cfg.console.print(
         f"worker {cfg.worker_index} of {cfg.num_workers}: {records} sequences, {sum(s['tokens'] for s in part.shards):,} tokens "
         f"in {len(part.shards)} shards ({'resumed' if resumed else 'fresh run'}); "
-        f"dropped {final['dropped']}, truncated {final['truncated']} to {cfg.max_length} tokens; "
+        f"dropped {final['dropped']}, truncated {final['truncated']} to {max_length} tokens; "
         + ("cache complete" if complete else "waiting for other workers")
     )
     return {"complete": complete, "resumed": resumed, "nothing_to_do": False, "records": records}
