@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -119,6 +120,19 @@ def batches(rows, part: WorkerPart, to_sequence: RowTokenizer, batch_tokens: int
     yield batch, dict(cursor)
 
 
+def drive(engine, batch_stream: Iterable[tuple[list[Sequence], dict[str, int]]], background: BackgroundWriter,
+          cursor: dict[str, int]) -> dict[str, int]:
+    """The hot loop: the engine computes batch i+1 while the writer thread encodes and writes batch i.
+    Returns the cursor after the last batch."""
+    try:
+        for sequences, cursor in batch_stream:
+            if sequences:
+                background.put(engine.submit(sequences, cursor))
+    finally:
+        background.close()
+    return dict(cursor)
+
+
 def progress_bar(console: Console, enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]dump-teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
@@ -195,14 +209,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
             elapsed = progress.tasks[task].elapsed or 1e-9
             progress.update(task, advance=len(records), tokens=done["tokens"], rate=done["tokens"] / elapsed)
 
-        background = BackgroundWriter(writer, on_written)
-        try:
-            final = dict(part.cursor)
-            for sequences, final in batches(rows, part, to_sequence, cfg.batch_tokens):
-                if sequences:
-                    background.put(engine.submit(sequences, final))
-        finally:
-            background.close()
+        final = drive(engine, batches(rows, part, to_sequence, cfg.batch_tokens), BackgroundWriter(writer, on_written), part.cursor)
     part.cursor, part.done = final, True
     save_part(cache, part)
     complete = try_finalize(cache)

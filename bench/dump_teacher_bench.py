@@ -1,0 +1,192 @@
+"""Stage-one benchmark (prints a table and saves bench/results/dump_teacher.{json,md}).
+
+(a) Throughput: on a randomly initialised teacher of >= 50M parameters, tokens/s of the dump hot loop
+    (engine + top-k + writer thread, the pipeline's own `drive`) divided by the same engine's bare forward
+    tokens/s on the same batches. Target >= 0.90 for each engine.
+(b) Size and error: a teacher trained here on standard-library source (peaked, realistic distributions);
+    bytes per stored entry and the largest log-prob error of the compact format at k = 64, against a plain
+    zstd'd int32-id / float16-log-prob layout. Target <= (log2 V + 3) / 8 bytes per entry, error <= 0.01 nats.
+(c) The same with --top-p 0.99.
+
+Usage: python bench/dump_teacher_bench.py [--quick] [--work runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+from taid_cache.engines import EngineConfig, make_engine
+from taid_cache.inputs import Sequence
+from taid_cache.pipelines.dump_teacher import DumpConfig, drive, dump_teacher
+from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
+from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
+from taid_cache.reproduce.tokenizer import train_tokenizer
+from taid_cache.shards import read_cache
+from taid_cache.shards.writer import BackgroundWriter, ShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 8192
+BIG = LlamaSize(hidden=640, layers=10, heads=10, intermediate=1728, max_positions=1024)  # ~60M parameters
+TRAINED = LlamaSize(hidden=256, layers=4, heads=4, intermediate=768, max_positions=1024)
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+def build_tokenizer(work: Path, files: list[Path]):
+    from transformers import AutoTokenizer
+
+    folder = work / "tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        train_tokenizer((p.read_text(errors="ignore") for p in files), VOCAB, folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def speed(work: Path, tokenizer, texts: list[str], engines: list[str], tokens: int) -> list[dict]:
+    """(a): bare forward vs the dump hot loop, alternating twice, on identical batches."""
+    folder = work / "big-teacher"
+    if not (folder / "config.json").exists():
+        new_llama(BIG, VOCAB, tokenizer, seed=0, out=folder)
+    params = sum(p.numel() for p in new_llama(BIG, VOCAB).parameters())
+    ids = np.concatenate([np.asarray(tokenizer(t)["input_ids"]) for t in texts])
+    seqs = [Sequence(f"s{i}", ids[i * 512 : (i + 1) * 512], np.ones(512, bool)) for i in range(tokens // 512)]
+    batches = [seqs[i : i + 8] for i in range(0, len(seqs), 8)]  # 4096 tokens per engine call
+    n_tokens = sum(len(s.input_ids) for s in seqs)
+    rows = []
+    for name in engines:
+        engine = make_engine(name, EngineConfig(str(folder), 64, 600, "float32", 1))
+        engine.forward_only(batches[0])  # warm-up
+        bare, dump = [], []
+        for _ in range(2):
+            t = time.perf_counter()
+            for b in batches:
+                engine.forward_only(b)
+            bare.append(n_tokens / (time.perf_counter() - t))
+            out = Path(tempfile.mkdtemp(dir=work))
+            writer = ShardWriter(out, "shard", 0, VOCAB, 64, None, "compact", 256 << 20, 3, lambda entry: None)
+            t = time.perf_counter()
+            drive(engine, ((b, {"next_row": 0}) for b in batches), BackgroundWriter(writer, lambda r: None), {})
+            dump.append(n_tokens / (time.perf_counter() - t))
+            shutil.rmtree(out)
+        rows.append({"engine": name, "params": params, "tokens": n_tokens, "bare_tok_s": max(bare), "dump_tok_s": max(dump),
+                     "ratio": max(dump) / max(bare)})
+        del engine
+    return rows
+
+
+def train_teacher(work: Path, tokenizer, train_texts: list[str], budget_s: float) -> tuple[Path, float]:
+    folder = work / "trained-teacher"
+    if (folder / "config.json").exists():
+        return folder, json.loads((folder / "pretrain.json").read_text())["final_loss"]
+    model = new_llama(TRAINED, VOCAB, tokenizer, seed=0)
+    blocks = pack_blocks([tokenizer(t)["input_ids"] for t in train_texts], 256)
+    losses = pretrain(model, blocks, PretrainConfig(budget_s=budget_s))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    final = float(np.mean(losses[-20:]))
+    (folder / "pretrain.json").write_text(json.dumps({"steps": len(losses), "final_loss": final}))
+    return folder, final
+
+
+def plain_zstd_bytes(cache: Path) -> tuple[int, int]:
+    """The baseline layout: every position's k ids as int32 and log-probs as float16, zstd level 3."""
+    ids, lps = [], []
+    for rec in read_cache(cache):
+        ids.append(rec["topk_ids"].astype(np.int32))
+        lps.append(rec["topk_logprobs"].astype(np.float16))
+    ids, lps = np.concatenate(ids), np.concatenate(lps)
+    c = zstandard.ZstdCompressor(level=3)
+    return len(c.compress(ids.tobytes())) + len(c.compress(lps.tobytes())), ids.size
+
+
+def size_and_error(work: Path, teacher: Path, chat_file: Path) -> list[dict]:
+    results = {}
+    for name, extra in {"fp32": {"precision": "fp32"}, "compact": {}, "compact top-p 0.99": {"top_p": 0.99}}.items():
+        out = work / "caches" / name.replace(" ", "-")
+        if not (out / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            dump_teacher(DumpConfig(model=str(teacher), data=[str(chat_file)], output=out, engine="hf", top_k=64,
+                                    max_length=512, progress=False, **extra))
+        results[name] = out
+    exact = {r["sample_id"]: r for r in read_cache(results["fp32"])}
+    rows = []
+    for name, out in results.items():
+        manifest = json.loads((out / "manifest.json").read_text())
+        err = 0.0
+        for rec in read_cache(out):
+            ref = exact[rec["sample_id"]]
+            kept = rec["topk_ids"] >= 0
+            assert (rec["topk_ids"][kept] == ref["topk_ids"][kept]).all()
+            err = max(err, float(np.abs(rec["topk_logprobs"][kept] - ref["topk_logprobs"][kept]).max()))
+        positions = manifest["tokens"] - manifest["records"]
+        rows.append({"layout": f"taid-cache {name}", "bytes_per_entry": manifest["bytes"] / manifest["entries"],
+                     "bytes_per_token": manifest["bytes"] / manifest["tokens"], "entries_per_position": manifest["entries"] / positions,
+                     "max_abs_error_nats": err, "entries": manifest["entries"], "tokens": manifest["tokens"]})
+    base, entries = plain_zstd_bytes(results["fp32"])
+    manifest = json.loads((results["fp32"] / "manifest.json").read_text())
+    rows.append({"layout": "plain zstd int32 ids + float16 log-probs", "bytes_per_entry": base / entries,
+                 "bytes_per_token": base / manifest["tokens"], "entries_per_position": 64.0, "max_abs_error_nats": None,
+                 "entries": entries, "tokens": manifest["tokens"]})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    files = stdlib_files()
+    train_files = [p for p in files if split_of(p) == "train"]
+    tokenizer = build_tokenizer(args.work, train_files[: 60 if args.quick else 300])
+    texts = [p.read_text(errors="ignore") for p in train_files]
+    engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+    speed_rows = speed(args.work, tokenizer, texts[:80], engines, 4096 if args.quick else 16384)
+    teacher, final_loss = train_teacher(args.work, tokenizer, texts, 30 if args.quick else 300)
+    chat_file = args.work / "chat.jsonl"
+    convs = [c for t in texts for c in chat_pairs(t)][: 100 if args.quick else 600]
+    chat_file.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    size_rows = size_and_error(args.work, teacher, chat_file)
+
+    target = (math.log2(VOCAB) + 3) / 8
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    lines = [f"machine: {machine()}; commit {commit}; vocabulary V = {VOCAB}", "",
+             "(a) dump throughput / bare forward throughput (same engine, same batches; target >= 0.90)", "",
+             "| engine | teacher params | tokens | bare forward tok/s | dump tok/s | ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['params'] / 1e6:.1f}M | {r['tokens']} | {r['bare_tok_s']:.0f} | {r['dump_tok_s']:.0f} | {r['ratio']:.3f} |" for r in speed_rows]
+    lines += ["", f"(b, c) k = 64 on a teacher trained here (final train loss {final_loss:.2f} nats); "
+                  f"target <= {target:.2f} bytes per entry, error <= 0.01 nats", "",
+              "| layout | bytes / entry | bytes / token | entries / position | max log-prob error (nats) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['bytes_per_entry']:.3f} | {r['bytes_per_token']:.1f} | {r['entries_per_position']:.1f} | "
+              f"{'-' if r['max_abs_error_nats'] is None else format(r['max_abs_error_nats'], '.4f')} |" for r in size_rows]
+    table = "\n".join(lines)
+    print(table)
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    (results / f"dump_teacher{suffix}.md").write_text(table + "\n")
+    (results / f"dump_teacher{suffix}.json").write_text(json.dumps(
+        {"machine": machine(), "commit": commit, "vocab_size": VOCAB, "target_bytes_per_entry": target,
+         "speed": speed_rows, "size": size_rows, "teacher_final_loss": final_loss}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Train a Llama from scratch on plain text for a fixed wall-clock budget (the embedded default's teacher)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PretrainConfig:
+    block: int = 256
+    batch_size: int = 16
+    lr: float = 3e-3
+    budget_s: float = 240.0
+    seed: int = 0
+
+
+def pack_blocks(token_lists: list[list[int]], block: int) -> np.ndarray:
+    """Concatenate documents and cut them into [N, block] training rows."""
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists])
+    n = len(flat) // block
+    return flat[: n * block].reshape(n, block)
+
+
+def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig) -> list[float]:
+    """AdamW with a time-based cosine schedule; returns the loss per step."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    losses, start = [], time.monotonic()
+    while (elapsed := time.monotonic() - start) < cfg.budget_s:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / cfg.budget_s, 1.0)))
+        batch = torch.from_numpy(blocks[rng.integers(0, len(blocks), cfg.batch_size)])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
