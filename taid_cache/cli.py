@@ -64,6 +64,48 @@ def dump_teacher_cmd(
                             zstd_level=zstd_level, progress=progress))
 
 
+@app.command("train-student")
+@user_errors
+def train_student_cmd(
+    student: str = typer.Option(..., help="Student model folder (its initialisation)."),
+    cache: Path = typer.Option(..., help="Cache from dump-teacher."),
+    output: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, the final student."),
+    loss: str = typer.Option("taid", help="taid, fkl, rkl, tvd, js, skew-fkl, skew-rkl, adaptive-kl, sft."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (or give --epochs)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the cache (or give --max-steps)."),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch per rank."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, cosine decay)."),
+    warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    seed: int = typer.Option(0, help="Seed of the data order and initial RNG."),
+    max_length: int = typer.Option(2048, help="Longest sequence; longer ones are cut."),
+    tail: str = typer.Option("student", help="Missing teacher mass: student, uniform or renorm."),
+    distil_ratio: float = typer.Option(1.0, help="r: train on r * distillation + (1 - r) * CE."),
+    beta: float = typer.Option(0.1, help="β of skew-fkl / skew-rkl / js."),
+    mu: float = typer.Option(0.5, help="μ of adaptive-kl."),
+    taid_t_start: float = typer.Option(0.4), taid_t_end: float = typer.Option(1.0),
+    taid_alpha: float = typer.Option(5e-4), taid_beta: float = typer.Option(0.99),
+    taid_disable_adaptive: bool = typer.Option(False, help="Linear t schedule only."),
+    save_every: int = typer.Option(0, help="Checkpoint every N optimizer steps (0: none)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --output."),
+    teacher_model: Optional[str] = typer.Option(None, help="Online mode: run this teacher in-process instead of the cached log-probs."),
+    eval_cache: Optional[Path] = typer.Option(None, help="Held-out cache for CE / KL / top-1."),
+    eval_every: int = typer.Option(0, help="Evaluate every N steps (and at the end)."),
+    shuffle_buffer: int = typer.Option(1024, help="Sequences in the shuffle buffer."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes per rank."),
+    loss_chunk: int = typer.Option(1024, help="Positions per LM-head/loss chunk."),
+    activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
+    tensorboard: bool = typer.Option(False, help="Also log to OUTPUT/tensorboard."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a student from a cache with TAID or a baseline loss (one process, or torchrun for FSDP2)."""
+    options = dict(locals())
+    from .pipelines.train_student import TrainConfig, train_student
+
+    train_student(TrainConfig(**options))
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(

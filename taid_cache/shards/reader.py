@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,27 +21,52 @@ def _list_rows(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
+def decode_batch(batch: pa.RecordBatch, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Decode every sequence of one record batch."""
+    k, precision = settings["top_k"], settings["precision"]
+    cols = {name: _list_rows(batch.column(name)) for name in batch.schema.names if name != "sample_id"}
+    for i, sample_id in enumerate(batch.column("sample_id").to_pylist()):
+        row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in cols.items()}
+        counts = row["topk_counts"].astype(np.int64)
+        logprobs = decode_logprobs(row["topk_logprobs"], counts, precision)
+        topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], logprobs, counts, k)
+        yield {
+            "sample_id": sample_id,
+            "input_ids": row["input_ids"].astype(np.int64),
+            "loss_mask": row["loss_mask"].astype(bool),
+            "topk_ids": topk_ids,
+            "topk_logprobs": topk_logprobs,
+        }
+
+
 def iter_shard(path: Path, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Decode every sequence of one shard file."""
-    k, precision = settings["top_k"], settings["precision"]
     with pa.memory_map(str(path)) as source:
         reader = pa.ipc.open_file(source)
         for b in range(reader.num_record_batches):
-            batch = reader.get_batch(b)
-            cols = {name: _list_rows(batch.column(name)) for name in batch.schema.names if name != "sample_id"}
-            sample_ids = batch.column("sample_id").to_pylist()
-            for i, sample_id in enumerate(sample_ids):
-                row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in cols.items()}
-                counts = row["topk_counts"].astype(np.int64)
-                logprobs = decode_logprobs(row["topk_logprobs"], counts, precision)
-                topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], logprobs, counts, k)
-                yield {
-                    "sample_id": sample_id,
-                    "input_ids": row["input_ids"].astype(np.int64),
-                    "loss_mask": row["loss_mask"].astype(bool),
-                    "topk_ids": topk_ids,
-                    "topk_logprobs": topk_logprobs,
-                }
+            yield from decode_batch(reader.get_batch(b), settings)
+
+
+class RandomAccess:
+    """Sequences by (shard number, row) for a reader that visits rows nearly in order (a shuffle buffer):
+    decoded record batches are kept in a small LRU cache."""
+
+    def __init__(self, cache: Path, manifest: dict[str, Any], capacity: int = 16) -> None:
+        self.cache, self.manifest, self.capacity = cache, manifest, capacity
+        self._starts = [np.cumsum([0, *s["batch_rows"]]) for s in manifest["shards"]]
+        self._decoded: OrderedDict[tuple[int, int], list[dict[str, Any]]] = OrderedDict()
+
+    def get(self, shard: int, row: int) -> dict[str, Any]:
+        b = int(np.searchsorted(self._starts[shard], row, side="right")) - 1
+        key = (shard, b)
+        if key not in self._decoded:
+            with pa.memory_map(str(self.cache / self.manifest["shards"][shard]["file"])) as source:
+                batch = pa.ipc.open_file(source).get_batch(b)
+                self._decoded[key] = list(decode_batch(batch, self.manifest["settings"]))
+            if len(self._decoded) > self.capacity:
+                self._decoded.popitem(last=False)
+        self._decoded.move_to_end(key)
+        return self._decoded[key][row - int(self._starts[shard][b])]
 
 
 def read_cache(path: str | Path) -> Iterator[dict[str, Any]]:

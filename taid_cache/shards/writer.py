@@ -41,6 +41,7 @@ class ShardEntry:
     entries: int
     bytes: int
     sha256: str
+    batch_rows: list[int]  # records per Arrow record batch: random access without decompressing the shard
     # The worker's position in its slice once this shard is in (next source row, rows dropped and
     # truncated so far): where a resumed run starts, with its counters.
     cursor: dict[str, int]
@@ -82,6 +83,7 @@ class ShardWriter:
         self._ids = id_dtype(vocab_size)
         self._open: tuple[Path, Path, pa.OSFile, pa.ipc.RecordBatchFileWriter] | None = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
+        self._batch_rows: list[int] = []
         self._cursor: dict[str, int] = {}
 
     def shard_name(self, index: int) -> str:
@@ -118,6 +120,7 @@ class ShardWriter:
                 sink = pa.OSFile(str(tmp), "wb")
                 self._open = (final, tmp, sink, pa.ipc.new_file(sink, self.schema, options=self.options))
             self._open[3].write_batch(self._batch(records))
+            self._batch_rows.append(len(records))
         self._cursor = cursor
         if self._open is not None and self._open[2].tell() >= self.shard_bytes:
             self.commit()
@@ -131,10 +134,11 @@ class ShardWriter:
         sink.close()
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), cursor=self._cursor, **self._stats)
+        entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), batch_rows=self._batch_rows, cursor=self._cursor, **self._stats)
         os.replace(tmp, final)
         self._open = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
+        self._batch_rows = []
         self.next_index += 1
         self.on_commit(entry)
 

@@ -1,0 +1,264 @@
+"""Distillation losses, usable on their own (any training loop) and by the trainer.
+
+Dense forms take student logits [..., V] and teacher log-probs [..., V] and return one value per position;
+`reduce_masked` averages them over the loss mask. `taid_loss` is the scalar convenience for TAID.
+Sparse teachers (top-k from a cache) become dense log-probs with `rebuild_teacher` and a tail mode.
+`chunked_lm_loss` applies the LM head and a loss to chunks of positions, computing gradients chunk by chunk,
+so no float32 [positions, V] tensor exists for all positions at once. `TaidSchedule` is the adaptive t.
+All maths is in float32; docs/LOSSES.md has the formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")
+TAILS = ("student", "uniform", "renorm")
+LOG_FLOOR = -100.0  # where a loss needs log p of a token the teacher gives no mass (rkl family): e^-100
+
+
+def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p − log q) with 0 · log 0 = 0."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def fkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p‖q) per position."""
+    log_q = F.log_softmax(student_logits.float(), -1)
+    return _xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, log_q)
+
+
+def rkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Reverse KL(q‖p) per position (teacher log-probs floored at LOG_FLOOR where it has no mass)."""
+    log_q = F.log_softmax(student_logits.float(), -1)
+    return _xlogy_ratio(log_q.exp(), log_q, teacher_logprobs.clamp(min=LOG_FLOOR))
+
+
+def tvd(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Total variation distance ½ Σ |p − q| per position."""
+    return 0.5 * (teacher_logprobs.exp() - F.softmax(student_logits.float(), -1)).abs().sum(-1)
+
+
+def _mixture_logprobs(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1−w)·b), stable in log space."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a)) if 0 < weight_a < 1 else (log_a if weight_a >= 1 else log_b)
+
+
+def skew_fkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Skew forward KL (DistiLLM): KL(p ‖ β p + (1−β) q)."""
+    log_q = F.log_softmax(student_logits.float(), -1)
+    return _xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, _mixture_logprobs(teacher_logprobs, log_q, beta))
+
+
+def skew_rkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM): KL(q ‖ β q + (1−β) p)."""
+    log_q = F.log_softmax(student_logits.float(), -1)
+    return _xlogy_ratio(log_q.exp(), log_q, _mixture_logprobs(log_q, teacher_logprobs, beta))
+
+
+def js(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon: β KL(p ‖ m) + (1−β) KL(q ‖ m), m = β p + (1−β) q."""
+    log_q = F.log_softmax(student_logits.float(), -1)
+    log_m = _mixture_logprobs(teacher_logprobs, log_q, beta)
+    return beta * _xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, log_m) + (1 - beta) * _xlogy_ratio(log_q.exp(), log_q, log_m)
+
+
+def adaptive_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
+    """Adaptive KL: FKL and RKL weighted by the student's gap on the teacher's head (the most probable tokens
+    up to cumulative mass μ) and on its tail; the weights carry no gradient."""
+    p = teacher_logprobs.exp()
+    q = F.softmax(student_logits.float(), -1)
+    sorted_p, order = p.sort(-1, descending=True)
+    in_head_sorted = (sorted_p.cumsum(-1) - sorted_p) < mu  # the token that crosses μ belongs to the head
+    head = torch.zeros_like(in_head_sorted).scatter(-1, order, in_head_sorted)
+    gap = (p - q).abs().detach()
+    g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
+    w_head = g_head / (g_head + g_tail).clamp(min=1e-12)
+    return w_head * fkl(student_logits, teacher_logprobs) + (1 - w_head) * rkl(student_logits, teacher_logprobs)
+
+
+def taid(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t: float) -> torch.Tensor:
+    """TAID per position: −Σ p_t log q, p_t = softmax((1−t)·stopgrad(s) + t·ℓ). A cross-entropy; its gradient
+    equals that of KL(p_t‖q)."""
+    s = student_logits.float()
+    p_t = F.softmax((1 - t) * s.detach() + t * teacher_logprobs, -1)
+    log_q = F.log_softmax(s, -1)
+    return -(torch.where(p_t > 0, p_t * log_q, torch.zeros_like(p_t))).sum(-1)
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain next-token cross-entropy per position."""
+    return F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def reduce_masked(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the positions where mask is true (all positions when mask is None)."""
+    if mask is None:
+        return per_position.mean()
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def taid_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scalar TAID loss for dense teacher log-probs [..., V], averaged over mask-true positions."""
+    return reduce_masked(taid(student_logits, teacher_logprobs, t), mask)
+
+
+@dataclass
+class LossConfig:
+    name: str = "taid"
+    beta: float = 0.1  # skew-fkl / skew-rkl: β; js: β (0.5 is the symmetric JSD)
+    mu: float = 0.5  # adaptive-kl
+    distil_ratio: float = 1.0  # r·distillation + (1−r)·CE
+
+
+def per_position_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """The distillation term of `cfg` as f(student_logits, teacher_logprobs, t) -> [positions]."""
+    table: dict[str, Callable] = {
+        "taid": lambda s, tl, t: taid(s, tl, t),
+        "fkl": lambda s, tl, t: fkl(s, tl),
+        "rkl": lambda s, tl, t: rkl(s, tl),
+        "tvd": lambda s, tl, t: tvd(s, tl),
+        "js": lambda s, tl, t: js(s, tl, cfg.beta),
+        "skew-fkl": lambda s, tl, t: skew_fkl(s, tl, cfg.beta),
+        "skew-rkl": lambda s, tl, t: skew_rkl(s, tl, cfg.beta),
+        "adaptive-kl": lambda s, tl, t: adaptive_kl(s, tl, cfg.mu),
+    }
+    return table[cfg.name]
+
+
+def rebuild_teacher(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail: str, valid_vocab: int
+) -> torch.Tensor:
+    """Dense teacher log-probs [N, V] (V = student rows) from top-k [N, k] (id −1 / −inf where unused).
+
+    The missing mass m = 1 − Σ top-k probs goes to the other tokens below `valid_vocab`:
+    `student`: in proportion to the student's detached probabilities; `uniform`: evenly; `renorm`: nowhere
+    (the top-k are renormalised). Rows at or beyond `valid_vocab` (an LM head padded past the tokenizer, or
+    ids the student does not have) get no teacher mass.
+    """
+    n, vocab = student_logits.shape
+    ids = topk_ids.long()
+    lps = topk_logprobs.float()
+    usable = (ids >= 0) & (ids < valid_vocab)
+    lps = torch.where(usable, lps, torch.full_like(lps, -math.inf))
+    ids = torch.where(usable, ids, torch.full_like(ids, vocab))  # parked in an extra column, dropped below
+    captured = lps.exp().sum(-1, keepdim=True).clamp(max=1.0)
+    in_vocab = torch.arange(vocab + 1, device=student_logits.device) < valid_vocab
+    if tail == "renorm":
+        dense = torch.full((n, vocab + 1), -math.inf, device=student_logits.device)
+        return dense.scatter(1, ids, lps - captured.log())[:, :vocab]
+    log_tail = torch.log1p(-captured)  # −inf when the top-k holds everything
+    if tail == "uniform":
+        others = (valid_vocab - usable.sum(-1, keepdim=True)).clamp(min=1)
+        background = (log_tail - others.float().log()).expand(n, vocab + 1)
+    else:
+        log_q = F.log_softmax(student_logits.detach().float().masked_fill(~in_vocab[:vocab], -math.inf), -1)
+        log_q = F.pad(log_q, (0, 1), value=-math.inf)
+        q_topk = log_q.gather(1, ids).exp().sum(-1, keepdim=True)
+        background = log_tail + log_q - torch.log1p(-q_topk.clamp(max=1 - 1e-7))
+    dense = torch.where(in_vocab, background, torch.full_like(background, -math.inf))
+    return dense.scatter(1, ids, lps)[:, :vocab]
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Σ over chunks of f(hidden_chunk @ weightᵀ, chunk); gradients are computed chunk by chunk in the forward
+    pass and kept (one [N, H] and one [V, H] tensor), so logits exist for one chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, fn, chunk):
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight)
+        totals = torch.zeros(2, dtype=torch.float32, device=hidden.device)
+        w = weight.detach().requires_grad_(weight.requires_grad)
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, min(start + chunk, hidden.shape[0]))
+            h = hidden[sl].detach().requires_grad_(hidden.requires_grad)
+            with torch.enable_grad():
+                combined, reported = fn(h @ w.t(), sl)
+                wanted = [x for x in (h, w) if x.requires_grad]
+                grads = torch.autograd.grad(combined, wanted) if wanted else ()
+            for x, g in zip(wanted, grads):
+                if x is h:
+                    grad_h[sl] = g
+                else:
+                    grad_w += g
+            totals += torch.stack([combined.detach(), reported.detach()])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(totals)
+        combined_total = totals[0].clone()
+        return combined_total, totals[1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_combined, _grad_reported):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_combined, grad_w * grad_combined, None, None
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the LM head `weight` [V, H] to `hidden` [N, H] chunk by chunk and sum `fn(logits, slice)`.
+
+    `fn` returns (the scalar to differentiate, a scalar to report) for its slice of positions. Returns the two
+    sums; only the first carries gradients (to `hidden` and `weight`).
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLoss.apply(hidden, weight, fn, chunk)
+    totals = torch.zeros(2, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, min(start + chunk, hidden.shape[0]))
+            totals += torch.stack(fn(hidden[sl] @ weight.t(), sl))
+    return totals[0], totals[1]
+
+
+@dataclass
+class TaidSchedule:
+    """The adaptive t of TAID, updated once per optimizer step from that step's (global) loss."""
+
+    t_start: float = 0.4
+    t_end: float = 1.0
+    alpha: float = 5e-4
+    beta: float = 0.99
+    total_steps: int = 1
+    adaptive: bool = True
+    t: float = float("nan")
+    momentum: float = 0.0
+    prev_loss: float | None = None
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.t):
+            self.t = self.t_start
+
+    def update(self, loss: float) -> float:
+        """Record step `step+1`'s loss and move t; returns the new t."""
+        self.step += 1
+        if self.prev_loss is None:
+            self.prev_loss = loss
+            return self.t
+        t_linear = self.t_start + (self.t_end - self.t_start) * min(self.step / self.total_steps, 1.0)
+        if self.adaptive:
+            relative = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
+            self.momentum = self.beta * self.momentum + (1 - self.beta) * relative
+            adaptive_t = self.t + self.alpha * (1 / (1 + math.exp(-self.momentum))) * (1 - self.t)
+            self.t = min(self.t_end, max(t_linear, adaptive_t))
+        else:
+            self.t = min(self.t_end, t_linear)
+        self.prev_loss = loss
+        return self.t
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,0 +1,1 @@
+"""Stage two's parts: the data stream from a cache, the distributed student, checkpoints."""

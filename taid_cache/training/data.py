@@ -1,0 +1,103 @@
+"""Streaming a cache into micro-batches for every rank and dataloader worker.
+
+The order is decided on references, not data: each epoch permutes the shards (seeded), walks their rows in
+order through a seeded shuffle buffer of (shard, row) pairs, and the resulting stream is endless across
+epochs. Optimizer step s takes the global items [s·G, (s+1)·G), G = batch size × grad accumulation × ranks;
+item j of a step goes to rank j mod R, then in order into that rank's micro-batches; dataloader worker w
+builds the micro-batches m with m mod W = w. So no item is lost or duplicated, the partition does not change
+what a step contains, and resuming skips integers instead of reading data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..shards.manifest import load_manifest
+from ..shards.reader import RandomAccess
+
+
+def epoch_order(shard_rows: list[int], seed: int, epoch: int, buffer: int) -> Iterator[tuple[int, int]]:
+    """One epoch of (shard, row) references: shards permuted, rows through a shuffle buffer."""
+    rng = np.random.default_rng([seed, epoch])
+    pool: list[tuple[int, int]] = []
+    for shard in rng.permutation(len(shard_rows)):
+        for row in range(shard_rows[shard]):
+            if len(pool) < buffer:
+                pool.append((int(shard), row))
+                continue
+            j = int(rng.integers(len(pool)))
+            yield pool[j]
+            pool[j] = (int(shard), row)
+    rng.shuffle(pool)
+    yield from pool
+
+
+def stream(shard_rows: list[int], seed: int, buffer: int, shuffle: bool) -> Iterator[tuple[int, int]]:
+    """Endless references; without shuffle, the cache's own order, epoch after epoch."""
+    for epoch in itertools.count():
+        if shuffle:
+            yield from epoch_order(shard_rows, seed, epoch, buffer)
+        else:
+            yield from ((s, r) for s, n in enumerate(shard_rows) for r in range(n))
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T-1] bool: position j predicts a loss-mask token j+1
+    labels: torch.Tensor  # [B, T-1]: token j+1
+    topk_ids: torch.Tensor  # [B, T-1, k], −1 where unused
+    topk_logprobs: torch.Tensor  # [B, T-1, k], −inf where unused
+    tokens: int  # real (unpadded) tokens
+
+
+def collate(records: list[dict[str, Any]], max_length: int) -> MicroBatch:
+    """Right-pad to the longest sequence (at most max_length tokens; longer ones are cut)."""
+    lengths = [min(len(r["input_ids"]), max_length) for r in records]
+    width, k = max(lengths), records[0]["topk_ids"].shape[1]
+    ids = torch.zeros(len(records), width, dtype=torch.long)
+    mask = torch.zeros(len(records), width, dtype=torch.bool)
+    attention = torch.zeros(len(records), width, dtype=torch.long)
+    topk_ids = torch.full((len(records), width - 1, k), -1, dtype=torch.long)
+    topk_lp = torch.full((len(records), width - 1, k), -float("inf"))
+    for i, (r, n) in enumerate(zip(records, lengths)):
+        ids[i, :n] = torch.from_numpy(r["input_ids"][:n])
+        mask[i, :n] = torch.from_numpy(r["loss_mask"][:n])
+        attention[i, :n] = 1
+        topk_ids[i, : n - 1] = torch.from_numpy(r["topk_ids"][: n - 1])
+        topk_lp[i, : n - 1] = torch.from_numpy(r["topk_logprobs"][: n - 1])
+    return MicroBatch(ids, attention, mask[:, 1:] & attention[:, 1:].bool(), ids[:, 1:], topk_ids, topk_lp, sum(lengths))
+
+
+class CacheStream(IterableDataset):
+    """This rank's micro-batches, from global item `start` on (endless unless `limit` items are given)."""
+
+    def __init__(self, cache: Path, batch_size: int, rank: int, world: int, max_length: int, seed: int,
+                 buffer: int, shuffle: bool, start: int = 0, limit: int | None = None) -> None:
+        self.cache, self.batch_size, self.rank, self.world = cache, batch_size, rank, world
+        self.max_length, self.seed, self.buffer, self.shuffle, self.start, self.limit = max_length, seed, buffer, shuffle, start, limit
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        manifest = load_manifest(self.cache)
+        rows = [s["records"] for s in manifest["shards"]]
+        reader = RandomAccess(self.cache, manifest)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        refs = itertools.islice(stream(rows, self.seed, self.buffer, self.shuffle), self.start, None if self.limit is None else self.start + self.limit)
+        mine = itertools.islice(refs, self.rank, None, self.world)
+        for m, chunk in enumerate(iter(lambda: list(itertools.islice(mine, self.batch_size)), [])):
+            if m % workers == worker:
+                yield collate([reader.get(s, r) for s, r in chunk], self.max_length)
+
+
+def loader(dataset: CacheStream, workers: int) -> DataLoader:
+    """Micro-batches in order: the DataLoader takes workers' outputs round-robin, matching m mod W."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)

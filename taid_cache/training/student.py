@@ -1,0 +1,120 @@
+"""The student (and the online teacher) as modules: FSDP2 set-up, vocabulary checks, the loss forward."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UserError
+from ..fingerprints import tokenizer_hash
+from ..losses import chunked_lm_loss
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK: NCCL on GPU, gloo on CPU. One process: no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+
+
+def all_reduce_sum(value: torch.Tensor, env: Dist) -> torch.Tensor:
+    if env.active:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def load_causal_lm(path: str, what: str, dtype: torch.dtype, attention: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+    except Exception as exc:
+        raise UserError(f"cannot load {what} {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    return model, tokenizer
+
+
+def check_vocabulary(model, tokenizer, settings: dict, what: str) -> None:
+    """Same tokenizer as the cache, and an LM head covering every token of it (padding rows are fine)."""
+    if tokenizer_hash(tokenizer) != settings["tokenizer_hash"]:
+        raise UserError(f"the {what}'s tokenizer differs from the one the cache was made with (teacher {settings['teacher']})")
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < settings["tokenizer_size"]:
+        raise UserError(f"the {what} has {rows} vocabulary rows, fewer than the tokenizer's {settings['tokenizer_size']} tokens")
+
+
+def attention_implementation() -> str:
+    """flash-attn when installed on a GPU, else PyTorch SDPA."""
+    import importlib.util
+
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+class LossModel(nn.Module):
+    """Wraps a causal LM so one forward gives the summed loss of the selected positions: the decoder, then the
+    LM head and loss applied chunk by chunk (`chunked_lm_loss`). Being the FSDP root, its forward holds the
+    unsharded head weight."""
+
+    def __init__(self, lm: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return out[:, :-1][targets]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+                fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(input_ids, attention_mask, targets)
+        return chunked_lm_loss(h, self.lm.get_output_embeddings().weight, fn, self.chunk)
+
+
+def shard_model(model: LossModel, env: Dist, bf16: bool, checkpointing: bool) -> LossModel:
+    """FSDP2: each transformer block, then the root. bf16 parameters with float32 gradient reduction on GPU."""
+    if checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not env.active:
+        return model.to(env.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    model.to(env.device)
+    for block in model.lm.get_decoder().layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def save_student(model: LossModel, tokenizer, out: Path, env: Dist) -> None:
+    """The final student as safetensors via save_pretrained, gathered to rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.rank == 0:
+        model.lm.save_pretrained(out, state_dict=state)
+        tokenizer.save_pretrained(out)
