@@ -17,6 +17,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Pay for the teacher once: cache its top-k log-probs, then distil from the cache.")
 
 
+@app.callback()
+def setup() -> None:
+    """Runs before every command."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones to watch
+
+
 def user_errors(fn: Callable) -> Callable:
     """A user mistake becomes one line on stderr and exit status 2, never a traceback."""
 
@@ -139,9 +147,6 @@ def verify_cmd(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
 
 
 def main() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     app()
 
 

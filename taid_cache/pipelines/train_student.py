@@ -26,7 +26,7 @@ from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, loader
 from ..training.student import (
-    Dist, LossModel, all_reduce_sum, attention_implementation, check_vocabulary, init_distributed, load_causal_lm,
+    Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, check_vocabulary, init_distributed, load_causal_lm,
     save_student, shard_model,
 )
 
@@ -283,6 +283,9 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
             last = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed_s": elapsed, "grad_norm": grad_norm}
             if loss_cfg.name == "taid":
                 last["t"] = t  # the t this step trained with
+                # max − min of t over ranks after the update: 0 when every rank holds the same t.
+                spread = all_reduce_max(torch.tensor([schedule.t, -schedule.t], dtype=torch.float64), env)
+                last["t_rank_spread"] = float(spread[0] + spread[1])
             log.write(last)
             if cfg.eval_cache is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
                 log.write({"step": step, **evaluate(model, cfg, settings, env)})

@@ -41,11 +41,15 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
-def all_reduce_sum(value: torch.Tensor, env: Dist) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, env: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if env.active:
         value = value.clone()
-        dist.all_reduce(value)
+        dist.all_reduce(value, op=op)
     return value
+
+
+def all_reduce_max(value: torch.Tensor, env: Dist) -> torch.Tensor:
+    return all_reduce_sum(value, env, dist.ReduceOp.MAX)
 
 
 def load_causal_lm(path: str, what: str, dtype: torch.dtype, attention: str):

@@ -1,0 +1,212 @@
+"""Losses against dense references written here in float64, the tail modes' maths, chunked = unchunked,
+and the TAID t rule against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from taid_cache import losses as L
+
+torch.manual_seed(0)
+N, V = 6, 12
+
+
+def softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def kl64(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.array([sum(pi * math.log(pi / qi) for pi, qi in zip(pr, qr) if pi > 0) for pr, qr in zip(p, q)])
+
+
+@pytest.fixture()
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.randn(N, V) * 2
+    teacher = torch.log_softmax(torch.randn(N, V) * 3, -1)
+    return s, teacher
+
+
+def reference(name: str, s: np.ndarray, lt: np.ndarray, t: float = 0.3, beta: float = 0.1, mu: float = 0.5) -> np.ndarray:
+    p, q = np.exp(lt), softmax64(s)
+    if name == "fkl":
+        return kl64(p, q)
+    if name == "rkl":
+        return kl64(q, p)
+    if name == "tvd":
+        return 0.5 * np.abs(p - q).sum(-1)
+    if name == "js":
+        m = beta * p + (1 - beta) * q
+        return beta * kl64(p, m) + (1 - beta) * kl64(q, m)
+    if name == "skew-fkl":
+        return kl64(p, beta * p + (1 - beta) * q)
+    if name == "skew-rkl":
+        return kl64(q, beta * q + (1 - beta) * p)
+    if name == "taid":
+        p_t = softmax64((1 - t) * s + t * lt)
+        return -(p_t * np.log(q)).sum(-1)
+    if name == "adaptive-kl":
+        out = []
+        for pr, qr, f, r in zip(p, q, kl64(p, q), kl64(q, p)):
+            head, total = set(), 0.0
+            for v in np.argsort(-pr):
+                if total >= mu:
+                    break
+                head.add(v)
+                total += pr[v]
+            gh = sum(abs(pr[v] - qr[v]) for v in head)
+            gt = sum(abs(pr[v] - qr[v]) for v in range(len(pr)) if v not in head)
+            out.append(gh / (gh + gt) * f + gt / (gh + gt) * r)
+        return np.array(out)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", [n for n in L.LOSSES if n != "sft"])
+def test_every_loss_matches_its_dense_reference(name: str, pair) -> None:
+    s, lt = pair
+    cfg = L.LossConfig(name=name, beta=0.5 if name == "js" else 0.1, mu=0.5)
+    got = L.per_position_fn(cfg)(s, lt, 0.3).double().numpy()
+    want = reference(name, s.double().numpy(), lt.double().numpy(), 0.3, cfg.beta, cfg.mu)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_taid_gradient_is_q_minus_p_t(pair) -> None:
+    s, lt = pair
+    s = s.clone().requires_grad_()
+    mask = torch.tensor([True, False, True, True, False, True])
+    L.taid_loss(s, lt, 0.7, mask).backward()
+    p_t = torch.softmax(0.3 * s.detach() + 0.7 * lt, -1)
+    expected = (torch.softmax(s.detach(), -1) - p_t) * mask[:, None] / mask.sum()
+    torch.testing.assert_close(s.grad, expected, atol=1e-6, rtol=1e-5)
+    assert L.taid_loss(s, lt, 1.0).item() == pytest.approx(
+        (L.fkl(s, lt) - (lt.exp() * lt).sum(-1)).mean().item(), rel=1e-5)  # t = 1: cross-entropy to the teacher
+
+
+def test_taid_loss_averages_over_the_mask_once(pair) -> None:
+    s, lt = pair
+    mask = torch.tensor([True, True, False, False, False, False])
+    per = L.taid(s, lt, 0.5)
+    assert L.taid_loss(s, lt, 0.5, mask).item() == pytest.approx(per[:2].mean().item(), rel=1e-6)
+    assert L.taid_loss(s, lt, 0.5).item() == pytest.approx(per.mean().item(), rel=1e-6)
+
+
+def sparse(lt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, ids = lt.topk(k, -1)
+    return ids, values
+
+
+def test_tail_renorm_is_renormalised_top_k(pair) -> None:
+    s, lt = pair
+    ids, lps = sparse(lt, 4)
+    dense = L.rebuild_teacher(s, ids, lps, "renorm", V).double()
+    p = dense.exp()
+    assert torch.allclose(p.sum(-1), torch.ones(N, dtype=torch.float64), atol=1e-6)
+    expected = torch.softmax(lps.double(), -1)
+    torch.testing.assert_close(p.gather(1, ids), expected, atol=1e-6, rtol=1e-5)
+    assert (p > 0).sum(-1).tolist() == [4] * N
+
+
+def test_tail_uniform_spreads_missing_mass_evenly(pair) -> None:
+    s, lt = pair
+    ids, lps = sparse(lt, 4)
+    p = L.rebuild_teacher(s, ids, lps, "uniform", V).double().exp()
+    torch.testing.assert_close(p.gather(1, ids), lps.double().exp(), atol=1e-6, rtol=1e-5)
+    tail = 1 - lps.double().exp().sum(-1)
+    others = p.clone().scatter_(1, ids, 0.0)
+    torch.testing.assert_close(others.sum(-1), tail, atol=1e-6, rtol=1e-5)
+    nonzero = others[others > 0].view(N, V - 4)
+    torch.testing.assert_close(nonzero, (tail / (V - 4))[:, None].expand(N, V - 4), atol=1e-7, rtol=1e-5)
+
+
+def test_tail_student_follows_the_student_and_is_a_tail_bucket_for_fkl(pair) -> None:
+    s, lt = pair
+    ids, lps = sparse(lt, 4)
+    dense = L.rebuild_teacher(s, ids, lps, "student", V)
+    p = dense.double().exp()
+    q = torch.softmax(s.double(), -1)
+    others = p.clone().scatter_(1, ids, 0.0)
+    q_others = q.clone().scatter_(1, ids, 0.0)
+    ratio = others / q_others  # constant over the non-top-k tokens: proportional to the student
+    ratio = torch.where(q_others > 0, ratio, torch.nan).numpy()
+    np.testing.assert_allclose(np.nanmax(ratio, 1), np.nanmin(ratio, 1), rtol=1e-4)
+    # Forward KL with this tail = KL over k+1 buckets (top-k, then everything else as one).
+    p_k, q_k = lps.double().exp(), q.gather(1, ids)
+    tail_p, tail_q = 1 - p_k.sum(-1), 1 - q_k.sum(-1)
+    bucket = (p_k * (p_k / q_k).log()).sum(-1) + tail_p * (tail_p / tail_q).log()
+    torch.testing.assert_close(L.fkl(s, dense).double(), bucket, atol=1e-5, rtol=1e-4)
+
+
+def test_padded_vocabulary_rows_get_no_teacher_mass(pair) -> None:
+    s, lt = pair
+    ids, lps = sparse(lt[:, :10].log_softmax(-1), 3)
+    for tail in L.TAILS:
+        p = L.rebuild_teacher(s, ids, lps, tail, valid_vocab=10).exp()
+        assert (p[:, 10:] == 0).all()
+        assert torch.allclose(p.sum(-1), torch.ones(N), atol=1e-5)
+
+
+def test_top_p_padding_entries_are_ignored(pair) -> None:
+    s, lt = pair
+    ids, lps = sparse(lt, 5)
+    ids[:, 3:], lps[:, 3:] = -1, -math.inf
+    a = L.rebuild_teacher(s, ids, lps, "uniform", V)
+    b = L.rebuild_teacher(s, ids[:, :3], lps[:, :3], "uniform", V)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", [n for n in L.LOSSES if n != "sft"])
+@pytest.mark.parametrize("tail", L.TAILS)
+def test_chunked_equals_unchunked(name: str, tail: str) -> None:
+    torch.manual_seed(1)
+    n, h, vocab, k = 37, 16, 50, 6
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(vocab, h) * 0.5).requires_grad_()
+    ids, lps = sparse(torch.log_softmax(torch.randn(n, vocab) * 3, -1), k)
+    fn_pos = L.per_position_fn(L.LossConfig(name=name))
+
+    def per_position(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+        return fn_pos(logits, L.rebuild_teacher(logits, ids[sl], lps[sl], tail, vocab), 0.6)
+
+    dense = per_position(hidden @ weight.t(), slice(None)).sum()
+    dense.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    total, reported = L.chunked_lm_loss(hidden, weight, lambda lg, sl: (per_position(lg, sl).sum(),) * 2, chunk=8)
+    total.backward()
+    assert total.item() == pytest.approx(dense.item(), rel=1e-5) and reported.item() == pytest.approx(dense.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, gh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weight.grad, gw, atol=1e-5, rtol=1e-4)
+
+
+def test_taid_schedule_against_a_hand_computation() -> None:
+    sched = L.TaidSchedule(t_start=0.4, t_end=1.0, alpha=0.1, beta=0.9, total_steps=100)
+    assert sched.update(5.0) == 0.4 and sched.prev_loss == 5.0 and sched.momentum == 0.0  # first step only records
+    # step 2: rel = (5 - 4) / 5 = 0.2; m = 0.1 * 0.2 = 0.02; t_lin = 0.4 + 0.6 * 2/100 = 0.412;
+    # adaptive = 0.4 + 0.1 * sigmoid(0.02) * 0.6
+    t2 = sched.update(4.0)
+    sig = 1 / (1 + math.exp(-0.02))
+    assert sched.momentum == pytest.approx(0.02)
+    assert t2 == pytest.approx(max(0.412, 0.4 + 0.1 * sig * 0.6))
+    # step 3: loss rises: rel = (4 - 4.5) / 4 = -0.125; m = 0.9 * 0.02 + 0.1 * -0.125 = 0.0055
+    t3 = sched.update(4.5)
+    assert sched.momentum == pytest.approx(0.0055)
+    expected = max(0.4 + 0.6 * 3 / 100, t2 + 0.1 * (1 / (1 + math.exp(-0.0055))) * (1 - t2))
+    assert t3 == pytest.approx(expected)
+    assert t3 >= t2  # never decreases
+
+
+def test_taid_schedule_linear_floor_cap_and_state_round_trip() -> None:
+    sched = L.TaidSchedule(t_start=0.2, t_end=0.9, alpha=0.0, beta=0.99, total_steps=10)
+    ts = [sched.update(1.0) for _ in range(12)]
+    assert ts[0] == 0.2
+    assert ts[1] == pytest.approx(0.2 + 0.7 * 2 / 10)  # alpha 0: the linear schedule is the floor
+    assert ts[-1] == pytest.approx(0.9) and max(ts) <= 0.9
+    linear = L.TaidSchedule(t_start=0.2, t_end=0.9, alpha=0.5, total_steps=10, adaptive=False)
+    assert [linear.update(x) for x in (3.0, 1.0)] == [0.2, pytest.approx(0.34)]
+    copy = L.TaidSchedule()
+    copy.load_state_dict(sched.state_dict())
+    assert copy == sched

@@ -1,0 +1,210 @@
+"""train-student: cached = online with a lossless cache, 2 gloo ranks = 1 rank, kill -9 + resume =
+uninterrupted, every loss learns, the saved student loads, evaluation numbers, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from conftest import ROOT, run_cli, write_jsonl
+from taid_cache.cli import app
+from taid_cache.losses import LOSSES
+from taid_cache.pipelines.train_student import TrainConfig, train_student
+from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.tokenizer import train_tokenizer
+from taid_cache.shards import read_cache
+
+STUDENT = LlamaSize(hidden=64, layers=1, heads=1, intermediate=128)
+
+
+@pytest.fixture(scope="module")
+def student_dir(teacher_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    new_llama(STUDENT, len(tokenizer), tokenizer, seed=1, out=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train-caches")
+    common = ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--engine", "hf", "--max-length", "256", "--no-progress"]
+    run_cli("dump-teacher", *common, "--output", str(root / "top16"), "--top-k", "16")
+    run_cli("dump-teacher", *common, "--output", str(root / "full"), "--top-k", "512", "--precision", "fp32")
+    return {"top16": root / "top16", "full": root / "full"}
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps(out: Path) -> list[dict]:
+    return [m for m in metrics(out) if "loss" in m]
+
+
+def train(student: Path, cache: Path, out: Path, **kw) -> list[dict]:
+    cfg = TrainConfig(student=str(student), cache=cache, output=out, progress=False,
+                      **{"max_steps": 4, "batch_size": 4, "lr": 3e-3, "max_length": 256, **kw})
+    train_student(cfg)
+    return steps(out)
+
+
+def test_cached_lossless_cache_equals_online_teacher(student_dir, teacher_dir, caches, tmp_path) -> None:
+    cached = train(student_dir, caches["full"], tmp_path / "cached", max_steps=3)
+    online = train(student_dir, caches["full"], tmp_path / "online", max_steps=3, teacher_model=str(teacher_dir))
+    for a, b in zip(cached, online):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 and a["t"] == pytest.approx(b["t"], abs=1e-6)
+    assert len(cached) == len(online) == 3
+
+
+def test_two_gloo_ranks_equal_one_rank(student_dir, caches, tmp_path) -> None:
+    args = ["--student", str(student_dir), "--cache", str(caches["top16"]), "--max-steps", "4", "--lr", "3e-3",
+            "--max-length", "256", "--taid-alpha", "0.2", "--no-progress"]
+    run_cli("train-student", *args, "--output", str(tmp_path / "one"), "--batch-size", "4")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "taid_cache.cli",
+                           "train-student", *args, "--output", str(tmp_path / "two"), "--batch-size", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["t"] == pytest.approx(a["t"], abs=1e-7) and b["tokens"] == a["tokens"]
+        assert b["t_rank_spread"] == 0.0  # both ranks hold the same t
+    assert one[-1]["t"] > one[0]["t"]  # t really moved
+    assert (tmp_path / "two" / "model.safetensors").exists()
+
+
+def test_kill_9_then_resume_equals_uninterrupted(student_dir, caches, tmp_path) -> None:
+    args = ["train-student", "--student", str(student_dir), "--cache", str(caches["top16"]), "--max-steps", "30",
+            "--batch-size", "2", "--lr", "3e-3", "--max-length", "256", "--save-every", "4", "--taid-alpha", "0.3", "--no-progress"]
+    run_cli(*args, "--output", str(tmp_path / "clean"))
+    crashed = tmp_path / "crashed"
+    for wanted in ("step-00000004", "step-00000012"):
+        proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args, "--output", str(crashed), *(["--resume"] if crashed.exists() else [])],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (crashed / "checkpoints" / wanted).exists():
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (crashed / "model.safetensors").exists()  # nothing that looks finished
+    run_cli(*args, "--output", str(crashed), "--resume")
+    clean, resumed = steps(tmp_path / "clean"), steps(crashed)
+    assert [m["step"] for m in resumed] == list(range(1, 31))
+    for a, b in zip(clean, resumed):
+        assert a["loss"] == b["loss"] and a["t"] == b["t"] and a["tokens"] == b["tokens"]  # bitwise
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_lowers_its_own_loss(loss: str, student_dir, caches, tmp_path) -> None:
+    extra = {"taid_t_start": 0.9, "taid_t_end": 1.0, "taid_disable_adaptive": True} if loss == "taid" else {}
+    # The whole cache in every step, so successive losses are comparable.
+    log = train(student_dir, caches["top16"], tmp_path / loss, loss=loss, batch_size=24, max_steps=6, lr=1e-2, **extra)
+    assert log[-1]["loss"] < log[0]["loss"] * 0.98, [m["loss"] for m in log]
+
+
+def test_distil_ratio_mixes_in_cross_entropy(student_dir, caches, tmp_path) -> None:
+    a = train(student_dir, caches["top16"], tmp_path / "a", loss="fkl", max_steps=2)
+    b = train(student_dir, caches["top16"], tmp_path / "b", loss="fkl", max_steps=2, distil_ratio=0.5)
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-6)  # reported loss is the distillation term
+    assert a[1]["loss"] != b[1]["loss"]  # the CE part changed the update
+
+
+def test_saved_student_loads_and_evaluation_is_right(student_dir, caches, tmp_path) -> None:
+    out = tmp_path / "run"
+    train(student_dir, caches["top16"], out, max_steps=3, eval_cache=caches["top16"], eval_every=3)
+    evals = [m for m in metrics(out) if "eval_ce" in m]
+    assert [m["step"] for m in evals] == [3]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    initial = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert not torch.equal(model.lm_head.weight, initial.lm_head.weight)
+    ce, top1, n = 0.0, 0, 0
+    with torch.no_grad():
+        for rec in read_cache(caches["top16"]):
+            ids = torch.from_numpy(rec["input_ids"][:256])
+            logits = model(ids[None]).logits[0, :-1]
+            target = torch.from_numpy(rec["loss_mask"][1 : len(ids)])
+            lp = torch.log_softmax(logits.double(), -1)[target]
+            ce -= lp.gather(1, ids[1:][target][:, None]).sum().item()
+            top1 += (lp.argmax(-1) == torch.from_numpy(rec["topk_ids"][: len(ids) - 1][target.numpy(), 0])).sum().item()
+            n += int(target.sum())
+    assert evals[0]["eval_ce"] == pytest.approx(ce / n, rel=1e-4)
+    assert evals[0]["eval_top1"] == pytest.approx(top1 / n, abs=1e-9)
+    assert evals[0]["eval_kl"] > 0
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def invoke(student: Path, cache: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["train-student", "--student", str(student), "--cache", str(cache), "--output", str(out),
+                                    "--max-steps", "2", "--no-progress", *extra])
+
+
+def assert_user_error(result, out: Path, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (("--loss", "kl-magic"), ("unknown loss", "kl-magic")),
+    (("--taid-t-start", "0.9", "--taid-t-end", "0.5"), ("--taid-t-start",)),
+    (("--taid-alpha", "1.5"), ("--taid-alpha",)),
+    (("--tail", "zero"), ("--tail",)),
+])
+def test_bad_options(extra, words, student_dir, caches, tmp_path) -> None:
+    assert_user_error(invoke(student_dir, caches["top16"], tmp_path / "o", *extra), tmp_path / "o", *words)
+
+
+def test_cache_failing_verification(student_dir, caches, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(caches["top16"], bad)
+    shard = next(bad.glob("*.arrow"))
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert_user_error(invoke(student_dir, bad, tmp_path / "o"), tmp_path / "o", shard.name)
+
+
+def test_student_with_another_tokenizer_or_too_few_rows(student_dir, caches, texts, tmp_path) -> None:
+    other_tok = train_tokenizer(texts[10:20], 400, tmp_path / "tok")
+    new_llama(STUDENT, len(other_tok), other_tok, out=tmp_path / "other")
+    assert_user_error(invoke(tmp_path / "other", caches["top16"], tmp_path / "o"), tmp_path / "o", "tokenizer differs")
+    same_tok = AutoTokenizer.from_pretrained(student_dir)
+    new_llama(STUDENT, 300, same_tok, out=tmp_path / "small")
+    assert_user_error(invoke(tmp_path / "small", caches["top16"], tmp_path / "o2"), tmp_path / "o2", "300 vocabulary rows")
+
+
+def test_empty_cache(teacher_dir, student_dir, data_dir, tmp_path) -> None:
+    write_jsonl(tmp_path / "long.jsonl", [{"input_ids": list(range(100))}])
+    run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(tmp_path / "long.jsonl"), "--output", str(tmp_path / "empty"),
+            "--engine", "hf", "--max-length", "50", "--overlong", "drop", "--no-progress")
+    assert_user_error(invoke(student_dir, tmp_path / "empty", tmp_path / "o"), tmp_path / "o", "no sequences")
+
+
+def test_resume_with_nothing_or_changed_settings(student_dir, caches, tmp_path) -> None:
+    assert_user_error(invoke(student_dir, caches["top16"], tmp_path / "o", "--resume"), tmp_path / "o", "no checkpoint")
+    run = tmp_path / "run"
+    assert invoke(student_dir, caches["top16"], run, "--save-every", "1", "--max-steps", "3").exit_code == 0
+    shutil.rmtree(run / "model.safetensors", ignore_errors=True)
+    (run / "model.safetensors").unlink(missing_ok=True)
+    result = invoke(student_dir, caches["top16"], run, "--resume", "--max-steps", "3", "--lr", "0.5")
+    assert result.exit_code == 2 and "changed settings" in result.output and "lr" in result.output
+    result = invoke(student_dir, caches["top16"], tmp_path / "run")
+    assert result.exit_code == 2 and "not empty" in result.output
