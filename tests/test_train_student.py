@@ -146,6 +146,16 @@ def test_saved_student_loads_and_evaluation_is_right(student_dir, caches, tmp_pa
     assert evals[0]["eval_kl"] > 0
 
 
+def test_padded_student_vocabulary_and_dataloader_workers(student_dir, caches, tmp_path) -> None:
+    """An LM head padded past the tokenizer (520 rows, 512 tokens) trains; worker processes change nothing."""
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    new_llama(STUDENT, 520, tokenizer, seed=1, out=tmp_path / "padded")
+    base = train(tmp_path / "padded", caches["top16"], tmp_path / "w0", max_steps=3, batch_size=2)
+    workers = train(tmp_path / "padded", caches["top16"], tmp_path / "w2", max_steps=3, batch_size=2, num_workers=2)
+    assert [m["loss"] for m in base] == [m["loss"] for m in workers]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "w0").lm_head.weight.shape[0] == 520
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 def invoke(student: Path, cache: Path, out: Path, *extra: str):

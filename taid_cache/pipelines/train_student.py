@@ -189,7 +189,10 @@ class MetricsLog:
             kept = [l for l in (self.path.read_text().splitlines() if self.path.exists() else []) if json.loads(l)["step"] <= resumed_step]
             self.path.write_text("".join(l + "\n" for l in kept))
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
 
                 self.board = SummaryWriter(str(output / "tensorboard"))
 

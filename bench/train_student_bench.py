@@ -1,0 +1,159 @@
+"""Stage-two benchmark (prints a table and saves bench/results/train_student.{json,md}).
+
+(a) Step time training from the cache (TAID, top-64) vs a plain `sft` step, same student and batches.
+    Target: distillation overhead <= 10% of the SFT step.
+(b) Cached vs online (teacher run in-process) step time with a teacher >= 8x the student's parameters,
+    beside the FLOP-model bound (3S + T) / (3S), S and T the forward FLOPs per token of student and teacher.
+(c) Peak memory of loss forward+backward at 8192 positions x V = 32768: chunked vs naive (each in a fresh
+    process, peak RSS above the inputs), and the largest difference of values and gradients.
+Uses the models and tokenizer of bench/dump_teacher_bench.py (run that first; it caches them in --work).
+
+Usage: python bench/train_student_bench.py [--work runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dump_teacher_bench import ROOT, machine  # noqa: E402
+
+from taid_cache.losses import LossConfig  # noqa: E402
+from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher  # noqa: E402
+from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss  # noqa: E402
+from taid_cache.reproduce.models import LlamaSize, new_llama  # noqa: E402
+from taid_cache.shards.manifest import load_manifest  # noqa: E402
+from taid_cache.training.data import CacheStream  # noqa: E402
+from taid_cache.training.student import Dist, LossModel  # noqa: E402
+
+STUDENT = LlamaSize(hidden=192, layers=3, heads=3, intermediate=576, max_positions=1024)
+N_POS, VOCAB_MEM, HIDDEN_MEM, K_MEM = 8192, 32768, 256, 64
+
+
+def forward_flops_per_token(model) -> float:
+    """2 x parameters that take part in a token's forward (everything but the embedding lookup)."""
+    embed = model.get_input_embeddings().weight.numel()
+    return 2.0 * (sum(p.numel() for p in model.parameters()) - embed)
+
+
+def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int) -> dict[str, float]:
+    """Median seconds per optimizer step (forward, backward, AdamW) for sft, cached TAID and online TAID."""
+    from transformers import AutoModelForCausalLM
+
+    env = Dist()
+    batches = list(itertools.islice(iter(CacheStream(cache, 8, 0, 1, 512, 0, 64, True)), steps + 2))
+    settings = load_manifest(cache)["settings"]
+    results = {}
+    for name, loss, online in (("sft", "sft", False), ("taid-cached", "taid", False), ("taid-online", "taid", True)):
+        torch.manual_seed(0)
+        model = LossModel(AutoModelForCausalLM.from_pretrained(student_dir), 1024)
+        rows = model.lm.get_output_embeddings().weight.shape[0]
+        cfg = TrainConfig(student=str(student_dir), cache=cache, output=Path("unused"), teacher_model=str(teacher_dir) if online else None)
+        teacher = Teacher(cfg, settings, rows, env)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        times = []
+        for mb in batches:
+            t0 = time.perf_counter()
+            combined, _ = micro_batch_loss(model, teacher, mb, LossConfig(loss), 0.5, env)
+            (combined / max(int(mb.targets.sum()), 1)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        results[name] = sorted(times[2:])[len(times[2:]) // 2]
+    return results
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys, torch
+from taid_cache.losses import chunked_lm_loss, per_position_fn, rebuild_teacher, LossConfig
+mode, n, v, h, k = sys.argv[1], *map(int, sys.argv[2:6])
+torch.manual_seed(0)
+hidden = torch.randn(n, h).requires_grad_()
+weight = (torch.randn(v, h) * 0.05).requires_grad_()
+ids = torch.randint(0, v, (n, k)); lps = torch.log_softmax(torch.randn(n, k), -1) - 0.5
+fn = per_position_fn(LossConfig("taid"))
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+base = rss()
+def per_position(logits, sl):
+    return fn(logits, rebuild_teacher(logits, ids[sl], lps[sl], "student", v), 0.5)
+if mode == "naive":
+    loss = per_position(hidden @ weight.t(), slice(None)).sum() / n
+else:
+    loss = chunked_lm_loss(hidden, weight, lambda lg, sl: (per_position(lg, sl).sum(),) * 2, 1024)[0] / n
+loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+torch.save({"loss": loss.detach(), "gh": hidden.grad, "gw": weight.grad}, sys.argv[6])
+print(json.dumps({"peak_bytes": peak - base}))
+"""
+
+
+def memory(work: Path) -> dict[str, float]:
+    out = {}
+    for mode in ("naive", "chunked"):
+        res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(N_POS), str(VOCAB_MEM), str(HIDDEN_MEM), str(K_MEM),
+                              str(work / f"mem-{mode}.pt")], capture_output=True, text=True, check=True, cwd=ROOT)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
+    a, b = torch.load(work / "mem-naive.pt"), torch.load(work / "mem-chunked.pt")
+    diff = max((a[key] - b[key]).abs().max().item() for key in ("loss", "gh", "gw"))
+    return {"naive_peak_gib": out["naive"] / 2**30, "chunked_peak_gib": out["chunked"] / 2**30,
+            "ratio": out["chunked"] / out["naive"], "max_abs_diff": diff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir, trained = args.work / "big-teacher", args.work / "trained-teacher"
+    if not (teacher_dir / "config.json").exists() or not (trained / "config.json").exists():
+        sys.exit("run bench/dump_teacher_bench.py first (it builds the tokenizer and teachers)")
+    student_dir = args.work / "student"
+    if not (student_dir / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        new_llama(STUDENT, len(tokenizer), tokenizer, seed=1, out=student_dir)
+    cache = args.work / "train-cache"
+    if not (cache / "manifest.json").exists():
+        shutil.rmtree(cache, ignore_errors=True)
+        dump_teacher(DumpConfig(model=str(teacher_dir), data=[str(args.work / "chat.jsonl")], output=cache, engine="hf",
+                                top_k=64, max_length=512, progress=False))
+    s_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(student_dir))
+    t_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(teacher_dir))
+    s_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(student_dir).parameters())
+    t_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
+    times = step_times(student_dir, cache, teacher_dir, args.steps)
+    mem = memory(args.work)
+    bound = (3 * s_flops + t_flops) / (3 * s_flops)
+    lines = [f"machine: {machine()}", "",
+             f"(a, b) step time, student {s_params / 1e6:.1f}M params, teacher {t_params / 1e6:.1f}M ({t_params / s_params:.1f}x), "
+             f"8 sequences x <=512 tokens per step, top-64 cache", "",
+             "| step | seconds (median) | vs sft |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.3f} | {v / times['sft']:.3f} |" for k, v in times.items()]
+    lines += ["", f"distillation overhead over sft: {times['taid-cached'] / times['sft'] - 1:+.1%} (target <= +10%)",
+              f"cached vs online speed-up: {times['taid-online'] / times['taid-cached']:.2f}x; FLOP-model bound (3S+T)/(3S) = {bound:.2f}x", "",
+              f"(c) loss forward+backward, {N_POS} positions x V = {VOCAB_MEM} (TAID, top-{K_MEM}, student tail)", "",
+              "| variant | peak memory above inputs (GiB) |", "|---|---|",
+              f"| naive | {mem['naive_peak_gib']:.2f} |", f"| chunked (1024 positions) | {mem['chunked_peak_gib']:.2f} |", "",
+              f"chunked / naive = {mem['ratio']:.3f} (target <= 0.25); largest |difference| of loss and gradients: {mem['max_abs_diff']:.2e}"]
+    table = "\n".join(lines)
+    print(table)
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "train_student.md").write_text(table + "\n")
+    (results / "train_student.json").write_text(json.dumps(
+        {"machine": machine(), "step_seconds": times, "flop_bound": bound, "student_params": s_params, "teacher_params": t_params,
+         "memory": mem}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
