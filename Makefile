@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench reproduce clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ test: setup
 
 bench: setup
 	$(PY) bench/dump_teacher_bench.py
+	$(PY) bench/train_student_bench.py
+
+# The whole pipeline end to end. QUICK=1: a few minutes; CONFIG=configs/x.yaml: real models; OUT=dir.
+reproduce: setup
+	$(PY) -m taid_cache.reproduce $(if $(QUICK),--quick) $(if $(CONFIG),--config $(CONFIG)) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,6 +13,7 @@ class LlamaSize:
     heads: int = 2  # head dimension hidden / heads: 64 suits vLLM's CPU attention kernels
     intermediate: int = 256
     max_positions: int = 1024
+    tie_embeddings: bool = False
 
 
 def new_llama(size: LlamaSize, vocab_size: int, tokenizer=None, seed: int = 0, out: Path | None = None):
@@ -23,7 +24,7 @@ def new_llama(size: LlamaSize, vocab_size: int, tokenizer=None, seed: int = 0, o
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.heads,
-        max_position_embeddings=size.max_positions, tie_word_embeddings=False,
+        max_position_embeddings=size.max_positions, tie_word_embeddings=size.tie_embeddings,
         bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None),
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
     )

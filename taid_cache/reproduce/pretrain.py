@@ -26,13 +26,19 @@ def pack_blocks(token_lists: list[list[int]], block: int) -> np.ndarray:
     return flat[: n * block].reshape(n, block)
 
 
-def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig) -> list[float]:
-    """AdamW with a time-based cosine schedule; returns the loss per step."""
+def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig, console=None) -> list[float]:
+    """AdamW with a time-based cosine schedule; returns the loss per step. A progress bar runs on the budget."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
     losses, start = [], time.monotonic()
+    bar = Progress(TextColumn("[bold]pre-training teacher"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                   console=console, disable=console is None)
+    task = bar.add_task("pretrain", total=cfg.budget_s, info="")
+    bar.start()
     while (elapsed := time.monotonic() - start) < cfg.budget_s:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / cfg.budget_s, 1.0)))
@@ -43,5 +49,7 @@ def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        bar.update(task, completed=elapsed, info=f"step {len(losses)}  loss {losses[-1]:.3f}")
+    bar.stop()
     model.eval()
     return losses

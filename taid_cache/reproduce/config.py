@@ -1,0 +1,110 @@
+"""What `make reproduce` runs: the embedded default (everything built here) or a YAML config naming real models
+and data. Both go through the same stages (taid_cache/reproduce/pipeline.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import UserError
+from .models import LlamaSize
+
+# Method name -> train-student options. `taid-online` runs the teacher in-process (the original set-up).
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": {"loss": "sft"},
+    "fkl": {"loss": "fkl"},
+    "rkl": {"loss": "rkl"},
+    "tvd": {"loss": "tvd"},
+    "skew-fkl": {"loss": "skew-fkl"},
+    "taid": {"loss": "taid"},
+    "taid-no-adaptive": {"loss": "taid", "taid_disable_adaptive": True},
+    "taid-tail-uniform": {"loss": "taid", "tail": "uniform"},
+    "taid-tail-renorm": {"loss": "taid", "tail": "renorm"},
+    "taid-online": {"loss": "taid", "online": True},
+}
+
+
+@dataclass
+class ReproduceConfig:
+    name: str = "embedded"
+    # Real models and data (a config file); None everywhere = the embedded default built from the stdlib.
+    teacher: Optional[str] = None
+    student: Optional[str] = None
+    train_data: Optional[list[str]] = None
+    train_split: str = "train"
+    heldout_data: Optional[list[str]] = None
+    heldout_split: str = "test"
+    heldout_rows: int = 2000
+    heldout_seed: int = 42
+    # Length filters, in teacher tokens (the paper: sequence 2048, prompt 1536, response 512).
+    max_length: int = 512
+    max_prompt: int = 384
+    max_response: int = 256
+    # The embedded default's sizes.
+    vocab_size: int = 8192
+    # 7.6M parameters (4.2M of them embeddings) vs 0.63M (tied embeddings): 12x.
+    teacher_size: LlamaSize = field(default_factory=lambda: LlamaSize(hidden=256, layers=4, heads=4, intermediate=768))
+    student_size: LlamaSize = field(default_factory=lambda: LlamaSize(hidden=64, layers=2, heads=1, intermediate=192, tie_embeddings=True))
+    pretrain_budget_s: float = 600.0
+    train_pairs: int = 3000
+    heldout_pairs: int = 300
+    # Stage one.
+    engine: str = "auto"
+    tensor_parallel_size: int = 1
+    top_k: int = 64
+    # Stage two.
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    max_steps: Optional[int] = 600
+    epochs: Optional[float] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    taid_t_start: float = 0.4
+    nproc_per_node: int = 1
+    seed: int = 0
+
+    @property
+    def embedded(self) -> bool:
+        return self.teacher is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.__dict__ if isinstance(value, LlamaSize) else value
+        return out
+
+
+def quick() -> ReproduceConfig:
+    """The same steps at a size that finishes in a few minutes on 2 cores."""
+    return ReproduceConfig(
+        name="embedded-quick", vocab_size=1024, teacher_size=LlamaSize(hidden=128, layers=2, heads=2, intermediate=384),
+        student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_budget_s=25.0, train_pairs=200,
+        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online"],
+        max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32,
+    )
+
+
+def load_config(path: Path) -> ReproduceConfig:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read config {path}: {(str(exc).splitlines() or ['?'])[0]}") from None
+    known = {f.name for f in fields(ReproduceConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"config {path}: unknown keys {', '.join(unknown)}")
+    for key in ("teacher_size", "student_size"):
+        if key in raw:
+            raw[key] = LlamaSize(**raw[key])
+    cfg = ReproduceConfig(**raw)
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad:
+        raise UserError(f"config {path}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
+    if (cfg.teacher is None) != (cfg.student is None) or (cfg.teacher is not None and not cfg.train_data):
+        raise UserError(f"config {path}: give teacher, student and train_data together (or none, for the embedded default)")
+    return cfg

@@ -1,0 +1,226 @@
+"""`make reproduce`: data -> tokenizer -> teacher -> cache -> students -> evaluation -> report.
+
+Every stage leaves a finished artefact that the next run reuses (the teacher, the caches, each finished
+student, the evaluation), so rerunning after an interruption redoes only what was not finished; the dump and
+the student trainings resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from ..atomic import read_json, write_json
+from ..errors import UserError
+from ..pipelines.dump_teacher import DumpConfig, dump_teacher
+from ..pipelines.train_student import TrainConfig, train_student
+from ..shards.inspect import cache_stats, plot_captured_mass
+from .config import METHODS, ReproduceConfig
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def length_filter(tokenizer, cfg: ReproduceConfig) -> Callable[[list[dict]], bool]:
+    """The paper's filter: drop conversations whose prompt, response or whole exceed the limits."""
+
+    def keep(messages: list[dict]) -> bool:
+        prompt = len(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True))
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+        n_prompt = len(tokenizer(whole[:prompt], add_special_tokens=False)["input_ids"])
+        n_whole = len(tokenizer(whole, add_special_tokens=False)["input_ids"])
+        return n_whole <= cfg.max_length and n_prompt <= cfg.max_prompt and n_whole - n_prompt <= cfg.max_response
+
+    return keep
+
+
+def embedded_data(cfg: ReproduceConfig, data: Path) -> None:
+    """Standard-library source split by file: plain text for pre-training, function chat pairs for distillation."""
+    from .corpus import chat_pairs, split_of, stdlib_files
+
+    files = stdlib_files()
+    texts = {split: [p.read_text(errors="ignore") for p in files if split_of(p) == split] for split in ("train", "heldout")}
+    pairs = {split: [c for t in texts[split] for c in chat_pairs(t)] for split in texts}
+    rng = random.Random(cfg.seed)
+    for split in pairs:
+        rng.shuffle(pairs[split])
+    write_jsonl(data / "pretrain.jsonl", [{"text": t} for t in texts["train"]])
+    write_jsonl(data / "chat-train-raw.jsonl", [{"messages": c} for c in pairs["train"]])
+    write_jsonl(data / "chat-heldout-raw.jsonl", [{"messages": c} for c in pairs["heldout"]])
+
+
+def config_data(cfg: ReproduceConfig, data: Path) -> None:
+    """A config's chat data (local files or a hub dataset with a `messages` column), unfiltered."""
+    from ..inputs import load_rows
+
+    train = load_rows(cfg.train_data, cfg.train_split)
+    heldout = load_rows(cfg.heldout_data or cfg.train_data, cfg.heldout_split)
+    order = list(range(len(heldout)))
+    random.Random(cfg.heldout_seed).shuffle(order)
+    write_jsonl(data / "chat-train-raw.jsonl", [{"messages": r["messages"]} for r in train])
+    write_jsonl(data / "chat-heldout-raw.jsonl", [{"messages": heldout[i]["messages"]} for i in order])
+
+
+def filtered(cfg: ReproduceConfig, data: Path, tokenizer) -> tuple[Path, Path]:
+    """Filtered chat files: every train pair that fits (at most train_pairs for the embedded default) and the
+    first heldout_rows (heldout_pairs) held-out ones that fit."""
+    keep = length_filter(tokenizer, cfg)
+    limits = {"train": cfg.train_pairs if cfg.embedded else None, "heldout": cfg.heldout_pairs if cfg.embedded else cfg.heldout_rows}
+    out = {}
+    for split, limit in limits.items():
+        path = data / f"chat-{split}.jsonl"
+        if not path.exists():
+            rows = []
+            for line in (data / f"chat-{split}-raw.jsonl").read_text().splitlines():
+                messages = json.loads(line)["messages"]
+                if keep(messages):
+                    rows.append({"messages": messages, "id": f"{split}-{len(rows)}"})
+                    if limit is not None and len(rows) >= limit:
+                        break
+            write_jsonl(path, rows)
+        out[split] = path
+    return out["train"], out["heldout"]
+
+
+def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
+    """The embedded teacher: a Llama trained from scratch on the pre-training text for a fixed time."""
+    from transformers import AutoTokenizer
+
+    from .models import new_llama
+    from .pretrain import PretrainConfig, pack_blocks, pretrain
+
+    folder = out / "teacher"
+    if (folder / "model.safetensors").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    model = new_llama(cfg.teacher_size, len(tokenizer), tokenizer, seed=cfg.seed)
+    texts = [json.loads(l)["text"] for l in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
+    blocks = pack_blocks([tokenizer(t)["input_ids"] for t in texts], 256)
+    losses = pretrain(model, blocks, PretrainConfig(budget_s=cfg.pretrain_budget_s, seed=cfg.seed), console=console)
+    tmp = out / ".teacher.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "pretrain.json", {"steps": len(losses), "losses": losses, "budget_s": cfg.pretrain_budget_s})
+    tmp.rename(folder)
+    return folder
+
+
+def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
+    """The shared student initialisation, with the teacher's tokenizer (embeddings resized to it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import new_llama
+
+    folder = out / "student-init"
+    if (folder / "model.safetensors").exists() or any(folder.glob("model*.safetensors")):
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tmp = out / ".student-init.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.embedded:
+        new_llama(cfg.student_size, len(tokenizer), tokenizer, seed=cfg.seed + 1, out=tmp)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.student)
+        if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, teacher: Path, cache: Path, heldout: Path, console: Console) -> Path:
+    """One student; a finished one is reused, an interrupted one resumes from its checkpoint."""
+    run = out / "runs" / method
+    if (run / "model.safetensors").exists():
+        return run
+    options = dict(METHODS[method])
+    online = options.pop("online", False)
+    resume = any((run / "checkpoints").glob("step-*"))
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    args = dict(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps, taid_t_start=cfg.taid_t_start, seed=cfg.seed, max_length=cfg.max_length,
+                teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
+                eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, **options)
+    if cfg.nproc_per_node > 1:
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in args.items() if v not in (None, False)]
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc_per_node),
+                        "-m", "taid_cache.cli", "train-student", *flags], check=True)
+    else:
+        train_student(TrainConfig(**args, console=console))
+    return run
+
+
+def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from .evaluate import evaluate_students
+    from .report import write_report
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = out / "settings.json"
+    if settings.exists() and read_json(settings) != json.loads(json.dumps(cfg.to_dict())):
+        raise UserError(f"{out} holds a reproduction with other settings; use another OUT")
+    write_json(settings, cfg.to_dict())
+    (out / "data").mkdir(exist_ok=True)
+    total = 7
+    started = time.monotonic()
+
+    def stage(i: int, text: str) -> None:
+        console.rule(f"[bold][{i}/{total}] {text}[/]  ({time.monotonic() - started:.0f} s)")
+
+    stage(1, "data")
+    if not (out / "data" / "chat-train-raw.jsonl").exists():
+        (embedded_data if cfg.embedded else config_data)(cfg, out / "data")
+    stage(2, "tokenizer and teacher")
+    if cfg.embedded:
+        if not (out / "tokenizer" / "tokenizer.json").exists():
+            from .tokenizer import train_tokenizer
+
+            texts = [json.loads(l)["text"] for l in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
+            train_tokenizer(texts, cfg.vocab_size, out / "tokenizer")
+        teacher = build_teacher(cfg, out, console)
+    else:
+        teacher = Path(cfg.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    train_file, heldout_file = filtered(cfg, out / "data", tokenizer)
+    stage(3, "dump-teacher: the teacher's top-k into the cache")
+    caches = {}
+    for split, path in (("train", train_file), ("heldout", heldout_file)):
+        caches[split] = out / f"cache-{split}"
+        if not (caches[split] / "manifest.json").exists():
+            dump_teacher(DumpConfig(model=str(teacher), data=[str(path)], output=caches[split], engine=cfg.engine, top_k=cfg.top_k,
+                                    tensor_parallel_size=cfg.tensor_parallel_size, max_length=cfg.max_length, console=console))
+    stats, captured = cache_stats(caches["train"])
+    plot_captured_mass(captured, cfg.top_k, out / "cache-mass.png")
+    write_json(out / "inspect.json", stats)
+    stage(4, "student initialisation")
+    student = student_init(cfg, out, teacher)
+    stage(5, f"train-student: {len(cfg.methods)} methods")
+    runs = {}
+    for i, method in enumerate(cfg.methods, 1):
+        console.print(f"[bold]method {i}/{len(cfg.methods)}: {method}")
+        runs[method] = train_method(cfg, method, out, student, teacher, caches["train"], caches["heldout"], console)
+    stage(6, "evaluation against the real teacher")
+    eval_path = out / "eval.json"
+    evaluation = read_json(eval_path) if eval_path.exists() else {}
+    missing = {m: runs[m] for m in cfg.methods if m not in evaluation}
+    if missing or "teacher" not in evaluation:
+        evaluation.update(evaluate_students(teacher, missing, caches["heldout"], cfg.max_length))
+        write_json(eval_path, evaluation)
+    stage(7, "report")
+    return write_report(cfg, out, runs, evaluation, stats, console)

@@ -1,0 +1,87 @@
+"""The reproduction's results: results.json, results.md (also printed) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ..atomic import write_json
+from .config import ReproduceConfig
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_ce" in r]
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
+
+
+def commit() -> str:
+    here = Path(__file__).resolve().parent
+    res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    return res.stdout.strip() or "unknown"
+
+
+def plots(out: Path, runs: dict[str, Path], results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, run in runs.items():
+        steps, _ = read_metrics(run)
+        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=method)
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("training loss (each method's own)"), ax.set_yscale("log")
+    ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=120), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, run in runs.items():
+        steps, _ = read_metrics(run)
+        if "t" in steps[0]:
+            ax.plot([s["step"] for s in steps], [s["t"] for s in steps], label=method)
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("TAID t"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(out / "taid_t.png", dpi=120), plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    names = [r["method"] for r in results]
+    for ax, key, label in zip(axes, ("ce", "kl", "top1"), ("held-out CE (nats)", "KL(teacher‖student)", "top-1 agreement")):
+        ax.barh(names, [r[key] for r in results], color="#3b6ea8")
+        ax.set_xlabel(label)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout(), fig.savefig(out / "heldout_metrics.png", dpi=120), plt.close(fig)
+
+
+def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluation: dict, stats: dict, console: Console) -> dict[str, Any]:
+    results = []
+    for method, run in runs.items():
+        steps, _ = read_metrics(run)
+        results.append({"method": method, **evaluation[method], "wall_s": steps[-1]["elapsed_s"], "steps": steps[-1]["step"],
+                        "final_train_loss": steps[-1]["loss"], **({"final_t": steps[-1]["t"]} if "t" in steps[-1] else {})})
+    report = {"runs": results, "teacher": evaluation["teacher"], "machine": machine(), "commit": commit(),
+              "settings": cfg.to_dict(), "cache": stats}
+    write_json(out / "results.json", report)
+    lines = [f"Held-out results ({cfg.name}; machine: {report['machine']}; commit {report['commit']})", "",
+             f"Teacher CE on the held-out data: {evaluation['teacher']['ce']:.4f} nats. Cache: top-{cfg.top_k}, "
+             f"{stats['bytes_per_token']:.1f} bytes/token, captured mass {stats['captured_mass_mean']:.3f}.", "",
+             "| method | CE (nats) | KL(teacher‖student) | top-1 agreement | train wall s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['ce']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['wall_s']:.1f} |" for r in results]
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    plots(out, runs, results)
+    console.print(table)
+    return report

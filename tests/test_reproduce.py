@@ -1,0 +1,107 @@
+"""`make reproduce QUICK=1` end to end, its restartability, and the config mechanism on tiny local models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import ROOT
+from taid_cache.reproduce.models import LlamaSize, new_llama
+
+QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online"]
+FILES = ["results.json", "results.md", "loss_curves.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("reproduce") / "quick"
+    start = time.monotonic()
+    proc = subprocess.run(["make", "reproduce", "QUICK=1", f"OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, time.monotonic() - start
+
+
+def test_quick_reproduce_writes_every_result(quick_run) -> None:
+    out, seconds = quick_run
+    assert seconds < 180
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    for png in [f for f in FILES if f.endswith(".png")]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == QUICK_METHODS
+    for run in results["runs"]:
+        assert run["ce"] > 0 and run["kl"] >= 0 and 0 <= run["top1"] <= 1 and run["wall_s"] > 0
+    assert results["teacher"]["ce"] < min(r["ce"] for r in results["runs"])  # the teacher is the stronger model
+    assert results["machine"] and results["commit"] and results["settings"]["methods"] == QUICK_METHODS
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in QUICK_METHODS)
+    distilled = {r["method"]: r["kl"] for r in results["runs"]}
+    assert min(distilled["fkl"], distilled["taid"]) < distilled["sft"]  # distillation moves the student toward the teacher
+
+
+def test_rerun_reuses_finished_stages(quick_run) -> None:
+    out, first = quick_run
+    teacher = (out / "teacher" / "model.safetensors").stat().st_mtime
+    kept = (out / "runs" / "fkl" / "model.safetensors").stat().st_mtime
+    # An interruption that lost one student and the evaluation: only those are redone.
+    (out / "runs" / "taid" / "model.safetensors").unlink()
+    (out / "eval.json").unlink()
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - start < first
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher
+    assert (out / "runs" / "fkl" / "model.safetensors").stat().st_mtime == kept
+    assert (out / "runs" / "taid" / "model.safetensors").exists()
+    assert "trained" in proc.stderr and proc.stderr.count("student saved") == 1
+
+
+def test_config_with_tiny_local_models(teacher_dir, data_dir, tmp_path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    new_llama(LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), len(tokenizer), tokenizer, seed=3, out=tmp_path / "student")
+    chat = str(data_dir / "chat.jsonl")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""name: tiny
+teacher: {teacher_dir}
+student: {tmp_path / "student"}
+train_data: [{chat}]
+heldout_data: [{chat}]
+heldout_rows: 5
+max_length: 256
+max_prompt: 200
+max_response: 200
+engine: hf
+top_k: 8
+methods: [sft, taid, taid-tail-renorm]
+max_steps: 3
+batch_size: 4
+""")
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["sft", "taid", "taid-tail-renorm"]
+    heldout = (tmp_path / "out" / "data" / "chat-heldout.jsonl").read_text().splitlines()
+    assert len(heldout) == 5
+    train = (tmp_path / "out" / "data" / "chat-train.jsonl").read_text().splitlines()
+    kept = [json.loads(l)["messages"] for l in train]
+    assert all(len(tokenizer.apply_chat_template(m, tokenize=False)) > 0 for m in kept) and 0 < len(kept) <= 24
+    for m in kept:  # the length filter held
+        assert len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"]) <= 256
+
+
+def test_bad_config_is_one_line(tmp_path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("teacher: x\nstudnet: y\n")
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "studnet" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
