@@ -35,7 +35,8 @@ from taid_cache.shards.manifest import load_manifest  # noqa: E402
 from taid_cache.training.data import CacheStream  # noqa: E402
 from taid_cache.training.student import Dist, LossModel  # noqa: E402
 
-STUDENT = LlamaSize(hidden=192, layers=3, heads=3, intermediate=576, max_positions=1024)
+STUDENT = LlamaSize(hidden=192, layers=3, heads=3, intermediate=576, max_positions=1024)  # >= 8x below the teacher, for (b)
+MID_STUDENT = LlamaSize(hidden=512, layers=6, heads=8, intermediate=1536, max_positions=1024)  # a body that is not dwarfed by the loss
 N_POS, VOCAB_MEM, HIDDEN_MEM, K_MEM = 8192, 32768, 256, 64
 
 
@@ -45,15 +46,19 @@ def forward_flops_per_token(model) -> float:
     return 2.0 * (sum(p.numel() for p in model.parameters()) - embed)
 
 
-def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int) -> dict[str, float]:
-    """Median seconds per optimizer step (forward, backward, AdamW) for sft, cached TAID and online TAID."""
+VARIANTS = {"sft": ("sft", False), "taid-cached": ("taid", False), "taid-online": ("taid", True)}
+
+
+def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, variants: list[str]) -> dict[str, float]:
+    """Median seconds per optimizer step (forward, backward, AdamW) for each variant, on the same batches."""
     from transformers import AutoModelForCausalLM
 
     env = Dist()
     batches = list(itertools.islice(iter(CacheStream(cache, 8, 0, 1, 512, 0, 64, True)), steps + 2))
     settings = load_manifest(cache)["settings"]
     results = {}
-    for name, loss, online in (("sft", "sft", False), ("taid-cached", "taid", False), ("taid-online", "taid", True)):
+    for name in variants:
+        loss, online = VARIANTS[name]
         torch.manual_seed(0)
         model = LossModel(AutoModelForCausalLM.from_pretrained(student_dir), 1024)
         rows = model.lm.get_output_embeddings().weight.shape[0]
@@ -122,10 +127,11 @@ def main() -> None:
     teacher_dir, trained = args.work / "big-teacher", args.work / "trained-teacher"
     if not (teacher_dir / "config.json").exists() or not (trained / "config.json").exists():
         sys.exit("run bench/dump_teacher_bench.py first (it builds the tokenizer and teachers)")
-    student_dir = args.work / "student"
-    if not (student_dir / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-        new_llama(STUDENT, len(tokenizer), tokenizer, seed=1, out=student_dir)
+    student_dir, mid_dir = args.work / "student", args.work / "student-mid"
+    for folder, size in ((student_dir, STUDENT), (mid_dir, MID_STUDENT)):
+        if not (folder / "config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+            new_llama(size, len(tokenizer), tokenizer, seed=1, out=folder)
     cache = args.work / "train-cache"
     if not (cache / "manifest.json").exists():
         shutil.rmtree(cache, ignore_errors=True)
@@ -134,18 +140,22 @@ def main() -> None:
                                 top_k=64, max_length=512, progress=False))
     s_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(student_dir))
     t_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(teacher_dir))
-    s_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(student_dir).parameters())
-    t_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
-    times = step_times(student_dir, cache, teacher_dir, args.steps)
+    params = {name: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())
+              for name, d in (("student", student_dir), ("student-mid", mid_dir), ("teacher", teacher_dir))}
+    times = step_times(student_dir, cache, teacher_dir, args.steps, ["sft", "taid-cached", "taid-online"])
+    mid_times = step_times(mid_dir, cache, teacher_dir, args.steps, ["sft", "taid-cached"])
     mem = memory(args.work)
     bound = (3 * s_flops + t_flops) / (3 * s_flops)
     lines = [f"machine: {machine()}", "",
-             f"(a, b) step time, student {s_params / 1e6:.1f}M params, teacher {t_params / 1e6:.1f}M ({t_params / s_params:.1f}x), "
-             f"8 sequences x <=512 tokens per step, top-64 cache", "",
-             "| step | seconds (median) | vs sft |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {v / times['sft']:.3f} |" for k, v in times.items()]
-    lines += ["", f"distillation overhead over sft: {times['taid-cached'] / times['sft'] - 1:+.1%} (target <= +10%)",
-              f"cached vs online speed-up: {times['taid-online'] / times['taid-cached']:.2f}x; FLOP-model bound (3S+T)/(3S) = {bound:.2f}x", "",
+             f"(a, b) seconds per optimizer step (median), 8 sequences x <=512 tokens, top-64 cache, V = 8192; "
+             f"teacher {params['teacher'] / 1e6:.1f}M", "",
+             "| student | sft | taid cached | taid online | cached overhead vs sft (target <= +10%) |", "|---|---|---|---|---|",
+             f"| {params['student'] / 1e6:.1f}M ({params['teacher'] / params['student']:.1f}x below the teacher) | {times['sft']:.3f} | "
+             f"{times['taid-cached']:.3f} | {times['taid-online']:.3f} | {times['taid-cached'] / times['sft'] - 1:+.1%} |",
+             f"| {params['student-mid'] / 1e6:.1f}M | {mid_times['sft']:.3f} | {mid_times['taid-cached']:.3f} | - | "
+             f"{mid_times['taid-cached'] / mid_times['sft'] - 1:+.1%} |", "",
+             f"cached vs online speed-up ({params['student'] / 1e6:.1f}M student): {times['taid-online'] / times['taid-cached']:.2f}x; "
+             f"FLOP-model bound (3S+T)/(3S) = {bound:.2f}x", "",
               f"(c) loss forward+backward, {N_POS} positions x V = {VOCAB_MEM} (TAID, top-{K_MEM}, student tail)", "",
               "| variant | peak memory above inputs (GiB) |", "|---|---|",
               f"| naive | {mem['naive_peak_gib']:.2f} |", f"| chunked (1024 positions) | {mem['chunked_peak_gib']:.2f} |", "",
@@ -156,7 +166,7 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "train_student.md").write_text(table + "\n")
     (results / "train_student.json").write_text(json.dumps(
-        {"machine": machine(), "step_seconds": times, "flop_bound": bound, "student_params": s_params, "teacher_params": t_params,
+        {"machine": machine(), "step_seconds": times, "mid_student_step_seconds": mid_times, "flop_bound": bound, "params": params,
          "memory": mem}, indent=2) + "\n")
 
 

@@ -86,7 +86,8 @@ def taid(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t: float)
     """TAID per position: −Σ p_t log q, p_t = softmax((1−t)·stopgrad(s) + t·ℓ). A cross-entropy; its gradient
     equals that of KL(p_t‖q)."""
     s = student_logits.float()
-    p_t = F.softmax((1 - t) * s.detach() + t * teacher_logprobs, -1)
+    # t = 0 must not meet −inf teacher entries (0 · −inf is nan): the target is then the student itself.
+    p_t = F.softmax((1 - t) * s.detach() + (t * teacher_logprobs if t > 0 else 0.0), -1)
     log_q = F.log_softmax(s, -1)
     return -(torch.where(p_t > 0, p_t * log_q, torch.zeros_like(p_t))).sum(-1)
 
@@ -129,6 +130,34 @@ def per_position_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor, fl
         "adaptive-kl": lambda s, tl, t: adaptive_kl(s, tl, cfg.mu),
     }
     return table[cfg.name]
+
+
+def taid_sparse_student_tail(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, t: float, valid_vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TAID against a top-k teacher with the `student` tail, in closed form: (per-position loss, its gradient
+    with respect to the logits). Equal to `taid(s, rebuild_teacher(s, ..., "student", V), t)` without building
+    the dense teacher: off the top-k, ℓ_v = log q_v + const, so (1−t)s_v + tℓ_v = s_v + c per row, and
+    p_t = softmax(s + c) with the k top-k entries set to (1−t)s_v + tℓ_v. The gradient is softmax(s) − p_t.
+    """
+    s = student_logits.detach().float()
+    n, vocab = s.shape
+    ids, lps = topk_ids.long(), topk_logprobs.float()
+    usable = (ids >= 0) & (ids < valid_vocab)
+    lps = torch.where(usable, lps, torch.full_like(lps, -math.inf))
+    parked = torch.where(usable, ids, torch.full_like(ids, vocab))  # unusable entries go to an extra column
+    lse_all = torch.logsumexp(s, -1)
+    lse_valid = torch.logsumexp(s[:, :valid_vocab], -1)
+    s_k = F.pad(s, (0, 1), value=-math.inf).gather(1, parked)
+    q_rest = 1 - torch.exp(s_k - lse_valid[:, None]).sum(-1)
+    tail = 1 - lps.exp().sum(-1)
+    shift = t * (torch.log(tail.clamp(min=0)) - torch.log(q_rest.clamp(min=1e-30)) - lse_valid)
+    z = F.pad(s + shift[:, None], (0, 1), value=-math.inf)
+    z[:, valid_vocab:] = -math.inf
+    z = z.scatter(1, parked, (1 - t) * s_k + (t * lps if t > 0 else 0.0))[:, :vocab]
+    p_t = torch.softmax(z, -1)
+    loss = lse_all - (p_t * s).sum(-1)
+    return loss, torch.softmax(s, -1) - p_t
 
 
 def rebuild_teacher(
@@ -178,10 +207,14 @@ class _ChunkedLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, min(start + chunk, hidden.shape[0]))
             h = hidden[sl].detach().requires_grad_(hidden.requires_grad)
+            wanted = [x for x in (h, w) if x.requires_grad]
             with torch.enable_grad():
-                combined, reported = fn(h @ w.t(), sl)
-                wanted = [x for x in (h, w) if x.requires_grad]
-                grads = torch.autograd.grad(combined, wanted) if wanted else ()
+                out = fn(h @ w.t(), sl)
+                combined, reported = out[0], out[1]
+                if len(out) == 3:  # the loss gave d(combined)/d(logits) itself: two matrix products finish it
+                    grads = [out[2] @ w.detach() if x is h else out[2].t() @ h.detach() for x in wanted]
+                else:
+                    grads = torch.autograd.grad(combined, wanted) if wanted else ()
             for x, g in zip(wanted, grads):
                 if x is h:
                     grad_h[sl] = g
@@ -207,8 +240,9 @@ def chunked_lm_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the LM head `weight` [V, H] to `hidden` [N, H] chunk by chunk and sum `fn(logits, slice)`.
 
-    `fn` returns (the scalar to differentiate, a scalar to report) for its slice of positions. Returns the two
-    sums; only the first carries gradients (to `hidden` and `weight`).
+    `fn` returns (the scalar to differentiate, a scalar to report) for its slice of positions, optionally with a
+    third item, the gradient of the first with respect to the chunk's logits (then no autograd graph is built).
+    Returns the two sums; only the first carries gradients (to `hidden` and `weight`).
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedLoss.apply(hidden, weight, fn, chunk)
@@ -216,7 +250,7 @@ def chunked_lm_loss(
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, min(start + chunk, hidden.shape[0]))
-            totals += torch.stack(fn(hidden[sl] @ weight.t(), sl))
+            totals += torch.stack(fn(hidden[sl] @ weight.t(), sl)[:2])
     return totals[0], totals[1]
 
 

@@ -210,3 +210,43 @@ def test_taid_schedule_linear_floor_cap_and_state_round_trip() -> None:
     copy = L.TaidSchedule()
     copy.load_state_dict(sched.state_dict())
     assert copy == sched
+
+
+@pytest.mark.parametrize("t", [0.0, 0.35, 1.0])
+def test_taid_student_tail_closed_form_equals_the_general_path(t: float) -> None:
+    torch.manual_seed(3)
+    n, vocab, valid, k = 20, 40, 36, 5  # rows 36..39: an LM head padded past the tokenizer
+    s = torch.randn(n, vocab) * 2
+    ids, lps = sparse(torch.log_softmax(torch.randn(n, valid) * 3, -1), k)
+    ids[:4, 3:], lps[:4, 3:] = -1, -math.inf  # top-p padding
+    general = s.clone().requires_grad_()
+    loss = L.taid(general, L.rebuild_teacher(general, ids, lps, "student", valid), t)
+    loss.sum().backward()
+    fast, grad = L.taid_sparse_student_tail(s, ids, lps, t, valid)
+    if t > 0:
+        torch.testing.assert_close(fast, loss.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, general.grad, atol=1e-6, rtol=1e-5)
+    else:  # t = 0: the target is the student itself over the tokenizer's rows
+        torch.testing.assert_close(grad[:, :valid].sum(-1), torch.softmax(s, -1)[:, valid:].sum(-1).neg(), atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_with_an_analytic_gradient() -> None:
+    torch.manual_seed(4)
+    n, h, vocab, k = 29, 8, 30, 4
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(vocab, h, requires_grad=True)
+    ids, lps = sparse(torch.log_softmax(torch.randn(n, vocab) * 3, -1), k)
+    dense = L.taid(hidden @ weight.t(), L.rebuild_teacher((hidden @ weight.t()).detach(), ids, lps, "student", vocab), 0.6).sum()
+    dense.backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    def fn(logits: torch.Tensor, sl: slice):
+        loss, grad = L.taid_sparse_student_tail(logits, ids[sl], lps[sl], 0.6, vocab)
+        return loss.sum(), loss.sum(), grad
+
+    total, _ = L.chunked_lm_loss(hidden, weight, fn, chunk=6)
+    total.backward()
+    assert total.item() == pytest.approx(dense.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, gh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weight.grad, gw, atol=1e-5, rtol=1e-4)

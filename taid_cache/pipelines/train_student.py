@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import UserError
-from ..losses import LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher
+from ..losses import (
+    LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail,
+)
 from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, loader
@@ -139,6 +141,15 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
     distil = None if loss.name == "sft" else per_position_fn(loss)
     labels = mb.labels[mb.targets].to(env.device)
     prepared = None if distil is None else teacher.prepare(mb, env)
+
+    if loss.name == "taid" and teacher.model is None and teacher.tail == "student" and loss.distil_ratio == 1:
+        ids, lps = prepared
+
+        def closed_form(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            value, grad = taid_sparse_student_tail(logits, ids[sl], lps[sl], t, teacher.valid)
+            return value.sum(), value.sum(), grad
+
+        return model(mb.input_ids.to(env.device), mb.attention_mask.to(env.device), mb.targets.to(env.device), closed_form)
 
     def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         ce = cross_entropy(logits, labels[sl]) if (distil is None or loss.distil_ratio < 1) else None
