@@ -17,8 +17,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +32,7 @@ from taid_cache.inputs import Sequence
 from taid_cache.pipelines.dump_teacher import DumpConfig, drive, dump_teacher
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.report import machine
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
@@ -43,12 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 8192
 BIG = LlamaSize(hidden=640, layers=10, heads=10, intermediate=1728, max_positions=1024)  # ~60M parameters
 TRAINED = LlamaSize(hidden=256, layers=4, heads=4, intermediate=768, max_positions=1024)
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
 def build_tokenizer(work: Path, files: list[Path]):

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dump_teacher_bench import ROOT, machine  # noqa: E402
+from dump_teacher_bench import ROOT  # noqa: E402
 
 from taid_cache.losses import LossConfig  # noqa: E402
 from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher  # noqa: E402
+from taid_cache.reproduce.report import machine  # noqa: E402
 from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss  # noqa: E402
 from taid_cache.reproduce.models import LlamaSize, new_llama  # noqa: E402
 from taid_cache.shards.manifest import load_manifest  # noqa: E402

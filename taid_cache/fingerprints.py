@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -25,8 +25,7 @@ def resolve_model(model: str) -> Path:
 
         return Path(snapshot_download(model))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load model {model}: not a local folder, and the hub gave: {first}") from None
+        raise UserError(f"cannot load model {model}: not a local folder, and the hub gave: {first_line(exc)}") from None
 
 
 def model_hash(folder: Path) -> str:

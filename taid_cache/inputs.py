@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 KINDS = ("auto", "chat", "text", "tokens")
 KIND_COLUMNS = {"chat": "messages", "text": "text", "tokens": "input_ids"}
@@ -51,8 +51,7 @@ def load_rows(data: list[str], split: str):
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or unknown data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first}") from None
+        raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first_line(exc)}") from None
 
 
 def dataset_fingerprint(data: list[str], rows) -> str:

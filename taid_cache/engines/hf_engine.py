@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..inputs import Sequence
 from ..shards.writer import TeacherRecord
 from . import EngineConfig
@@ -57,7 +57,7 @@ class HfEngine:
         try:
             self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch_dtype(config.dtype))
         except Exception as exc:
-            raise UserError(f"cannot load model {config.model}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+            raise UserError(f"cannot load model {config.model}: {first_line(exc)}") from None
         self.model.to(self.device).eval()
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()

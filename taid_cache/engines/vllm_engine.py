@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..inputs import Sequence
 from ..shards.writer import TeacherRecord
 from . import EngineConfig
@@ -71,7 +71,7 @@ class VllmEngine:
                 seed=0,
             )
         except Exception as exc:
-            raise UserError(f"vLLM could not start on {config.model}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+            raise UserError(f"vLLM could not start on {config.model}: {first_line(exc)}") from None
         self.max_top_k = self.llm.llm_engine.model_config.get_vocab_size()
         self._params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=config.top_k, detokenize=False, flat_logprobs=True

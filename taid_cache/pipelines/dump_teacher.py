@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..engines import ENGINES, EngineConfig, make_engine, resolve_engine
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..inputs import KINDS, RowTokenizer, Sequence, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
 from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
@@ -83,7 +83,7 @@ def teacher_facts(folder: Path) -> TeacherFacts:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         config = AutoConfig.from_pretrained(folder)
     except Exception as exc:
-        raise UserError(f"cannot load model {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise UserError(f"cannot load model {folder}: {first_line(exc)}") from None
     text = config.get_text_config()
     if not getattr(text, "vocab_size", None):
         raise UserError(f"cannot load model {folder}: its config has no vocab_size")

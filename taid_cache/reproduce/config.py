@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .models import LlamaSize
 
 # Method name -> train-student options. `taid-online` runs the teacher in-process (the original set-up).
@@ -93,7 +93,7 @@ def load_config(path: Path) -> ReproduceConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config {path}: {(str(exc).splitlines() or ['?'])[0]}") from None
+        raise UserError(f"cannot read config {path}: {first_line(exc)}") from None
     known = {f.name for f in fields(ReproduceConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:

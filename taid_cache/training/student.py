@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fingerprints import tokenizer_hash
 from ..losses import chunked_lm_loss
 
@@ -59,7 +59,7 @@ def load_causal_lm(path: str, what: str, dtype: torch.dtype, attention: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     except Exception as exc:
-        raise UserError(f"cannot load {what} {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise UserError(f"cannot load {what} {path}: {first_line(exc)}") from None
     return model, tokenizer
 
 
