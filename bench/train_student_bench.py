@@ -51,35 +51,35 @@ VARIANTS = {"sft": ("sft", False), "taid-cached": ("taid", False), "taid-online"
 
 
 def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, variants: list[str]) -> dict[str, float]:
-    """Median seconds per optimizer step (forward, backward, AdamW) for each variant, on the same batches."""
+    """Median seconds per optimizer step (forward, backward, AdamW) for each variant on the same batches.
+    Variants take turns batch by batch, so machine drift hits them alike."""
     from transformers import AutoModelForCausalLM
 
     env = Dist()
     batches = list(itertools.islice(iter(CacheStream(cache, 8, 0, 1, 512, 0, 64, True)), steps + 2))
     settings = load_manifest(cache)["settings"]
-    results = {}
+    runners = {}
     for name in variants:
         loss, online = VARIANTS[name]
         torch.manual_seed(0)
         model = LossModel(AutoModelForCausalLM.from_pretrained(student_dir), 1024)
-        rows = model.lm.get_output_embeddings().weight.shape[0]
         cfg = TrainConfig(student=str(student_dir), cache=cache, output=Path("unused"), teacher_model=str(teacher_dir) if online else None)
-        teacher = Teacher(cfg, settings, rows, env)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        times = []
-        for mb in batches:
+        teacher = Teacher(cfg, settings, model.lm.get_output_embeddings().weight.shape[0], env)
+        runners[name] = (model, teacher, LossConfig(loss), torch.optim.AdamW(model.parameters(), lr=1e-4))
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for mb in batches:
+        for name, (model, teacher, loss_cfg, opt) in runners.items():
             t0 = time.perf_counter()
-            combined, _ = micro_batch_loss(model, teacher, mb, LossConfig(loss), 0.5, env)
+            combined, _ = micro_batch_loss(model, teacher, mb, loss_cfg, 0.5, env)
             (combined / max(int(mb.targets.sum()), 1)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-        results[name] = sorted(times[2:])[len(times[2:]) // 2]
-    return results
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts[2:])[len(ts[2:]) // 2] for name, ts in times.items()}
 
 
 MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from taid_cache.losses import chunked_lm_loss, per_position_fn, rebuild_teacher, LossConfig
 mode, n, v, h, k = sys.argv[1], *map(int, sys.argv[2:6])
 torch.manual_seed(0)
@@ -96,14 +96,15 @@ if mode == "naive":
 else:
     loss = chunked_lm_loss(hidden, weight, lambda lg, sl: (per_position(lg, sl).sum(),) * 2, 1024)[0] / n
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 torch.save({"loss": loss.detach(), "gh": hidden.grad, "gw": weight.grad}, sys.argv[6])
 print(json.dumps({"peak_bytes": peak - base}))
 """
 
 
 def memory(work: Path, repeats: int = 3) -> dict[str, float]:
-    """Median over `repeats` fresh processes per variant (one reading once came out 5x high, not reproducibly)."""
+    """Peak RSS (VmHWM: this address space's high-water mark; ru_maxrss would carry the forked parent's RSS
+    across exec) above the inputs, median over `repeats` fresh processes per variant."""
     out = {}
     for mode in ("naive", "chunked"):
         peaks = []
@@ -121,7 +122,7 @@ def memory(work: Path, repeats: int = 3) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
