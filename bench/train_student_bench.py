@@ -47,7 +47,9 @@ def forward_flops_per_token(model) -> float:
     return 2.0 * (sum(p.numel() for p in model.parameters()) - embed)
 
 
-VARIANTS = {"sft": ("sft", False), "taid-cached": ("taid", False), "taid-online": ("taid", True)}
+# name: (loss, teacher online, packed rows)
+VARIANTS = {"sft": ("sft", False, False), "taid-cached": ("taid", False, False), "taid-online": ("taid", True, False),
+            "taid-cached-packed": ("taid", False, True)}
 
 
 def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, variants: list[str]) -> dict[str, float]:
@@ -56,26 +58,32 @@ def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, va
     from transformers import AutoModelForCausalLM
 
     env = Dist()
-    batches = list(itertools.islice(iter(CacheStream(cache, 8, 0, 1, 512, 0, 64, True)), steps + 2))
+    # The same sequences each step, padded or packed into rows of 512 tokens.
+    batches = {pack: list(itertools.islice(iter(CacheStream(cache, 8, 0, 1, 512, 0, 64, True, pack=pack)), steps + 2))
+               for pack in (False, True)}
     settings = load_manifest(cache)["settings"]
     runners = {}
     for name in variants:
-        loss, online = VARIANTS[name]
+        loss, online, _ = VARIANTS[name]
         torch.manual_seed(0)
         model = LossModel(AutoModelForCausalLM.from_pretrained(student_dir), 1024)
         cfg = TrainConfig(student=str(student_dir), cache=cache, output=Path("unused"), teacher_model=str(teacher_dir) if online else None)
         teacher = Teacher(cfg, settings, model.lm.get_output_embeddings().weight.shape[0], env)
         runners[name] = (model, teacher, LossConfig(loss), torch.optim.AdamW(model.parameters(), lr=1e-4))
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for mb in batches:
+    for i in range(steps + 2):
         for name, (model, teacher, loss_cfg, opt) in runners.items():
+            mb = batches[VARIANTS[name][2]][i]
             t0 = time.perf_counter()
             combined, _ = micro_batch_loss(model, teacher, mb, loss_cfg, 0.5, env)
             (combined / max(int(mb.targets.sum()), 1)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times[name].append(time.perf_counter() - t0)
-    return {name: sorted(ts[2:])[len(ts[2:]) // 2] for name, ts in times.items()}
+    out = {name: sorted(ts[2:])[len(ts[2:]) // 2] for name, ts in times.items()}
+    for pack, key in ((False, "padded_fill"), (True, "packed_fill")):  # real tokens / tensor slots
+        out[key] = sum(mb.tokens for mb in batches[pack]) / sum(mb.input_ids.numel() for mb in batches[pack])
+    return out
 
 
 MEMORY_CHILD = r"""
@@ -144,7 +152,7 @@ def main() -> None:
     t_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(teacher_dir))
     params = {name: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())
               for name, d in (("student", student_dir), ("student-mid", mid_dir), ("teacher", teacher_dir))}
-    times = step_times(student_dir, cache, teacher_dir, args.steps, ["sft", "taid-cached", "taid-online"])
+    times = step_times(student_dir, cache, teacher_dir, args.steps, ["sft", "taid-cached", "taid-online", "taid-cached-packed"])
     mid_times = step_times(mid_dir, cache, teacher_dir, args.steps, ["sft", "taid-cached"])
     mem = memory(args.work)
     bound = (3 * s_flops + t_flops) / (3 * s_flops)
@@ -158,6 +166,9 @@ def main() -> None:
              f"{mid_times['taid-cached'] / mid_times['sft'] - 1:+.1%} |", "",
              f"cached vs online speed-up ({params['student'] / 1e6:.1f}M student): {times['taid-online'] / times['taid-cached']:.2f}x; "
              f"FLOP-model bound (3S+T)/(3S) = {bound:.2f}x", "",
+             f"--pack ({params['student'] / 1e6:.1f}M student, taid cached, same sequences): {times['taid-cached-packed']:.3f} s/step "
+             f"vs {times['taid-cached']:.3f} padded ({times['taid-cached'] / times['taid-cached-packed']:.2f}x); real tokens fill "
+             f"{times['packed_fill']:.0%} of the packed tensors vs {times['padded_fill']:.0%} padded", "",
               f"(c) loss forward+backward, {N_POS} positions x V = {VOCAB_MEM} (TAID, top-{K_MEM}, student tail)", "",
               "| variant | peak memory above inputs (GiB) |", "|---|---|",
               f"| naive | {mem['naive_peak_gib']:.2f} |", f"| chunked (1024 positions) | {mem['chunked_peak_gib']:.2f} |", "",

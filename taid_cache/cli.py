@@ -88,6 +88,8 @@ def train_student_cmd(
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     seed: int = typer.Option(0, help="Seed of the data order and initial RNG."),
     max_length: int = typer.Option(2048, help="Longest sequence; longer ones are cut."),
+    pack: bool = typer.Option(False, help="Pack each micro-batch's sequences into rows of --max-length tokens "
+                              "(attention stays within each sequence) instead of padding each to the longest."),
     tail: str = typer.Option("student", help="Missing teacher mass: student, uniform or renorm."),
     distil_ratio: float = typer.Option(1.0, help="r: train on r * distillation + (1 - r) * CE."),
     beta: float = typer.Option(0.1, help="β of skew-fkl / skew-rkl / js."),

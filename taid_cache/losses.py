@@ -137,27 +137,43 @@ def taid_sparse_student_tail(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TAID against a top-k teacher with the `student` tail, in closed form: (per-position loss, its gradient
     with respect to the logits). Equal to `taid(s, rebuild_teacher(s, ..., "student", V), t)` without building
-    the dense teacher: off the top-k, ℓ_v = log q_v + const, so (1−t)s_v + tℓ_v = s_v + c per row, and
-    p_t = softmax(s + c) with the k top-k entries set to (1−t)s_v + tℓ_v. The gradient is softmax(s) − p_t.
+    the dense teacher. Off the top-k (and below `valid_vocab`), ℓ_v = log q_v + const, so p_t ∝ q_v there:
+    p_t,v = c·q_v for one c per row, and only the k top-k entries and a few per-row sums need their own maths
+    (docs/LOSSES.md). The gradient is q − p_t. One exp pass over [N, V] besides the log-sum-exp, like CE.
     """
     s = student_logits.detach().float()
     n, vocab = s.shape
     ids, lps = topk_ids.long(), topk_logprobs.float()
     usable = (ids >= 0) & (ids < valid_vocab)
-    lps = torch.where(usable, lps, torch.full_like(lps, -math.inf))
-    parked = torch.where(usable, ids, torch.full_like(ids, vocab))  # unusable entries go to an extra column
-    lse_all = torch.logsumexp(s, -1)
-    lse_valid = torch.logsumexp(s[:, :valid_vocab], -1)
-    s_k = F.pad(s, (0, 1), value=-math.inf).gather(1, parked)
-    q_rest = 1 - torch.exp(s_k - lse_valid[:, None]).sum(-1)
-    tail = 1 - lps.exp().sum(-1)
-    shift = t * (torch.log(tail.clamp(min=0)) - torch.log(q_rest.clamp(min=1e-30)) - lse_valid)
-    z = F.pad(s + shift[:, None], (0, 1), value=-math.inf)
-    z[:, valid_vocab:] = -math.inf
-    z = z.scatter(1, parked, (1 - t) * s_k + (t * lps if t > 0 else 0.0))[:, :vocab]
-    p_t = torch.softmax(z, -1)
-    loss = lse_all - (p_t * s).sum(-1)
-    return loss, torch.softmax(s, -1) - p_t
+    lps = lps.masked_fill(~usable, -math.inf)
+    rows = torch.arange(n, device=s.device)[:, None].expand_as(ids)[usable]
+    cols = ids[usable]
+
+    lse = torch.logsumexp(s, -1)
+    q = s.sub(lse[:, None]).exp_()  # the student's probabilities; becomes the gradient in place
+    q_k = q.gather(1, ids.clamp(0, vocab - 1)).masked_fill(~usable, 0.0)
+    s_k = s.gather(1, ids.clamp(0, vocab - 1))
+    q[rows, cols] = 0.0  # q now holds the student's mass off the top-k
+    off = q[:, :valid_vocab]
+    q_off = off.sum(-1)  # student mass off the top-k, below valid_vocab
+    dot_off = torch.linalg.vecdot(off, s[:, :valid_vocab])
+
+    # Unnormalised log p_t: off the top-k, t·log(tail) + (1−t)·log q_v (log q over the valid rows, shifted
+    # consistently); on the top-k, (1−t)·s_k + t·ℓ_k. All relative to the student's log-sum-exp `lse`.
+    tail = (1 - lps.exp().sum(-1)).clamp(min=0)
+    has_off = q_off > 0
+    log_q_off = torch.log(torch.where(has_off, q_off, torch.ones_like(q_off)))
+    log_off = (t * torch.log(tail) if t > 0 else 0.0) + (1 - t) * (lse + log_q_off)
+    log_off = torch.where(has_off, log_off, torch.full_like(log_off, -math.inf))
+    z_k = ((1 - t) * s_k + (t * lps if t > 0 else 0.0)).masked_fill(~usable, -math.inf)
+    lse_z = torch.logaddexp(log_off, torch.logsumexp(z_k, -1))
+    p_k = torch.exp(z_k - lse_z[:, None])  # p_t on the top-k (0 where unused)
+    c = torch.where(has_off, torch.exp(log_off - lse_z - log_q_off), torch.zeros_like(lse_z))  # p_t = c·q off the top-k
+
+    loss = lse - c * dot_off - (p_k * s_k.masked_fill(~usable, 0.0)).sum(-1)
+    off.mul_(1 - c[:, None])  # the gradient q − p_t: off the top-k; rows past valid_vocab keep q (p_t is 0 there)
+    q[rows, cols] = (q_k - p_k)[usable]
+    return loss, q
 
 
 def rebuild_teacher(

@@ -25,6 +25,7 @@ from taid_cache.pipelines.train_student import TrainConfig, train_student
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
+from taid_cache.training.data import collate, pack_rows
 
 STUDENT = LlamaSize(hidden=64, layers=1, heads=1, intermediate=128)
 
@@ -154,6 +155,42 @@ def test_padded_student_vocabulary_and_dataloader_workers(student_dir, caches, t
     workers = train(tmp_path / "padded", caches["top16"], tmp_path / "w2", max_steps=3, batch_size=2, num_workers=2)
     assert [m["loss"] for m in base] == [m["loss"] for m in workers]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "w0").lm_head.weight.shape[0] == 520
+
+
+def test_packing_lays_out_the_same_targets(caches) -> None:
+    """Packed rows hold every sequence once, positions restart per sequence, and the selected targets (labels and
+    teacher rows) are the padded layout's, in fewer rows."""
+    records = list(read_cache(caches["top16"]))[:12]
+    padded, packed = collate(records, 256), collate(records, 256, pack=True)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0] and packed.input_ids.shape[1] <= 256
+    assert packed.tokens == padded.tokens == sum(min(len(r["input_ids"]), 256) for r in records)
+
+    def selected(mb) -> list[tuple]:
+        rows = zip(mb.labels[mb.targets].tolist(), mb.topk_ids[mb.targets].tolist(), mb.topk_logprobs[mb.targets].tolist())
+        return sorted((label, tuple(ids), tuple(lps)) for label, ids, lps in rows)
+
+    assert selected(packed) == selected(padded) and len(selected(packed)) > 0
+    lengths = [min(len(r["input_ids"]), 256) for r in records]
+    width = packed.input_ids.shape[1]
+    for positions, members in zip(packed.position_ids, pack_rows(lengths, 256)):
+        used = sum(lengths[i] for i in members)
+        expected = torch.cat([torch.arange(lengths[i]) for i in members] + [torch.arange(width - used)])
+        assert torch.equal(positions, expected)
+
+
+def test_packed_training_equals_padded(student_dir, caches, tmp_path) -> None:
+    """Attention stays inside each packed sequence: losses, t and held-out numbers match the padded run."""
+    kw = {"max_steps": 3, "taid_alpha": 0.2, "eval_cache": caches["top16"], "eval_every": 3}
+    train(student_dir, caches["top16"], tmp_path / "padded", **kw)
+    train(student_dir, caches["top16"], tmp_path / "packed", pack=True, **kw)
+    padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
+    assert len(padded) == len(packed) == 4
+    for a, b in zip(padded, packed):
+        for key in ("loss", "t", "eval_ce", "eval_kl", "eval_top1"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+        if "tokens" in a:
+            assert a["tokens"] == b["tokens"]
 
 
 # ---- bad input -------------------------------------------------------------------------------------------

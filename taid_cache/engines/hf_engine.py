@@ -75,7 +75,7 @@ class HfEngine:
     def top_k(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (ids, log-probs) for every position j < T-1 of every sequence, concatenated in order."""
         ids, attention = self._padded(sequences)
-        hidden = self.decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        hidden = self.decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state  # no KV cache: one pass
         # Positions that predict a real next token: all but the last of each sequence (padding is on the right).
         keep = attention.bool()
         keep[:, :-1] &= attention[:, 1:].bool()
@@ -93,8 +93,8 @@ class HfEngine:
         ids, lps = self.top_k(sequences)
         return HfPending(sequences, ids, lps, dict(cursor))
 
-    def forward_only(self, sequences: list[Sequence]) -> None:
-        """The bare forward a user would run (full logits, no top-k): the benchmark's reference."""
+    def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
+        """The benchmark's reference: a plain forward, with logits at every position or only the last."""
         ids, attention = self._padded(sequences)
         with torch.inference_mode():
-            self.model(input_ids=ids, attention_mask=attention).logits.sum().item()
+            self.model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=0 if all_logits else 1).logits.sum().item()

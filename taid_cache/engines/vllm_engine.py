@@ -76,7 +76,12 @@ class VllmEngine:
         self._params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=config.top_k, detokenize=False, flat_logprobs=True
         )
-        self._bare = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        # The benchmark's references: prefill alone (logits at the last position only), and prefill with the
+        # smallest all-position request (the LM head and log-softmax at every position, no top-k).
+        self._bare = {
+            False: SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+            True: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True),
+        }
 
     def _prompts(self, sequences: list[Sequence]) -> list[Any]:
         from vllm.inputs import TokensPrompt
@@ -87,6 +92,6 @@ class VllmEngine:
         outputs = self.llm.generate(self._prompts(sequences), self._params, use_tqdm=False)
         return VllmPending(sequences, outputs, self.config.top_k, dict(cursor))
 
-    def forward_only(self, sequences: list[Sequence]) -> None:
-        """The same prefill with no log-probs asked for: the benchmark's reference."""
-        self.llm.generate(self._prompts(sequences), self._bare, use_tqdm=False)
+    def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
+        """The benchmark's reference: the same prefill without top-k, with logits at every position or the last."""
+        self.llm.generate(self._prompts(sequences), self._bare[all_logits], use_tqdm=False)

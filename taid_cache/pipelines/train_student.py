@@ -52,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     max_length: int = 2048
+    pack: bool = False
     tail: str = "student"
     distil_ratio: float = 1.0
     beta: float = 0.1
@@ -124,7 +125,7 @@ class Teacher:
         """Per micro-batch: the teacher's hidden states (online) or the selected top-k rows (cached)."""
         if self.model is not None:
             with torch.no_grad():
-                out = self.model.get_decoder()(input_ids=mb.input_ids.to(env.device), attention_mask=mb.attention_mask.to(env.device))
+                out = self.model.get_decoder()(**mb.model_inputs(env.device))
             return out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
         return mb.topk_ids[mb.targets].to(env.device), mb.topk_logprobs[mb.targets].to(env.device)
 
@@ -149,7 +150,7 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
             value, grad = taid_sparse_student_tail(logits, ids[sl], lps[sl], t, teacher.valid)
             return value.sum(), value.sum(), grad
 
-        return model(mb.input_ids.to(env.device), mb.attention_mask.to(env.device), mb.targets.to(env.device), closed_form)
+        return model(mb.model_inputs(env.device), mb.targets.to(env.device), closed_form)
 
     def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         ce = cross_entropy(logits, labels[sl]) if (distil is None or loss.distil_ratio < 1) else None
@@ -159,7 +160,7 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
         combined = d if ce is None else loss.distil_ratio * d + (1 - loss.distil_ratio) * ce
         return combined.sum(), d.sum()
 
-    return model(mb.input_ids.to(env.device), mb.attention_mask.to(env.device), mb.targets.to(env.device), fn)
+    return model(mb.model_inputs(env.device), mb.targets.to(env.device), fn)
 
 
 @torch.no_grad()
@@ -168,7 +169,7 @@ def evaluate(model: LossModel, cfg: TrainConfig, settings: dict, env: Dist) -> d
     manifest = verify_cache(cfg.eval_cache)
     if manifest["settings"]["tokenizer_hash"] != settings["tokenizer_hash"]:
         raise UserError("--eval-cache was made with another tokenizer than --cache")
-    data = CacheStream(cfg.eval_cache, cfg.batch_size, env.rank, env.world, cfg.max_length, 0, 1, False, limit=manifest["records"])
+    data = CacheStream(cfg.eval_cache, cfg.batch_size, env.rank, env.world, cfg.max_length, 0, 1, False, limit=manifest["records"], pack=cfg.pack)
     sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
     model.eval()
     for mb in data:
@@ -183,7 +184,7 @@ def evaluate(model: LossModel, cfg: TrainConfig, settings: dict, env: Dist) -> d
             sums[3] += logits.shape[0]
             return logits.new_zeros(()), logits.new_zeros(())
 
-        model(mb.input_ids.to(env.device), mb.attention_mask.to(env.device), mb.targets.to(env.device), fn)
+        model(mb.model_inputs(env.device), mb.targets.to(env.device), fn)
     model.train()
     sums = all_reduce_sum(sums, env)
     n = max(sums[3].item(), 1.0)
@@ -264,7 +265,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
     log = MetricsLog(cfg.output, env, step, cfg.tensorboard)
     data = iter(loader(CacheStream(cfg.cache, cfg.batch_size, env.rank, env.world, cfg.max_length, cfg.seed,
-                                   cfg.shuffle_buffer, True, start=step * global_batch), cfg.num_workers))
+                                   cfg.shuffle_buffer, True, start=step * global_batch, pack=cfg.pack), cfg.num_workers))
     model.train()
     start = time.monotonic()
     last: dict[str, Any] = {}

@@ -88,13 +88,10 @@ class LossModel(nn.Module):
         super().__init__()
         self.lm, self.chunk = lm, chunk
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return out[:, :-1][targets]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
                 fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.hidden(input_ids, attention_mask, targets)
+        """`inputs`: the decoder's keyword arguments (`MicroBatch.model_inputs`); `targets`: [B, T-1] bool."""
+        h = self.lm.get_decoder()(**inputs).last_hidden_state[:, :-1][targets]
         return chunked_lm_loss(h, self.lm.get_output_embeddings().weight, fn, self.chunk)
 
 
