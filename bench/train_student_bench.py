@@ -82,7 +82,7 @@ def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, va
             times[name].append(time.perf_counter() - t0)
     out = {name: sorted(ts[2:])[len(ts[2:]) // 2] for name, ts in times.items()}
     for pack, key in ((False, "padded_fill"), (True, "packed_fill")):  # real tokens / tensor slots
-        out[key] = sum(mb.tokens for mb in batches[pack]) / sum(mb.input_ids.numel() for mb in batches[pack])
+        out[key] = sum(mb.tokens for mb in batches[pack]) / sum(mb.inputs["input_ids"].numel() for mb in batches[pack])
     return out
 
 

@@ -14,6 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
+from taid_cache.engines import EngineConfig
+from taid_cache.engines.hf_engine import HfEngine
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import LOGPROB_STEP
 
@@ -28,19 +30,22 @@ def chat_cache(teacher_dir, data_dir, tmp_path_factory) -> Path:
     return out
 
 
-def reference_logprobs(teacher_dir: Path, input_ids: np.ndarray) -> np.ndarray:
-    """log_softmax of a plain full-vocabulary forward pass, in float64: [T, V]."""
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+def reference_logprobs(teacher_dir: Path, input_ids: np.ndarray, model=None) -> np.ndarray:
+    """log_softmax of a plain full-vocabulary forward pass of one sequence alone, in float64: [T, V]."""
+    model = model or AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(input_ids)[None]).logits[0].double()
     return torch.log_softmax(logits, -1).numpy()
 
 
 def test_stored_rows_equal_an_independent_forward_pass(chat_cache, teacher_dir) -> None:
+    """Every row, though the engine packed the batches' sequences several to a row."""
+    assert HfEngine(EngineConfig(str(teacher_dir), K, 256, "float32")).pack
     records = list(read_cache(chat_cache))
     assert len(records) == 24
-    for rec in records[:6]:
-        ref = reference_logprobs(teacher_dir, rec["input_ids"])[:-1]  # row j: distribution of token j+1
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    for rec in records:
+        ref = reference_logprobs(teacher_dir, rec["input_ids"], model)[:-1]  # row j: distribution of token j+1
         assert rec["topk_ids"].shape == (len(rec["input_ids"]) - 1, K)
         ref_ids = np.argsort(-ref, axis=1, kind="stable")[:, :K]
         np.testing.assert_array_equal(rec["topk_ids"], ref_ids)

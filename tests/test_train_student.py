@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from taid_cache.pipelines.train_student import TrainConfig, train_student
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
-from taid_cache.training.data import collate, pack_rows
+from taid_cache.packing import keeps_sequences_apart, pack_rows
+from taid_cache.training.data import collate
 
 STUDENT = LlamaSize(hidden=64, layers=1, heads=1, intermediate=128)
 
@@ -162,7 +164,8 @@ def test_packing_lays_out_the_same_targets(caches) -> None:
     teacher rows) are the padded layout's, in fewer rows."""
     records = list(read_cache(caches["top16"]))[:12]
     padded, packed = collate(records, 256), collate(records, 256, pack=True)
-    assert packed.input_ids.shape[0] < padded.input_ids.shape[0] and packed.input_ids.shape[1] <= 256
+    rows, width = packed.inputs["input_ids"].shape
+    assert rows < padded.inputs["input_ids"].shape[0] and width <= 256 and set(packed.inputs) == {"input_ids", "position_ids"}
     assert packed.tokens == padded.tokens == sum(min(len(r["input_ids"]), 256) for r in records)
 
     def selected(mb) -> list[tuple]:
@@ -171,11 +174,24 @@ def test_packing_lays_out_the_same_targets(caches) -> None:
 
     assert selected(packed) == selected(padded) and len(selected(packed)) > 0
     lengths = [min(len(r["input_ids"]), 256) for r in records]
-    width = packed.input_ids.shape[1]
-    for positions, members in zip(packed.position_ids, pack_rows(lengths, 256)):
+    for positions, tokens, members in zip(packed.inputs["position_ids"], packed.inputs["input_ids"], pack_rows(lengths, 256)):
         used = sum(lengths[i] for i in members)
         expected = torch.cat([torch.arange(lengths[i]) for i in members] + [torch.arange(width - used)])
         assert torch.equal(positions, expected)
+        # the row's tokens are its members' tokens, in first-fit-decreasing order
+        assert tokens[:used].tolist() == [int(t) for i in members for t in records[i]["input_ids"][:lengths[i]]]
+
+
+def test_packing_check_catches_a_model_that_attends_across_sequences(student_dir) -> None:
+    lm = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert keeps_sequences_apart(lm.get_decoder(), torch.device("cpu"))
+
+    class Leaky(torch.nn.Module):  # a running mean over the row: every position sees all earlier tokens
+        def forward(self, input_ids, use_cache=False, **_):
+            x = torch.nn.functional.one_hot(input_ids, 16).float() + 1
+            return SimpleNamespace(last_hidden_state=x.cumsum(1) / torch.arange(1, x.shape[1] + 1)[:, None])
+
+    assert not keeps_sequences_apart(Leaky(), torch.device("cpu"))
 
 
 def test_packed_training_equals_padded(student_dir, caches, tmp_path) -> None:

@@ -1,5 +1,6 @@
 """The transformers engine: a plain forward pass, then top-k of the log-softmax, with the LM head applied
-to chunks of positions so a full [tokens, vocab] float32 tensor never exists for a whole batch."""
+to chunks of positions so a full [tokens, vocab] float32 tensor never exists for a whole batch. A batch's
+sequences are packed into rows no wider than its longest one, so uneven lengths cost little padding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from ..errors import UserError, first_line
 from ..inputs import Sequence
+from ..packing import RowLayout, keeps_sequences_apart, lay_out
 from ..shards.writer import TeacherRecord
 from . import EngineConfig
 
@@ -62,25 +64,23 @@ class HfEngine:
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         self.max_top_k = self.head.out_features
+        self.pack = keeps_sequences_apart(self.decoder, self.device)
 
-    def _padded(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded input ids and attention mask on the device."""
-        lengths = torch.tensor([len(s.input_ids) for s in sequences])
-        attention = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-        ids = torch.zeros_like(attention)
-        ids[attention.bool()] = torch.from_numpy(np.concatenate([s.input_ids for s in sequences]))
-        return ids.to(self.device), attention.to(self.device)
+    def _layout(self, sequences: list[Sequence]) -> tuple[RowLayout, dict[str, torch.Tensor]]:
+        """Rows no wider than the longest sequence: packed when the model keeps packed sequences apart (less
+        padding on uneven lengths), else one per row, right-padded."""
+        lengths = [len(s.input_ids) for s in sequences]
+        layout = lay_out(lengths, max(lengths), self.pack)
+        inputs = layout.model_inputs(layout.grid([s.input_ids.astype(np.int64) for s in sequences], 0))
+        return layout, {**{k: v.to(self.device) for k, v in inputs.items()}, "use_cache": False}
 
     @torch.inference_mode()
     def top_k(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (ids, log-probs) for every position j < T-1 of every sequence, concatenated in order."""
-        ids, attention = self._padded(sequences)
-        hidden = self.decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state  # no KV cache: one pass
-        # Positions that predict a real next token: all but the last of each sequence (padding is on the right).
-        keep = attention.bool()
-        keep[:, :-1] &= attention[:, 1:].bool()
-        keep[:, -1] = False
-        hidden = hidden[keep]
+        layout, inputs = self._layout(sequences)
+        hidden = self.decoder(**inputs).last_hidden_state
+        # Positions that predict a token of their own sequence: all but each sequence's last, in sequence order.
+        hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
         out_ids, out_lps = [], []
         for chunk in hidden.split(self.config.lm_head_chunk):
             logprobs = torch.log_softmax(self.head(chunk).float(), dim=-1)
@@ -95,6 +95,6 @@ class HfEngine:
 
     def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
         """The benchmark's reference: a plain forward, with logits at every position or only the last."""
-        ids, attention = self._padded(sequences)
+        _, inputs = self._layout(sequences)
         with torch.inference_mode():
-            self.model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=0 if all_logits else 1).logits.sum().item()
+            self.model(**inputs, logits_to_keep=0 if all_logits else 1).logits.sum().item()

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..losses import (
     LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail,
 )
+from ..packing import keeps_sequences_apart
 from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, loader
@@ -100,6 +101,11 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError("--batch-size, --grad-accum, --lr must be positive and --max-length at least 2")
 
 
+def check_packing(model, pack: bool, what: str) -> None:
+    if pack and not keeps_sequences_apart(model.get_decoder(), torch.device("cpu")):
+        raise UserError(f"--pack: the {what}'s attention does not keep packed sequences apart in this transformers version; train without --pack")
+
+
 def cosine_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
@@ -118,6 +124,7 @@ class Teacher:
         if cfg.teacher_model:
             model, tokenizer = load_causal_lm(cfg.teacher_model, "teacher", torch.float32, attention_implementation())
             check_vocabulary(model, tokenizer, settings, "teacher")
+            check_packing(model, cfg.pack, "teacher")
             self.model = model.to(env.device).eval().requires_grad_(False)
             self.head = self.model.get_output_embeddings().weight
 
@@ -248,6 +255,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     bf16 = env.device.type == "cuda"
     lm, tokenizer = load_causal_lm(cfg.student, "student", torch.float32, attention_implementation())
     check_vocabulary(lm, tokenizer, settings, "student")
+    check_packing(lm, cfg.pack, "student")
     rows = lm.get_output_embeddings().weight.shape[0]
     teacher = Teacher(cfg, settings, rows, env)
     model = shard_model(LossModel(lm, cfg.loss_chunk), env, bf16, cfg.activation_checkpointing)

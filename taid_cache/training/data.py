@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..packing import lay_out
 from ..shards.manifest import load_manifest
 from ..shards.reader import RandomAccess
 
@@ -50,67 +51,34 @@ def stream(shard_rows: list[int], seed: int, buffer: int, shuffle: bool) -> Iter
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor | None  # [B, T] when padded; None when packed (position_ids separate documents)
-    position_ids: torch.Tensor | None  # [B, T] when packed: restarting at 0 for each document
-    targets: torch.Tensor  # [B, T-1] bool: position j predicts a loss-mask token j+1 of the same document
-    labels: torch.Tensor  # [B, T-1]: token j+1
-    topk_ids: torch.Tensor  # [B, T-1, k], −1 where unused
-    topk_logprobs: torch.Tensor  # [B, T-1, k], −inf where unused
+    inputs: dict[str, torch.Tensor]  # the decoder's keyword arguments (`RowLayout.model_inputs`), [rows, T] each
+    targets: torch.Tensor  # [rows, T-1] bool: position j predicts a loss-mask token j+1 of the same sequence
+    labels: torch.Tensor  # [rows, T-1]: token j+1
+    topk_ids: torch.Tensor  # [rows, T-1, k], −1 where unused
+    topk_logprobs: torch.Tensor  # [rows, T-1, k], −inf where unused
     tokens: int  # real (unpadded) tokens
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the decoder. Packed rows pass position ids and no attention mask, from which
-        transformers builds a block-diagonal causal mask (SDPA, eager) or variable-length flash attention; it only
-        does so without a KV cache, which training has no use for anyway."""
-        if self.position_ids is not None:
-            return {"input_ids": self.input_ids.to(device), "position_ids": self.position_ids.to(device), "use_cache": False}
-        return {"input_ids": self.input_ids.to(device), "attention_mask": self.attention_mask.to(device), "use_cache": False}
-
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: indices of the sequences in each row of at most `capacity` tokens (stable on ties)."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if r is None:
-            rows.append([])
-            room.append(capacity)
-            r = len(rows) - 1
-        rows[r].append(i)
-        room[r] -= lengths[i]
-    return rows
+        # No KV cache: training has no use for one, and transformers only builds the packed mask without it.
+        return {**{k: v.to(device) for k, v in self.inputs.items()}, "use_cache": False}
 
 
 def collate(records: list[dict[str, Any]], max_length: int, pack: bool = False) -> MicroBatch:
     """Sequences (cut to max_length tokens) laid into rows: one per row, right-padded to the longest, or packed
-    several to a row of at most max_length tokens. Either way each position sees only its own document, and the
+    several to a row of at most max_length tokens. Either way each position sees only its own sequence, and the
     selected targets are the same positions, so the loss is the same."""
     lengths = [min(len(r["input_ids"]), max_length) for r in records]
-    rows = pack_rows(lengths, max_length) if pack else [[i] for i in range(len(records))]
-    width, k = max(sum(lengths[i] for i in row) for row in rows), records[0]["topk_ids"].shape[1]
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    real = torch.zeros(len(rows), width, dtype=torch.bool)
-    targets = torch.zeros(len(rows), width - 1, dtype=torch.bool)
-    topk_ids = torch.full((len(rows), width - 1, k), -1, dtype=torch.long)
-    topk_lp = torch.full((len(rows), width - 1, k), -float("inf"))
-    for b, row in enumerate(rows):
-        at = 0
-        for i in row:
-            r, n = records[i], lengths[i]
-            ids[b, at : at + n] = torch.from_numpy(r["input_ids"][:n])
-            positions[b, at : at + n] = torch.arange(n)
-            real[b, at : at + n] = True
-            # Position at+j predicts token j+1 of the same document; the document's last position predicts nothing.
-            targets[b, at : at + n - 1] = torch.from_numpy(r["loss_mask"][1:n])
-            topk_ids[b, at : at + n - 1] = torch.from_numpy(r["topk_ids"][: n - 1])
-            topk_lp[b, at : at + n - 1] = torch.from_numpy(r["topk_logprobs"][: n - 1])
-            at += n
-        positions[b, at:] = torch.arange(width - at)  # the padding tail is a document of its own
-    attention, position_ids = (None, positions) if pack else (real.long(), None)
-    return MicroBatch(ids, attention, position_ids, targets, ids[:, 1:], topk_ids, topk_lp, sum(lengths))
+    layout = lay_out(lengths, max_length, pack)
+    ids = layout.grid([r["input_ids"][:n].astype(np.int64) for r, n in zip(records, lengths)], 0)
+
+    def predictions(key: str, fill: float | int, dtype: type) -> torch.Tensor:
+        """Per position j < n−1 of each sequence (what predicts token j+1), on the grid minus its last column."""
+        return layout.grid([r[key][: n - 1].astype(dtype) for r, n in zip(records, lengths)], fill, drop_last=True)[:, :-1]
+
+    # Position j predicts token j+1 of the same sequence; each sequence's last position predicts nothing.
+    targets = layout.grid([r["loss_mask"][1:n] for r, n in zip(records, lengths)], False, drop_last=True)[:, :-1]
+    return MicroBatch(layout.model_inputs(ids), targets, ids[:, 1:], predictions("topk_ids", -1, np.int64),
+                      predictions("topk_logprobs", -float("inf"), np.float32), sum(lengths))
 
 
 class CacheStream(IterableDataset):
