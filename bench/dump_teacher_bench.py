@@ -96,7 +96,7 @@ def speed(work: Path, tokenizer, texts: list[str], engines: list[str], tokens: i
         rows.append({"engine": name, "params": params, "tokens": n_tokens, "reps": reps, "prefill_tok_s": med["prefill"],
                      "all_logits_tok_s": med["all_logits"], "topk_only_tok_s": med["topk"], "dump_tok_s": med["dump"],
                      "ratio": med["dump"] / med["all_logits"], "ratio_vs_prefill": med["dump"] / med["prefill"], "runs": runs})
-        del engine
+        engine.close()
     return rows
 
 
@@ -122,6 +122,7 @@ def packing_gain(work: Path, chat_cache: Path, tokens: int, reps: int = 2) -> di
         for pack in (True, False):
             engine.pack = pack
             runs[pack].append(rate(total, lambda: [engine.top_k(b) for b in batches]))
+    engine.close()
     packed, padded = float(np.median(runs[True])), float(np.median(runs[False]))
     return {"tokens": total, "sequences": len(seqs), "packed_tok_s": packed, "padded_tok_s": padded, "speedup": packed / padded}
 

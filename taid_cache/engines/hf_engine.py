@@ -93,6 +93,12 @@ class HfEngine:
         ids, lps = self.top_k(sequences)
         return HfPending(sequences, ids, lps, dict(cursor))
 
+    def close(self) -> None:
+        """Release the teacher's memory now (a pipeline may train a student next in the same process)."""
+        del self.model, self.decoder, self.head
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
         """The benchmark's reference: a plain forward, with logits at every position or only the last."""
         _, inputs = self._layout(sequences)

@@ -92,6 +92,11 @@ class VllmEngine:
         outputs = self.llm.generate(self._prompts(sequences), self._params, use_tqdm=False)
         return VllmPending(sequences, outputs, self.config.top_k, dict(cursor))
 
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now, not in interpreter teardown, where their
+        shutdown races the exit (seen as an abort after a finished tensor-parallel dump)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
         """The benchmark's reference: the same prefill without top-k, with logits at every position or the last."""
         self.llm.generate(self._prompts(sequences), self._bare[all_logits], use_tqdm=False)

@@ -141,6 +141,30 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
     )
 
 
+def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_sequence: RowTokenizer, vocab_size: int) -> dict[str, int]:
+    """The hot loop: the engine's batches through the background writer, each committed shard recorded in the
+    worker's part file. Returns the final cursor."""
+
+    def on_commit(entry) -> None:
+        part.shards.append(asdict(entry))
+        part.cursor = dict(entry.cursor)
+        save_part(cache, part)
+
+    writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.top_p,
+                         cfg.precision, int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit)
+    with progress_bar(cfg.console, cfg.progress) as progress:
+        task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
+        done = {"rows": part.cursor["next_row"] - part.row_start, "tokens": 0}
+        progress.update(task, completed=done["rows"])
+
+        def on_written(records: list[TeacherRecord]) -> None:
+            done["tokens"] += sum(len(r.input_ids) for r in records)
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, advance=len(records), tokens=done["tokens"], rate=done["tokens"] / elapsed)
+
+        return drive(engine, batches(rows, part, to_sequence, cfg.batch_tokens), BackgroundWriter(writer, on_written), part.cursor)
+
+
 def dump_teacher(cfg: DumpConfig) -> dict:
     """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds."""
     check_options(cfg)
@@ -189,27 +213,13 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype,
                                                    cfg.tensor_parallel_size, cfg.lm_head_chunk))
-    if cfg.top_k > engine.max_top_k:
-        raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
+    try:
+        if cfg.top_k > engine.max_top_k:
+            raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
+        final = run_engine(cfg, cache, part, engine, rows, to_sequence, vocab_size)
+    finally:
+        engine.close()
 
-    def on_commit(entry) -> None:
-        part.shards.append(asdict(entry))
-        part.cursor = dict(entry.cursor)
-        save_part(cache, part)
-
-    writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.top_p,
-                         cfg.precision, int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit)
-    with progress_bar(cfg.console, cfg.progress) as progress:
-        task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
-        done = {"rows": part.cursor["next_row"] - part.row_start, "tokens": 0}
-        progress.update(task, completed=done["rows"])
-
-        def on_written(records: list[TeacherRecord]) -> None:
-            done["tokens"] += sum(len(r.input_ids) for r in records)
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(task, advance=len(records), tokens=done["tokens"], rate=done["tokens"] / elapsed)
-
-        final = drive(engine, batches(rows, part, to_sequence, cfg.batch_tokens), BackgroundWriter(writer, on_written), part.cursor)
     part.cursor, part.done = final, True
     save_part(cache, part)
     complete = try_finalize(cache)

@@ -29,7 +29,8 @@ from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, loader
 from ..training.student import (
-    Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, check_vocabulary, init_distributed, load_causal_lm,
+    Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, check_vocabulary, close_distributed, init_distributed,
+    load_causal_lm,
     save_student, shard_model,
 )
 
@@ -320,4 +321,5 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     save_student(model, tokenizer, cfg.output, env)
     if env.rank == 0:
         cfg.console.print(f"trained {step} steps ({cfg.loss}); student saved to {cfg.output}")
+    close_distributed(env)
     return last

@@ -41,6 +41,13 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
+def close_distributed(env: Dist) -> None:
+    """Tear the process group down before exit; left to interpreter teardown, gloo's threads can abort the process."""
+    if env.active:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(value: torch.Tensor, env: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if env.active:
         value = value.clone()
