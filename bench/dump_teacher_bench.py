@@ -18,14 +18,12 @@ import importlib.util
 import json
 import math
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 import zstandard
 
 from taid_cache.engines import EngineConfig, make_engine
@@ -33,13 +31,14 @@ from taid_cache.inputs import Sequence
 from taid_cache.pipelines.dump_teacher import DumpConfig, drive, dump_teacher
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
-from taid_cache.reproduce.report import machine
+from taid_cache.reproduce.report import commit, machine
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
 from taid_cache.shards.writer import BackgroundWriter, ShardWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+from publish import ROOT, publish
+
 VOCAB = 8192
 BIG = LlamaSize(hidden=640, layers=10, heads=10, intermediate=1728, max_positions=1024)  # ~60M parameters
 TRAINED = LlamaSize(hidden=256, layers=4, heads=4, intermediate=768, max_positions=1024)
@@ -127,13 +126,13 @@ def packing_gain(work: Path, chat_cache: Path, tokens: int, reps: int = 2) -> di
     return {"tokens": total, "sequences": len(seqs), "packed_tok_s": packed, "padded_tok_s": padded, "speedup": packed / padded}
 
 
-def train_teacher(work: Path, tokenizer, train_texts: list[str], budget_s: float) -> tuple[Path, float]:
+def train_teacher(work: Path, tokenizer, train_texts: list[str], steps: int) -> tuple[Path, float]:
     folder = work / "trained-teacher"
     if (folder / "config.json").exists():
         return folder, json.loads((folder / "pretrain.json").read_text())["final_loss"]
     model = new_llama(TRAINED, VOCAB, tokenizer, seed=0)
     blocks = pack_blocks([tokenizer(t)["input_ids"] for t in train_texts], 256)
-    losses = pretrain(model, blocks, PretrainConfig(budget_s=budget_s))
+    losses = pretrain(model, blocks, PretrainConfig(steps=steps))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     final = float(np.mean(losses[-20:]))
@@ -198,7 +197,7 @@ def main() -> None:
     texts = [p.read_text(errors="ignore") for p in train_files]
     engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     speed_rows = speed(args.work, tokenizer, texts[:80], engines, 16384 if args.quick else 32768)
-    teacher, final_loss = train_teacher(args.work, tokenizer, texts, 30 if args.quick else 300)
+    teacher, final_loss = train_teacher(args.work, tokenizer, texts, 24 if args.quick else 240)
     chat_file = args.work / "chat.jsonl"
     convs = [c for t in texts for c in chat_pairs(t)][: 100 if args.quick else 600]
     chat_file.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
@@ -206,8 +205,7 @@ def main() -> None:
     packing = packing_gain(args.work, args.work / "caches" / "fp32", 8192 if args.quick else 24576)
 
     target = (math.log2(VOCAB) + 3) / 8
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    lines = [f"machine: {machine()}; commit {commit}; vocabulary V = {VOCAB}", "",
+    lines = [f"machine: {machine()}; commit {commit()}; vocabulary V = {VOCAB}", "",
              "(a) dump throughput / bare forward throughput (same engine, same batches, medians of "
              f"{speed_rows[0]['reps']} interleaved runs; target >= 0.90)", "",
              "| engine | teacher params | tokens | forward, all-position logits tok/s | prefill, last-position logits tok/s | "
@@ -223,16 +221,9 @@ def main() -> None:
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['layout']} | {r['bytes_per_entry']:.3f} | {r['bytes_per_token']:.1f} | {r['entries_per_position']:.1f} | {r['captured_mass_mean']:.3f} | "
               f"{'-' if r['max_abs_error_nats'] is None else format(r['max_abs_error_nats'], '.4f')} |" for r in size_rows]
-    table = "\n".join(lines)
-    print(table)
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    (results / f"dump_teacher{suffix}.md").write_text(table + "\n")
-    (results / f"dump_teacher{suffix}.json").write_text(json.dumps(
-        {"machine": machine(), "commit": commit, "vocab_size": VOCAB, "target_bytes_per_entry": target,
-         "speed": speed_rows, "hf_packing": packing, "size": size_rows, "teacher_final_loss": final_loss}, indent=2) + "\n")
-
+    publish(f"dump_teacher{suffix}", "\n".join(lines), {"vocab_size": VOCAB, "target_bytes_per_entry": target, "speed": speed_rows,
+                                                        "hf_packing": packing, "size": size_rows, "teacher_final_loss": final_loss})
 
 if __name__ == "__main__":
     main()

@@ -24,17 +24,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dump_teacher_bench import ROOT  # noqa: E402
+from taid_cache.losses import LossConfig
+from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher
+from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss
+from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.report import machine
+from taid_cache.shards.manifest import load_manifest
+from taid_cache.training.data import CacheStream
+from taid_cache.training.student import Dist, LossModel
 
-from taid_cache.losses import LossConfig  # noqa: E402
-from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher  # noqa: E402
-from taid_cache.reproduce.report import machine  # noqa: E402
-from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss  # noqa: E402
-from taid_cache.reproduce.models import LlamaSize, new_llama  # noqa: E402
-from taid_cache.shards.manifest import load_manifest  # noqa: E402
-from taid_cache.training.data import CacheStream  # noqa: E402
-from taid_cache.training.student import Dist, LossModel  # noqa: E402
+from publish import ROOT, publish  # bench/ is on the path when this runs as a script
 
 STUDENT = LlamaSize(hidden=192, layers=3, heads=3, intermediate=576, max_positions=1024)  # >= 8x below the teacher, for (b)
 MID_STUDENT = LlamaSize(hidden=512, layers=6, heads=8, intermediate=1536, max_positions=1024)  # a body that is not dwarfed by the loss
@@ -173,15 +172,8 @@ def main() -> None:
               "| variant | peak memory above inputs (GiB) |", "|---|---|",
               f"| naive | {mem['naive_peak_gib']:.2f} |", f"| chunked (1024 positions) | {mem['chunked_peak_gib']:.2f} |", "",
               f"chunked / naive = {mem['ratio']:.3f} (target <= 0.25); largest |difference| of loss and gradients: {mem['max_abs_diff']:.2e}"]
-    table = "\n".join(lines)
-    print(table)
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "train_student.md").write_text(table + "\n")
-    (results / "train_student.json").write_text(json.dumps(
-        {"machine": machine(), "step_seconds": times, "mid_student_step_seconds": mid_times, "flop_bound": bound, "params": params,
-         "memory": mem}, indent=2) + "\n")
-
+    publish("train_student", "\n".join(lines), {"step_seconds": times, "mid_student_step_seconds": mid_times, "flop_bound": bound,
+                                                  "params": params, "memory": mem})
 
 if __name__ == "__main__":
     main()

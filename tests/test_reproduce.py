@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from conftest import ROOT
 from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 
 QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online"]
 FILES = ["results.json", "results.md", "loss_curves.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
@@ -40,6 +41,7 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
         assert run["ce"] > 0 and run["kl"] >= 0 and 0 <= run["top1"] <= 1 and run["wall_s"] > 0
     assert results["teacher"]["ce"] < min(r["ce"] for r in results["runs"])  # the teacher is the stronger model
     assert results["machine"] and results["commit"] and results["settings"]["methods"] == QUICK_METHODS
+    assert json.loads((out / "teacher" / "pretrain.json").read_text())["steps"] == results["settings"]["pretrain_steps"]
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in QUICK_METHODS)
     distilled = {r["method"]: r["kl"] for r in results["runs"]}
@@ -98,10 +100,20 @@ batch_size: 4
         assert len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"]) <= 256
 
 
-def test_bad_config_is_one_line(tmp_path) -> None:
+def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
+    # The teacher depends on settings only, not on how fast the machine is.
+    blocks = pack_blocks([[(7 * i) % 97 for i in range(600)], [(3 * i) % 89 for i in range(300)]], 32)
+    cfg = PretrainConfig(block=32, batch_size=4, steps=6, lr=1e-2)
+    runs = [pretrain(new_llama(LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), 128, seed=5), blocks, cfg) for _ in range(2)]
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
+    assert runs[0][-1] < runs[0][0]
+
+
+@pytest.mark.parametrize("text,named", [("teacher: x\nstudnet: y\n", "studnet"), ("pretrain_steps: 0\n", "pretrain_steps")])
+def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("teacher: x\nstudnet: y\n")
+    config.write_text(text)
     proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "studnet" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and named in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ from ..errors import UserError, first_line
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..inputs import KINDS, RowTokenizer, Sequence, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
 from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
-from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
+from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
 from ..shards.writer import BackgroundWriter, ShardWriter, TeacherRecord
 

@@ -46,7 +46,7 @@ class ReproduceConfig:
     # 7.6M parameters (4.2M of them embeddings) vs 0.63M (tied embeddings): 12x.
     teacher_size: LlamaSize = field(default_factory=lambda: LlamaSize(hidden=256, layers=4, heads=4, intermediate=768))
     student_size: LlamaSize = field(default_factory=lambda: LlamaSize(hidden=64, layers=2, heads=1, intermediate=192, tie_embeddings=True))
-    pretrain_budget_s: float = 600.0
+    pretrain_steps: int = 500  # about 10 minutes on 2 CPU cores
     train_pairs: int = 3000
     heldout_pairs: int = 300
     # Stage one.
@@ -81,7 +81,7 @@ def quick() -> ReproduceConfig:
     """The same steps at a size that finishes in a few minutes on 2 cores."""
     return ReproduceConfig(
         name="embedded-quick", vocab_size=1024, teacher_size=LlamaSize(hidden=128, layers=2, heads=2, intermediate=384),
-        student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_budget_s=25.0, train_pairs=200,
+        student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_steps=150, train_pairs=200,
         heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online"],
         max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32,
     )
@@ -105,6 +105,8 @@ def load_config(path: Path) -> ReproduceConfig:
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad:
         raise UserError(f"config {path}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
+    if cfg.pretrain_steps < 1:
+        raise UserError(f"config {path}: pretrain_steps must be at least 1, got {cfg.pretrain_steps}")
     if (cfg.teacher is None) != (cfg.student is None) or (cfg.teacher is not None and not cfg.train_data):
         raise UserError(f"config {path}: give teacher, student and train_data together (or none, for the embedded default)")
     return cfg

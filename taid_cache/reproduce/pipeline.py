@@ -94,7 +94,7 @@ def filtered(cfg: ReproduceConfig, data: Path, tokenizer) -> tuple[Path, Path]:
 
 
 def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
-    """The embedded teacher: a Llama trained from scratch on the pre-training text for a fixed time."""
+    """The embedded teacher: a Llama trained from scratch on the pre-training text for a fixed number of steps."""
     from transformers import AutoTokenizer
 
     from .models import new_llama
@@ -107,14 +107,23 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
     model = new_llama(cfg.teacher_size, len(tokenizer), tokenizer, seed=cfg.seed)
     texts = [json.loads(l)["text"] for l in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
     blocks = pack_blocks([tokenizer(t)["input_ids"] for t in texts], 256)
-    losses = pretrain(model, blocks, PretrainConfig(budget_s=cfg.pretrain_budget_s, seed=cfg.seed), console=console)
+    losses = pretrain(model, blocks, PretrainConfig(steps=cfg.pretrain_steps, seed=cfg.seed), console=console)
     tmp = out / ".teacher.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / "pretrain.json", {"steps": len(losses), "losses": losses, "budget_s": cfg.pretrain_budget_s})
+    write_json(tmp / "pretrain.json", {"steps": len(losses), "losses": losses})
     tmp.rename(folder)
     return folder
+
+
+def dump_cache(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, console: Console) -> Path:
+    """Stage one on one chat file with the reproduction's settings; a finished cache (manifest written) is
+    reused, an interrupted one resumes."""
+    if not (output / "manifest.json").exists():
+        dump_teacher(DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k,
+                                tensor_parallel_size=cfg.tensor_parallel_size, max_length=cfg.max_length, console=console))
+    return output
 
 
 def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
@@ -199,12 +208,8 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     train_file, heldout_file = filtered(cfg, out / "data", tokenizer)
     stage(3, "dump-teacher: the teacher's top-k into the cache")
-    caches = {}
-    for split, path in (("train", train_file), ("heldout", heldout_file)):
-        caches[split] = out / f"cache-{split}"
-        if not (caches[split] / "manifest.json").exists():
-            dump_teacher(DumpConfig(model=str(teacher), data=[str(path)], output=caches[split], engine=cfg.engine, top_k=cfg.top_k,
-                                    tensor_parallel_size=cfg.tensor_parallel_size, max_length=cfg.max_length, console=console))
+    caches = {split: dump_cache(cfg, teacher, path, out / f"cache-{split}", cfg.top_k, console)
+              for split, path in (("train", train_file), ("heldout", heldout_file))}
     stats, captured = cache_stats(caches["train"])
     plot_captured_mass(captured, cfg.top_k, out / "cache-mass.png")
     write_json(out / "inspect.json", stats)

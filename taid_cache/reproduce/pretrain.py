@@ -1,9 +1,10 @@
-"""Train a Llama from scratch on plain text for a fixed wall-clock budget (the embedded default's teacher)."""
+"""Train a Llama from scratch on plain text for a fixed number of steps (the embedded default's teacher).
+
+A step budget, not a time budget, so the same settings give the same teacher on any machine."""
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ class PretrainConfig:
     block: int = 256
     batch_size: int = 16
     lr: float = 3e-3
-    budget_s: float = 240.0
+    steps: int = 200
     seed: int = 0
 
 
@@ -27,21 +28,21 @@ def pack_blocks(token_lists: list[list[int]], block: int) -> np.ndarray:
 
 
 def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig, console=None) -> list[float]:
-    """AdamW with a time-based cosine schedule; returns the loss per step. A progress bar runs on the budget."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    """AdamW with a cosine schedule over cfg.steps; returns the loss per step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
-    losses, start = [], time.monotonic()
-    bar = Progress(TextColumn("[bold]pre-training teacher"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                   console=console, disable=console is None)
-    task = bar.add_task("pretrain", total=cfg.budget_s, info="")
+    losses: list[float] = []
+    bar = Progress(TextColumn("[bold]pre-training teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=console, disable=console is None)
+    task = bar.add_task("pretrain", total=cfg.steps, info="")
     bar.start()
-    while (elapsed := time.monotonic() - start) < cfg.budget_s:
+    for step in range(cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / cfg.budget_s, 1.0)))
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         batch = torch.from_numpy(blocks[rng.integers(0, len(blocks), cfg.batch_size)])
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
@@ -49,7 +50,7 @@ def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig, console=None) -> li
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        bar.update(task, completed=elapsed, info=f"step {len(losses)}  loss {losses[-1]:.3f}")
+        bar.update(task, completed=step + 1, info=f"loss {losses[-1]:.3f}")
     bar.stop()
     model.eval()
     return losses
