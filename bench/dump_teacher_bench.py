@@ -197,7 +197,7 @@ def main() -> None:
     texts = [p.read_text(errors="ignore") for p in train_files]
     engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     speed_rows = speed(args.work, tokenizer, texts[:80], engines, 16384 if args.quick else 32768)
-    teacher, final_loss = train_teacher(args.work, tokenizer, texts, 24 if args.quick else 240)
+    teacher, final_loss = train_teacher(args.work, tokenizer, texts, 22 if args.quick else 220)
     chat_file = args.work / "chat.jsonl"
     convs = [c for t in texts for c in chat_pairs(t)][: 100 if args.quick else 600]
     chat_file.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
