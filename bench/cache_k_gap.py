@@ -72,5 +72,6 @@ def main() -> None:
     lines.append(f"| online teacher | 1 | – | – | {online['wall_s']:.1f} | {online['ce']:.4f} | {online['kl']:.4f} | {online['top1']:.4f} |")
     publish("cache_k_gap", "\n".join(lines), {"reproduction": str(out), "rows": rows, "online": online})
 
+
 if __name__ == "__main__":
     main()

@@ -110,7 +110,7 @@ def packing_gain(work: Path, chat_cache: Path, tokens: int, reps: int = 2) -> di
         seqs.append(Sequence(rec["sample_id"], rec["input_ids"], rec["loss_mask"]))
         total += len(rec["input_ids"])
     batches, current = [], []
-    for seq in seqs:  # the CLI's batching: whole sequences up to 16384 tokens per call
+    for seq in seqs:  # whole sequences, at most 16384 tokens per call (the CLI's default budget)
         if current and sum(len(s.input_ids) for s in current) + len(seq.input_ids) > 16384:
             batches.append(current)
             current = []
@@ -224,6 +224,7 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""
     publish(f"dump_teacher{suffix}", "\n".join(lines), {"vocab_size": VOCAB, "target_bytes_per_entry": target, "speed": speed_rows,
                                                         "hf_packing": packing, "size": size_rows, "teacher_final_loss": final_loss})
+
 
 if __name__ == "__main__":
     main()

@@ -151,8 +151,9 @@ def taid_sparse_student_tail(
 
     lse = torch.logsumexp(s, -1)
     q = s.sub(lse[:, None]).exp_()  # the student's probabilities; becomes the gradient in place
-    q_k = q.gather(1, ids.clamp(0, vocab - 1)).masked_fill(~usable, 0.0)
-    s_k = s.gather(1, ids.clamp(0, vocab - 1))
+    gather_at = ids.clamp(0, vocab - 1)  # unusable entries read a harmless column and are masked
+    q_k = q.gather(1, gather_at).masked_fill(~usable, 0.0)
+    s_k = s.gather(1, gather_at)
     q[rows, cols] = 0.0  # q now holds the student's mass off the top-k
     off = q[:, :valid_vocab]
     q_off = off.sum(-1)  # student mass off the top-k, below valid_vocab

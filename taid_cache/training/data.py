@@ -71,14 +71,16 @@ def collate(records: list[dict[str, Any]], max_length: int, pack: bool = False) 
     layout = lay_out(lengths, max_length, pack)
     ids = layout.grid([r["input_ids"][:n].astype(np.int64) for r, n in zip(records, lengths)], 0)
 
-    def predictions(key: str, fill: float | int, dtype: type) -> torch.Tensor:
-        """Per position j < n−1 of each sequence (what predicts token j+1), on the grid minus its last column."""
-        return layout.grid([r[key][: n - 1].astype(dtype) for r, n in zip(records, lengths)], fill, drop_last=True)[:, :-1]
+    def per_prediction(key: str, fill: float | int, dtype: type, shift: int = 0) -> torch.Tensor:
+        """One value per position j < n−1 of each sequence (position j predicts token j+1 of the same sequence;
+        each sequence's last position predicts nothing), on the grid minus its last column. `shift` 1 takes
+        the value at token j+1."""
+        values = [r[key][shift : n - 1 + shift].astype(dtype) for r, n in zip(records, lengths)]
+        return layout.grid(values, fill, drop_last=True)[:, :-1]
 
-    # Position j predicts token j+1 of the same sequence; each sequence's last position predicts nothing.
-    targets = layout.grid([r["loss_mask"][1:n] for r, n in zip(records, lengths)], False, drop_last=True)[:, :-1]
-    return MicroBatch(layout.model_inputs(ids), targets, ids[:, 1:], predictions("topk_ids", -1, np.int64),
-                      predictions("topk_logprobs", -float("inf"), np.float32), sum(lengths))
+    return MicroBatch(layout.model_inputs(ids), per_prediction("loss_mask", False, np.bool_, shift=1), ids[:, 1:],
+                      per_prediction("topk_ids", -1, np.int64), per_prediction("topk_logprobs", -float("inf"), np.float32),
+                      sum(lengths))
 
 
 class CacheStream(IterableDataset):
