@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from taid_cache.reproduce.corpus import chat_pairs, stdlib_files
@@ -64,3 +65,35 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"taid-cache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+# Two forwards of one model that batch differently (packed vs alone, two engines) round differently: log-probs
+# closer than this are ties whose order is noise.
+TIE_NATS = 1e-4
+
+
+def assert_top_k_of(ids: np.ndarray, logprobs: np.ndarray, reference: np.ndarray, bound: float) -> None:
+    """`ids`/`logprobs` [P, k] are a top-k of `reference` [P, V] (true log-probs) up to float noise: each stored
+    log-prob is within `bound` of the reference's value for its id, ids are distinct, in descending reference
+    order, and none is beaten by an unstored id by more than TIE_NATS. So ids may differ from an exact sort only
+    where two candidates are tied to float noise."""
+    k = ids.shape[1]
+    true = np.take_along_axis(reference, ids, axis=1)
+    assert np.abs(logprobs - true).max() <= bound + 1e-5
+    assert all(len(set(row)) == k for row in ids.tolist())
+    assert (np.diff(true, axis=1) <= TIE_NATS).all()
+    kth = -np.partition(-reference, k - 1, axis=1)[:, k - 1]  # the k-th largest reference value per row
+    assert (true.min(axis=1) >= kth - TIE_NATS).all()
+
+
+def assert_same_up_to_ties(ids_a: np.ndarray, lps_a: np.ndarray, ids_b: np.ndarray, lps_b: np.ndarray, atol: float) -> None:
+    """Two top-k tables of one teacher computed in different batches: the sorted log-probs agree within `atol`,
+    an id present in both has the same log-prob within `atol`, and an id present in only one sits at that
+    row's cut-off (a tie with the id the other kept)."""
+    np.testing.assert_allclose(lps_a, lps_b, atol=atol)
+    for ia, la, ib, lb in zip(ids_a.tolist(), lps_a.tolist(), ids_b.tolist(), lps_b.tolist()):
+        a, b = dict(zip(ia, la)), dict(zip(ib, lb))
+        for token in a.keys() & b.keys():
+            assert abs(a[token] - b[token]) <= atol
+        for token, lp in [(t, a[t]) for t in a.keys() - b.keys()] + [(t, b[t]) for t in b.keys() - a.keys()]:
+            assert lp <= min(la[-1], lb[-1]) + atol + TIE_NATS

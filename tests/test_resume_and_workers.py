@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, assert_same_up_to_ties, run_cli, write_jsonl
 from taid_cache.shards import read_cache
 from taid_cache.shards.manifest import load_parts
 
@@ -96,8 +96,7 @@ def test_workers_union_is_the_whole_cache(teacher_dir, many_rows, tmp_path) -> N
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
-        # Different batch neighbours can change float rounding; ids agree and values within float noise.
-        np.testing.assert_array_equal(x["topk_ids"], y["topk_ids"])
-        np.testing.assert_allclose(x["topk_logprobs"], y["topk_logprobs"], atol=1e-4)
+        # Different batch neighbours change float rounding: values agree within float noise, ids up to ties.
+        assert_same_up_to_ties(x["topk_ids"], x["topk_logprobs"], y["topk_ids"], y["topk_logprobs"], atol=1e-4)
     manifest = json.loads((multi / "manifest.json").read_text())
     assert manifest["num_workers"] == 3 and manifest["records"] == len(b)
