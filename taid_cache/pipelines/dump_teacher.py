@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..engines import ENGINES, EngineConfig, make_engine, resolve_engine
 from ..errors import UserError, first_line
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
-from ..inputs import KINDS, RowTokenizer, Sequence, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
+from ..atomic import check_writable_folder, exclusive_lock
+from ..inputs import KINDS, RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
 from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
 from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
@@ -168,6 +169,8 @@ def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_
 def dump_teacher(cfg: DumpConfig) -> dict:
     """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds."""
     check_options(cfg)
+    engine_name = resolve_engine(cfg.engine)
+    check_writable_folder(cfg.output, "--output")
     folder = resolve_model(cfg.model)
     teacher = teacher_facts(folder)
     tokenizer, vocab_size = teacher.tokenizer, teacher.vocab_size
@@ -182,8 +185,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     if len(rows) == 0:
         raise UserError(f"the dataset {', '.join(cfg.data)} (split {cfg.split}) has no rows")
     kind = detect_kind(rows.column_names, cfg.input_kind)
+    check_rows(rows, kind, vocab_size)
     to_sequence = RowTokenizer(tokenizer, kind, max_length, cfg.overlong, source_tag(cfg.data))
-    engine_name = resolve_engine(cfg.engine)
     settings = {
         "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
         "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
@@ -196,13 +199,30 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 
     cache = cfg.output
     check_compatible(cache, settings)
+    # Everything that can fail on a typo or a bad model fails here, before this worker writes anything.
+    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype,
+                                                   cfg.tensor_parallel_size, cfg.lm_head_chunk))
+    try:
+        if cfg.top_k > engine.max_top_k:
+            raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
+        with exclusive_lock(cache / PARTS_DIR / f"worker-{cfg.worker_index:05d}.lock",
+                            f"worker {cfg.worker_index} of {cfg.num_workers} in {cache}"):
+            return finish_worker(cfg, cache, settings, engine, rows, to_sequence, vocab_size, max_length)
+    finally:
+        engine.close()
+
+
+def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine, rows, to_sequence: RowTokenizer,
+                  vocab_size: int, max_length: int) -> dict:
+    """This worker's share, under its lock: start or resume its part, run the engine, mark it done."""
     part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
+    if part is not None and part.settings != settings:
+        part = None  # it committed nothing (check_compatible refuses otherwise): start over it
     if part is not None and part.done:
         complete = try_finalize(cache)
         cfg.console.print(f"worker {cfg.worker_index} of {cfg.num_workers} already finished in {cache}: nothing to do"
                           + ("" if complete else " (other workers still missing)"))
         return {"complete": complete, "resumed": False, "nothing_to_do": True}
-    (cache / PARTS_DIR).mkdir(parents=True, exist_ok=True)
     if part is None:
         start, end = worker_slice(len(rows), cfg.num_workers, cfg.worker_index)
         part = WorkerPart(settings, cfg.worker_index, cfg.num_workers, start, end,
@@ -210,16 +230,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         save_part(cache, part)
     resumed = bool(part.shards)
     remove_orphans(cache, part)
-
-    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype,
-                                                   cfg.tensor_parallel_size, cfg.lm_head_chunk))
-    try:
-        if cfg.top_k > engine.max_top_k:
-            raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
-        final = run_engine(cfg, cache, part, engine, rows, to_sequence, vocab_size)
-    finally:
-        engine.close()
-
+    final = run_engine(cfg, cache, part, engine, rows, to_sequence, vocab_size)
     part.cursor, part.done = final, True
     save_part(cache, part)
     complete = try_finalize(cache)

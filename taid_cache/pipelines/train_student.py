@@ -8,6 +8,7 @@ loss -> log, evaluate, checkpoint -> save the student with save_pretrained.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -20,22 +21,30 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..atomic import check_writable_folder, write_text
 from ..errors import UserError
+from ..fingerprints import model_hash, resolve_model
+from ..settings import describe_differences
 from ..losses import (
     LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail,
 )
 from ..packing import keeps_sequences_apart
+from ..shards.manifest import cache_identity, load_manifest
+from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
-from ..training.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from ..training.checkpoint import checkpoints, load_newest, readable_meta, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, loader
+from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
 from ..training.student import (
-    Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, check_vocabulary, close_distributed, init_distributed,
-    load_causal_lm,
-    save_student, shard_model,
+    Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, broadcast_object, check_vocabulary,
+    close_distributed, init_distributed, load_causal_lm, save_student, shard_model,
 )
 
-# Settings that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE = {"resume", "save_every", "eval_every", "progress", "num_workers", "tensorboard"}
+# Settings that may change between a run and its resumption (they do not change what is computed). Paths are
+# not settings: the run records what they held (the cache's identity, the models' hashes) instead, so a moved
+# folder resumes and a rebuilt cache at the same path does not.
+RESUMABLE = {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "tensorboard",
+             "output", "cache", "student", "teacher_model"}
 
 
 @dataclass
@@ -84,22 +93,48 @@ class TrainConfig:
 
 
 def check_options(cfg: TrainConfig) -> None:
+    """Every option in range before anything is loaded or written (NaN fails every comparison, so each check is
+    written as 'must be inside', never 'must not be outside')."""
     if cfg.loss not in LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
     if cfg.tail not in TAILS:
         raise UserError(f"--tail must be one of {', '.join(TAILS)}, not {cfg.tail!r}")
-    if not cfg.taid_t_start < cfg.taid_t_end:
-        raise UserError(f"--taid-t-start ({cfg.taid_t_start}) must be below --taid-t-end ({cfg.taid_t_end})")
-    if not (0.0 <= cfg.taid_alpha <= 1.0 and 0.0 <= cfg.taid_beta < 1.0):
-        raise UserError("--taid-alpha must be in [0, 1] and --taid-beta in [0, 1)")
-    if not 0.0 <= cfg.distil_ratio <= 1.0:
-        raise UserError(f"--distil-ratio must be in [0, 1], not {cfg.distil_ratio}")
     if (cfg.max_steps is None) == (cfg.epochs is None):
         raise UserError("give exactly one of --max-steps and --epochs")
-    if (cfg.max_steps is not None and cfg.max_steps < 1) or (cfg.epochs is not None and cfg.epochs <= 0):
-        raise UserError("--max-steps / --epochs must be positive")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_length < 2 or cfg.lr <= 0:
-        raise UserError("--batch-size, --grad-accum, --lr must be positive and --max-length at least 2")
+    # flag: (value, low, high, low included, high included); infinite bounds are never included.
+    intervals = {
+        "--lr": (cfg.lr, 0.0, math.inf, False, False),
+        "--weight-decay": (cfg.weight_decay, 0.0, math.inf, True, False),
+        "--epochs": (cfg.epochs, 0.0, math.inf, False, False),
+        "--distil-ratio": (cfg.distil_ratio, 0.0, 1.0, True, True),
+        "--taid-t-start": (cfg.taid_t_start, 0.0, 1.0, True, False),
+        "--taid-t-end": (cfg.taid_t_end, 0.0, 1.0, False, True),
+        "--taid-alpha": (cfg.taid_alpha, 0.0, 1.0, True, True),
+        "--taid-beta": (cfg.taid_beta, 0.0, 1.0, True, False),
+        "--beta": (cfg.beta, 0.0, 1.0, False, False),
+        "--mu": (cfg.mu, 0.0, 1.0, False, False),
+        "grad_clip": (cfg.grad_clip, 0.0, math.inf, False, False),
+    }
+    for flag, (value, low, high, low_in, high_in) in intervals.items():
+        if value is None:
+            continue
+        above = low <= value if low_in else low < value
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            raise UserError(f"{flag} must be in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}, not {value}")
+    if not cfg.taid_t_start < cfg.taid_t_end:
+        raise UserError(f"--taid-t-start ({cfg.taid_t_start}) must be below --taid-t-end ({cfg.taid_t_end})")
+    at_least = {"--max-steps": (cfg.max_steps, 1), "--batch-size": (cfg.batch_size, 1), "--grad-accum": (cfg.grad_accum, 1),
+                "--max-length": (cfg.max_length, 2), "--loss-chunk": (cfg.loss_chunk, 1), "--shuffle-buffer": (cfg.shuffle_buffer, 1),
+                "--num-workers": (cfg.num_workers, 0), "--warmup-steps": (cfg.warmup_steps, 0), "--save-every": (cfg.save_every, 0),
+                "--eval-every": (cfg.eval_every, 0)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise UserError(f"{flag} must be at least {low}, not {value}")
+    if cfg.eval_every and cfg.eval_cache is None:
+        raise UserError("--eval-every needs --eval-cache (the held-out cache to evaluate on)")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)")
 
 
 def check_packing(model, pack: bool, what: str) -> None:
@@ -172,11 +207,9 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
 
 
 @torch.no_grad()
-def evaluate(model: LossModel, cfg: TrainConfig, settings: dict, env: Dist) -> dict[str, float]:
-    """Held-out CE on the data, KL(teacher‖student) against the rebuilt teacher, top-1 agreement. Never touches t."""
-    manifest = verify_cache(cfg.eval_cache)
-    if manifest["settings"]["tokenizer_hash"] != settings["tokenizer_hash"]:
-        raise UserError("--eval-cache was made with another tokenizer than --cache")
+def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict, env: Dist) -> dict[str, float]:
+    """Held-out CE on the data, KL(teacher‖student) against the rebuilt teacher, top-1 agreement. Never touches t.
+    `manifest`: the eval cache's, verified at the start of the run."""
     data = CacheStream(cfg.eval_cache, cfg.batch_size, env.rank, env.world, cfg.max_length, 0, 1, False, limit=manifest["records"], pack=cfg.pack)
     sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
     model.eval()
@@ -199,6 +232,15 @@ def evaluate(model: LossModel, cfg: TrainConfig, settings: dict, env: Dist) -> d
     return {"eval_ce": sums[0].item() / n, "eval_kl": sums[1].item() / n, "eval_top1": sums[2].item() / n}
 
 
+def parse_line(line: str) -> dict | None:
+    """One metrics record; None for a line torn by a kill in mid-write."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """OUTPUT/metrics.jsonl, written by rank 0; a resumed run first drops lines past its checkpoint."""
 
@@ -206,13 +248,11 @@ class MetricsLog:
         self.path, self.enabled = output / "metrics.jsonl", env.rank == 0
         self.board = None
         if self.enabled:
-            kept = [l for l in (self.path.read_text().splitlines() if self.path.exists() else []) if json.loads(l)["step"] <= resumed_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            kept = [l for l in lines if (record := parse_line(l)) is not None and record.get("step", math.inf) <= resumed_step]
+            write_text(self.path, "".join(l + "\n" for l in kept))
             if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+                from torch.utils.tensorboard import SummaryWriter
 
                 self.board = SummaryWriter(str(output / "tensorboard"))
 
@@ -227,31 +267,91 @@ class MetricsLog:
                     self.board.add_scalar(key, value, record["step"])
 
 
-def prepare_output(cfg: TrainConfig) -> Optional[Path]:
-    """The checkpoint to resume from, or None for a fresh run into an empty folder."""
-    found = checkpoints(cfg.output)
+def verified(cache: Path, env: Dist) -> dict:
+    """The cache's manifest, checked in full once per run by rank 0; the other ranks wait for its verdict."""
+    error = None
+    if env.rank == 0:
+        try:
+            verify_cache(cache)
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error, env)
+    if error is not None:
+        raise UserError(error)
+    return load_manifest(cache)
+
+
+def check_loss_tokens(cache: Path, manifest: dict, max_length: int) -> None:
+    """Refuse a cache with no training target within --max-length: the run would train on nothing."""
+    for record in read_cache(cache):
+        if record["loss_mask"][1:max_length].any():
+            return
+    raise UserError(f"no training targets: no sequence of {cache} has a loss-mask token within its first {max_length} "
+                    "tokens (chat rows without assistant turns, or --max-length too short)")
+
+
+def run_settings(cfg: TrainConfig, manifest: dict, env: Dist, global_batch: int) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    return {**cfg.settings(), "cache_identity": cache_identity(manifest), "student_hash": model_hash(resolve_model(cfg.student)),
+            "teacher_model_hash": model_hash(resolve_model(cfg.teacher_model)) if cfg.teacher_model else None,
+            "world_size": env.world, "global_batch": global_batch}
+
+
+def prepare_output(cfg: TrainConfig, settings: dict[str, Any]) -> bool:
+    """Check the run folder before anything is written; True when the run resumes from a checkpoint."""
     if cfg.resume:
-        if not found:
+        meta = readable_meta(cfg.output)
+        if meta is None:
             raise UserError(f"--resume: no checkpoint in {cfg.output}/checkpoints")
-        meta = json.loads((found[-1] / "meta.json").read_text())
-        diff = sorted(k for k in meta["settings"].keys() | cfg.settings().keys() if meta["settings"].get(k) != cfg.settings().get(k))
+        diff = describe_differences(meta["settings"], settings, "then", "now")
         if diff:
-            shown = ", ".join(f"{k} ({meta['settings'].get(k)!r} then, {cfg.settings().get(k)!r} now)" for k in diff[:3])
-            raise UserError(f"--resume with changed settings: {shown}")
-        return found[-1]
-    if cfg.output.exists() and any(cfg.output.iterdir()):
-        raise UserError(f"{cfg.output} is not empty: use --resume to continue a run, or another --output")
-    return None
+            raise UserError(f"--resume with changed settings: {diff}")
+        return True
+    if not clear_unrecoverable(cfg.output, bool(checkpoints(cfg.output))):
+        raise refuse_non_empty(cfg.output)
+    return False
+
+
+def all_finite(model, env: Dist) -> bool:
+    """Every parameter (each rank's shard) finite, agreed across ranks."""
+    bad = torch.zeros((), device=env.device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local)).sum()
+    return all_reduce_sum(bad, env).item() == 0
 
 
 def train_student(cfg: TrainConfig) -> dict[str, Any]:
     check_options(cfg)
-    manifest = verify_cache(cfg.cache)
+    env = init_distributed()
+    try:
+        result = run(cfg, env)
+    except BaseException:
+        close_distributed(env, barrier=False)
+        raise
+    close_distributed(env)
+    return result
+
+
+def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
+    check_writable_folder(cfg.output, "--output")
+    if broadcast_object(install_staged(cfg.output) if env.rank == 0 else None, env):
+        cfg.console.print(f"finished installing the student an interrupted run had saved in {cfg.output}; nothing else to do")
+        return {}
+    manifest = verified(cfg.cache, env)
     settings = manifest["settings"]
     if manifest["records"] == 0:
         raise UserError(f"the cache {cfg.cache} holds no sequences")
-    resume_from = prepare_output(cfg)
-    env = init_distributed()
+    check_loss_tokens(cfg.cache, manifest, cfg.max_length)
+    eval_manifest = verified(cfg.eval_cache, env) if cfg.eval_cache is not None else None
+    if eval_manifest is not None and eval_manifest["settings"]["tokenizer_hash"] != settings["tokenizer_hash"]:
+        raise UserError("--eval-cache was made with another tokenizer than --cache")
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world
+    run_config = run_settings(cfg, manifest, env, global_batch)
+    resume = prepare_output(cfg, run_config)
+    if resume and is_finished(cfg.output):
+        cfg.console.print(f"the run in {cfg.output} already finished (its student is saved there): nothing to do")
+        return {}
     torch.manual_seed(cfg.seed)
     bf16 = env.device.type == "cuda"
     lm, tokenizer = load_causal_lm(cfg.student, "student", torch.float32, attention_implementation())
@@ -260,16 +360,14 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     rows = lm.get_output_embeddings().weight.shape[0]
     teacher = Teacher(cfg, settings, rows, env)
     model = shard_model(LossModel(lm, cfg.loss_chunk), env, bf16, cfg.activation_checkpointing)
-    global_batch = cfg.batch_size * cfg.grad_accum * env.world
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest["records"] / global_batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
     schedule = TaidSchedule(cfg.taid_t_start, cfg.taid_t_end, cfg.taid_alpha, cfg.taid_beta, total_steps, not cfg.taid_disable_adaptive)
     loss_cfg = LossConfig(cfg.loss, cfg.beta, cfg.mu, 0.0 if cfg.loss == "sft" else cfg.distil_ratio)
     step, tokens, elapsed_before = 0, 0, 0.0
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer, scheduler)
+    if resume:
+        meta = load_newest(cfg.output, model, optimizer, scheduler, lambda line: cfg.console.print(line) if env.rank == 0 else None)
         schedule.load_state_dict(meta["taid"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
     log = MetricsLog(cfg.output, env, step, cfg.tensorboard)
@@ -294,11 +392,14 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                 reported += rep / denominator
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            loss_value = all_reduce_sum(reported, env).item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                raise UserError(f"step {step + 1}: the loss ({loss_value}) or gradient norm ({grad_norm}) is not finite; "
+                                "stopped without saving this step (lower --lr, or check the student and the cache)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            loss_value = all_reduce_sum(reported, env).item()
             if loss_cfg.name == "taid":
                 schedule.update(loss_value)
             step += 1
@@ -311,15 +412,24 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                 spread = all_reduce_max(torch.tensor([schedule.t, -schedule.t], dtype=torch.float64), env)
                 last["t_rank_spread"] = float(spread[0] + spread[1])
             log.write(last)
-            if cfg.eval_cache is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
-                log.write({"step": step, **evaluate(model, cfg, settings, env)})
+            if eval_manifest is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                log.write({"step": step, **evaluate(model, cfg, eval_manifest, settings, env)})
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                require_finite(model, env, step)
                 save_checkpoint(cfg.output, step, model, optimizer, scheduler,
-                                {"settings": cfg.settings(), "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env)
+                                {"settings": run_config, "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env)
             bar.update(task, advance=1, info=f"loss {loss_value:.4f}" + (f"  t {t:.3f}" if loss_cfg.name == "taid" else "")
                        + f"  {tokens / max(elapsed, 1e-9):,.0f} tok/s")
+    require_finite(model, env, step)
     save_student(model, tokenizer, cfg.output, env)
     if env.rank == 0:
+        install_staged(cfg.output)
         cfg.console.print(f"trained {step} steps ({cfg.loss}); student saved to {cfg.output}")
-    close_distributed(env)
     return last
+
+
+def require_finite(model, env: Dist, step: int) -> None:
+    """Never save NaN or infinite weights: an update can overflow even when its gradient was finite."""
+    if not all_finite(model, env):
+        raise UserError(f"step {step}: the student's weights are no longer finite (NaN or inf); stopped without saving "
+                        "them (lower --lr)")

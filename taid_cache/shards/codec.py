@@ -58,11 +58,11 @@ def decode_logprobs(stored: np.ndarray, counts: np.ndarray, precision: str) -> n
     """Stored values -> flat float32 log-probs."""
     if precision == "fp32":
         return stored.astype(np.float32, copy=False)
-    running = np.cumsum(stored, dtype=np.int64)
-    # Undo the running sum at every position boundary: subtract what the previous positions added.
-    ends = np.cumsum(counts)
-    base = np.concatenate(([0], running[ends[:-1] - 1])) if len(counts) else np.zeros(0, np.int64)
-    codes = running - np.repeat(base, counts)
+    # Undo the running sum at every position boundary: subtract what the previous positions added. `running`
+    # starts with a 0 so that a position after only empty ones (count 0) reads base 0, not a wrapped index.
+    running = np.concatenate(([0], np.cumsum(stored, dtype=np.int64)))
+    starts = np.cumsum(counts) - counts
+    codes = running[1:] - np.repeat(running[starts], counts)
     return (-codes * LOGPROB_STEP).astype(np.float32)
 
 

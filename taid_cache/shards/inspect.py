@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import load_manifest
 from .reader import read_cache
+from .verify import verify_cache
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
@@ -15,7 +15,7 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
     """Summary numbers, and the captured mass (sum of stored probabilities) at every position."""
     cache = Path(path)
-    manifest = load_manifest(cache)
+    manifest = verify_cache(cache)  # refuse a corrupt cache as `verify` does, rather than summarise it
     captured = np.concatenate(
         [np.exp(r["topk_logprobs"].astype(np.float64)).sum(axis=1) for r in read_cache(cache)] or [np.zeros(0)]
     )

@@ -8,12 +8,15 @@ writes the manifest (two that finish together write the same content, atomically
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import read_json, write_json
 from ..errors import UserError
+from ..settings import describe_differences
 from .schema import FORMAT_VERSION
 
 MANIFEST = "manifest.json"
@@ -49,24 +52,29 @@ def load_parts(cache: Path) -> list[WorkerPart]:
     folder = cache / PARTS_DIR
     if not folder.is_dir():
         return []
-    return [WorkerPart(**read_json(p)) for p in sorted(folder.glob("worker-*.json"))]
+    return [read_part(p) for p in sorted(folder.glob("worker-*.json"))]
 
 
-def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+def read_part(path: Path) -> WorkerPart:
+    record = read_json(path, "a worker's part file")
+    try:
+        return WorkerPart(**record)
+    except TypeError:
+        raise UserError(f"{path} (a worker's part file) is corrupt: not a taid-cache part record") from None
 
 
 def check_compatible(cache: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add to a folder that holds a cache made with other settings, or anything else."""
-    recorded = [p.settings for p in load_parts(cache)]
+    """Refuse to add to a folder that holds a cache made with other settings, or anything else. A part that
+    committed no shard holds no data, so a corrected command may start over it."""
+    recorded = [p.settings for p in load_parts(cache) if p.shards]
     if (cache / MANIFEST).exists():
-        recorded.append(read_json(cache / MANIFEST)["settings"])
+        recorded.append(load_manifest(cache)["settings"])
     for old in recorded:
-        diff = differing_settings(old, settings)
+        diff = describe_differences(old, settings, "there", "now")
         if diff:
-            shown = ", ".join(f"{k} ({old.get(k)!r} there, {settings.get(k)!r} now)" for k in diff[:3])
-            raise UserError(f"{cache} holds a cache made with other settings: {shown}; use another --output")
-    if not recorded and cache.is_dir() and any(cache.iterdir()):
+            raise UserError(f"{cache} holds a cache made with other settings: {diff}; use another --output")
+    others = [p for p in cache.iterdir() if p.name != PARTS_DIR] if cache.is_dir() else []
+    if not recorded and others and not load_parts(cache):
         raise UserError(f"{cache} is not empty and holds no taid-cache cache; use an empty or new --output")
 
 
@@ -98,15 +106,29 @@ def try_finalize(cache: Path) -> bool:
     return True
 
 
+def cache_identity(manifest: dict[str, Any]) -> str:
+    """What a cache holds, named: the manifest lists every shard's sha256, so equal identities mean equal data
+    (wherever the folder now lives)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
 def load_manifest(cache: Path) -> dict[str, Any]:
     """The finished cache's manifest, or a one-line error saying why there is none."""
     if (cache / MANIFEST).is_file():
-        manifest = read_json(cache / MANIFEST)
+        manifest = read_json(cache / MANIFEST, "the cache's manifest")
+        if not isinstance(manifest, dict) or "settings" not in manifest or "shards" not in manifest:
+            raise UserError(f"{cache / MANIFEST} (the cache's manifest) is corrupt: not a taid-cache manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{cache}: cache format {manifest.get('format_version')} is not supported (this is {FORMAT_VERSION})")
+            raise UserError(f"{cache} is in cache format {manifest.get('format_version')}; this taid-cache reads format "
+                            f"{FORMAT_VERSION} only: dump the teacher again with this version")
         return manifest
+    if not cache.is_dir():
+        raise UserError(f"no cache at {cache}: no such folder")
     parts = load_parts(cache)
     if not parts:
         raise UserError(f"{cache} is not a taid-cache cache (no {MANIFEST})")
     done = sum(p.done for p in parts)
+    if done == parts[0].num_workers:
+        raise UserError(f"{cache}: {MANIFEST} is missing although all {done} workers finished; rerun any worker's "
+                        "dump-teacher command to rebuild it")
     raise UserError(f"{cache} is incomplete: {done} of {parts[0].num_workers} workers finished; rerun the missing ones")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -9,7 +10,9 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from ..errors import UserError, first_line
 from .codec import decode_logprobs, unpack_ragged
+from .integrity import check_batch
 from .manifest import load_manifest
 
 
@@ -39,12 +42,31 @@ def decode_batch(batch: pa.RecordBatch, settings: dict[str, Any]) -> Iterator[di
         }
 
 
-def iter_shard(path: Path, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Decode every sequence of one shard file."""
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
+@contextlib.contextmanager
+def open_shard(cache: Path, shard: dict[str, Any]) -> Iterator[pa.ipc.RecordBatchFileReader]:
+    """An Arrow reader over one shard of the manifest; a missing or unreadable file is a one-line error."""
+    try:
+        with pa.memory_map(str(cache / shard["file"])) as source:
+            reader = pa.ipc.open_file(source)
+            if reader.num_record_batches != len(shard["batch_rows"]):
+                raise UserError(f"bad shard {shard['file']}: {reader.num_record_batches} record batches, the manifest says "
+                                f"{len(shard['batch_rows'])}; run `taid-cache verify`")
+            yield reader
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"bad shard {shard['file']}: cannot read it ({first_line(exc)}); run `taid-cache verify`") from None
+
+
+def checked_batch(reader: pa.ipc.RecordBatchFileReader, shard: dict[str, Any], b: int) -> pa.RecordBatch:
+    batch = reader.get_batch(b)
+    check_batch(batch, shard["batch_rows"][b], shard["batch_crc32"][b], f"{shard['file']} (record batch {b})")
+    return batch
+
+
+def iter_shard(cache: Path, shard: dict[str, Any], settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Decode every sequence of one shard, each record batch checked against the manifest first."""
+    with open_shard(cache, shard) as reader:
         for b in range(reader.num_record_batches):
-            yield from decode_batch(reader.get_batch(b), settings)
+            yield from decode_batch(checked_batch(reader, shard, b), settings)
 
 
 class RandomAccess:
@@ -60,9 +82,9 @@ class RandomAccess:
         b = int(np.searchsorted(self._starts[shard], row, side="right")) - 1
         key = (shard, b)
         if key not in self._decoded:
-            with pa.memory_map(str(self.cache / self.manifest["shards"][shard]["file"])) as source:
-                batch = pa.ipc.open_file(source).get_batch(b)
-                self._decoded[key] = list(decode_batch(batch, self.manifest["settings"]))
+            entry = self.manifest["shards"][shard]
+            with open_shard(self.cache, entry) as reader:
+                self._decoded[key] = list(decode_batch(checked_batch(reader, entry, b), self.manifest["settings"]))
             if len(self._decoded) > self.capacity:
                 self._decoded.popitem(last=False)
         self._decoded.move_to_end(key)
@@ -79,4 +101,4 @@ def read_cache(path: str | Path) -> Iterator[dict[str, Any]]:
     cache = Path(path)
     manifest = load_manifest(cache)
     for shard in manifest["shards"]:
-        yield from iter_shard(cache / shard["file"], manifest["settings"])
+        yield from iter_shard(cache, shard, manifest["settings"])

@@ -7,7 +7,8 @@ import pyarrow as pa
 
 from .codec import id_dtype, logprob_storage_dtype
 
-FORMAT_VERSION = 1
+# 2: per-batch crc32 in the manifest, checked by every reader.
+FORMAT_VERSION = 2
 
 
 def shard_schema(vocab_size: int, top_k: int, precision: str) -> pa.Schema:

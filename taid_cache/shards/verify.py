@@ -9,7 +9,7 @@ import pyarrow as pa
 from ..errors import UserError
 from .manifest import load_manifest
 from .schema import shard_schema
-from .writer import file_sha256
+from .integrity import file_sha256
 
 
 def verify_cache(path: str | Path) -> dict:

@@ -7,7 +7,6 @@ A shard still being written when the process dies is simply absent, and the resu
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -18,7 +17,10 @@ from typing import Callable, Protocol
 import numpy as np
 import pyarrow as pa
 
+from ..atomic import temporary_name
+from ..errors import UserError
 from .codec import encode_logprobs, id_dtype, pack_ragged, top_p_counts
+from .integrity import batch_crc32, file_sha256
 from .schema import list_array, shard_schema
 
 
@@ -42,17 +44,10 @@ class ShardEntry:
     bytes: int
     sha256: str
     batch_rows: list[int]  # records per Arrow record batch: random access without decompressing the shard
+    batch_crc32: list[int]  # per record batch, over its decoded contents: checked by every reader
     # The worker's position in its slice once this shard is in (next source row, rows dropped and
     # truncated so far): where a resumed run starts, with its counters.
     cursor: dict[str, int]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -84,6 +79,7 @@ class ShardWriter:
         self._open: tuple[Path, Path, pa.OSFile, pa.ipc.RecordBatchFileWriter] | None = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
         self._batch_rows: list[int] = []
+        self._batch_crcs: list[int] = []
         self._cursor: dict[str, int] = {}
 
     def shard_name(self, index: int) -> str:
@@ -92,6 +88,9 @@ class ShardWriter:
     def _batch(self, records: list[TeacherRecord]) -> pa.RecordBatch:
         counts, ids, stored = [], [], []
         for rec in records:
+            if not np.isfinite(rec.topk_logprobs).all():
+                raise UserError(f"the teacher gave non-finite log-probs (NaN or ±inf) for {rec.sample_id}: nothing of it was "
+                                "stored; check the model's weights, or try --dtype float32")
             n = top_p_counts(rec.topk_logprobs, self.top_p)
             flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
             counts.append(n)
@@ -116,11 +115,13 @@ class ShardWriter:
         if records:
             if self._open is None:
                 final = self.out_dir / self.shard_name(self.next_index)
-                tmp = final.with_name(f".{final.name}.tmp")
+                tmp = temporary_name(final)
                 sink = pa.OSFile(str(tmp), "wb")
                 self._open = (final, tmp, sink, pa.ipc.new_file(sink, self.schema, options=self.options))
-            self._open[3].write_batch(self._batch(records))
+            batch = self._batch(records)
+            self._open[3].write_batch(batch)
             self._batch_rows.append(len(records))
+            self._batch_crcs.append(batch_crc32(batch))
         self._cursor = cursor
         if self._open is not None and self._open[2].tell() >= self.shard_bytes:
             self.commit()
@@ -134,11 +135,12 @@ class ShardWriter:
         sink.close()
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), batch_rows=self._batch_rows, cursor=self._cursor, **self._stats)
+        entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), batch_rows=self._batch_rows,
+                           batch_crc32=self._batch_crcs, cursor=self._cursor, **self._stats)
         os.replace(tmp, final)
         self._open = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
-        self._batch_rows = []
+        self._batch_rows, self._batch_crcs = [], []
         self.next_index += 1
         self.on_commit(entry)
 

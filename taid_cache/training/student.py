@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError, first_line
-from ..fingerprints import tokenizer_hash
+from ..fingerprints import resolve_model, tokenizer_hash
 from ..losses import chunked_lm_loss
+from .run_folder import staged_student
 
 
 @dataclass
@@ -41,11 +42,22 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank() if world > 1 else 0, world, device)
 
 
-def close_distributed(env: Dist) -> None:
-    """Tear the process group down before exit; left to interpreter teardown, gloo's threads can abort the process."""
-    if env.active:
-        dist.barrier()
+def close_distributed(env: Dist, barrier: bool = True) -> None:
+    """Tear the process group down before exit; left to interpreter teardown, gloo's threads can abort the process.
+    After an error, no barrier: the other ranks may never reach it."""
+    if env.active and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_object(value: Any, env: Dist) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not env.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(value: torch.Tensor, env: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -59,9 +71,10 @@ def all_reduce_max(value: torch.Tensor, env: Dist) -> torch.Tensor:
     return all_reduce_sum(value, env, dist.ReduceOp.MAX)
 
 
-def load_causal_lm(path: str, what: str, dtype: torch.dtype, attention: str):
+def load_causal_lm(model: str, what: str, dtype: torch.dtype, attention: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = resolve_model(model, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
@@ -119,10 +132,12 @@ def shard_model(model: LossModel, env: Dist, bf16: bool, checkpointing: bool) ->
 
 
 def save_student(model: LossModel, tokenizer, out: Path, env: Dist) -> None:
-    """The final student as safetensors via save_pretrained, gathered to rank 0."""
+    """The final student as safetensors via save_pretrained, gathered to rank 0 and written whole into the run
+    folder's staging place (`run_folder.install_staged` then moves it in)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.rank == 0:
-        model.lm.save_pretrained(out, state_dict=state)
-        tokenizer.save_pretrained(out)
+        with staged_student(out) as folder:
+            model.lm.save_pretrained(folder, state_dict=state)
+            tokenizer.save_pretrained(folder)
