@@ -33,7 +33,7 @@ def load_rows(data: list[str], split: str):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()  # its own log line about a bad file would double our one-line error
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log line about a bad file would double ours
     paths = [Path(d) for d in data]
     try:
         if all(p.is_file() for p in paths):
@@ -52,7 +52,10 @@ def load_rows(data: list[str], split: str):
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or unknown data
-        raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first_line(exc)}") from None
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own words are the useful ones
+            cause = cause.__cause__ or cause.__context__
+        raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first_line(cause)}") from None
 
 
 def check_rows(rows, kind: str, vocab_size: int) -> None:

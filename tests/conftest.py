@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from taid_cache.reproduce.corpus import chat_pairs, stdlib_files
+from transformers import AutoTokenizer
+
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 
@@ -55,6 +57,26 @@ def data_dir(tmp_path_factory, texts) -> Path:
     write_jsonl(root / "empty.jsonl", [])
     write_jsonl(root / "nocolumn.jsonl", [{"question": "a", "answer": "b"}])
     return root
+
+
+STUDENT = LlamaSize(hidden=64, layers=1, heads=1, intermediate=128)
+
+
+@pytest.fixture(scope="session")
+def student_dir(teacher_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    new_llama(STUDENT, len(tokenizer), tokenizer, seed=1, out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train-caches")
+    common = ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--engine", "hf", "--max-length", "256", "--no-progress"]
+    run_cli("dump-teacher", *common, "--output", str(root / "top16"), "--top-k", "16")
+    run_cli("dump-teacher", *common, "--output", str(root / "full"), "--top-k", "512", "--precision", "fp32")
+    return {"top16": root / "top16", "full": root / "full"}
 
 
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, STUDENT, run_cli, write_jsonl
 from taid_cache.cli import app
 from taid_cache.losses import LOSSES
 from taid_cache.pipelines.train_student import TrainConfig, train_student
@@ -27,26 +27,6 @@ from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
 from taid_cache.packing import keeps_sequences_apart, pack_rows
 from taid_cache.training.data import collate
-
-STUDENT = LlamaSize(hidden=64, layers=1, heads=1, intermediate=128)
-
-
-@pytest.fixture(scope="module")
-def student_dir(teacher_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("student") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    new_llama(STUDENT, len(tokenizer), tokenizer, seed=1, out=out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train-caches")
-    common = ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--engine", "hf", "--max-length", "256", "--no-progress"]
-    run_cli("dump-teacher", *common, "--output", str(root / "top16"), "--top-k", "16")
-    run_cli("dump-teacher", *common, "--output", str(root / "full"), "--top-k", "512", "--precision", "fp32")
-    return {"top16": root / "top16", "full": root / "full"}
-
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -113,12 +113,12 @@ class ShardWriter:
     def write(self, records: list[TeacherRecord], cursor: dict[str, int]) -> None:
         """Append records; `cursor` says where the source stands once they (and rows dropped before them) are in."""
         if records:
+            batch = self._batch(records)  # before opening a file: a refused batch leaves nothing behind
             if self._open is None:
                 final = self.out_dir / self.shard_name(self.next_index)
                 tmp = temporary_name(final)
                 sink = pa.OSFile(str(tmp), "wb")
                 self._open = (final, tmp, sink, pa.ipc.new_file(sink, self.schema, options=self.options))
-            batch = self._batch(records)
             self._open[3].write_batch(batch)
             self._batch_rows.append(len(records))
             self._batch_crcs.append(batch_crc32(batch))

@@ -34,8 +34,10 @@ def save_checkpoint(output: Path, step: int, model, optimizer, scheduler, extra:
     model_state = get_model_state_dict(model, options=full)
     optim_state = get_optimizer_state_dict(model, optimizer, options=full)
     if env.rank == 0:
-        (output / "checkpoints").mkdir(parents=True, exist_ok=True)
-        with atomic_path(output / "checkpoints" / f"step-{step:08d}") as tmp:
+        final = output / "checkpoints" / f"step-{step:08d}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)  # an unreadable one a resumed run skipped: this step replaces it
+        with atomic_path(final) as tmp:
             tmp.mkdir()
             rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
             torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
