@@ -105,6 +105,8 @@ def train_student_cmd(
     shuffle_buffer: int = typer.Option(1024, help="Sequences in the shuffle buffer."),
     num_workers: int = typer.Option(0, help="DataLoader worker processes per rank."),
     loss_chunk: int = typer.Option(1024, help="Positions per LM-head/loss chunk."),
+    precision: Optional[str] = typer.Option(None, help="fp32, or bf16 (bf16 compute, fp32 master weights, optimizer "
+                                            "state and gradient reduction) [default: bf16 on CUDA, fp32 on CPU]."),
     activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
     tensorboard: bool = typer.Option(False, help="Also log to OUTPUT/tensorboard."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -112,8 +114,9 @@ def train_student_cmd(
     """Train a student from a cache with TAID or a baseline loss (one process, or torchrun for FSDP2)."""
     options = dict(locals())
     from .pipelines.train_student import TrainConfig, train_student
+    from .training.student import default_precision
 
-    train_student(TrainConfig(**options))
+    train_student(TrainConfig(**{**options, "precision": precision or default_precision()}))
 
 
 @app.command("inspect")

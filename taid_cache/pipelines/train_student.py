@@ -36,8 +36,8 @@ from ..training.checkpoint import checkpoints, load_newest, readable_meta, save_
 from ..training.data import CacheStream, MicroBatch, loader
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
 from ..training.student import (
-    Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, broadcast_object, check_vocabulary,
-    close_distributed, init_distributed, load_causal_lm, save_student, shard_model,
+    PRECISIONS, Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, broadcast_object, check_vocabulary,
+    close_distributed, default_precision, init_distributed, load_causal_lm, save_student, shard_model,
 )
 
 # Settings that may change between a run and its resumption (they do not change what is computed). Paths are
@@ -81,6 +81,7 @@ class TrainConfig:
     shuffle_buffer: int = 1024
     num_workers: int = 0
     loss_chunk: int = 1024
+    precision: str = field(default_factory=default_precision)
     activation_checkpointing: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -97,6 +98,8 @@ def check_options(cfg: TrainConfig) -> None:
     written as 'must be inside', never 'must not be outside')."""
     if cfg.loss not in LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     if cfg.tail not in TAILS:
         raise UserError(f"--tail must be one of {', '.join(TAILS)}, not {cfg.tail!r}")
     if (cfg.max_steps is None) == (cfg.epochs is None):
@@ -353,13 +356,12 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
         cfg.console.print(f"the run in {cfg.output} already finished (its student is saved there): nothing to do")
         return {}
     torch.manual_seed(cfg.seed)
-    bf16 = env.device.type == "cuda"
     lm, tokenizer = load_causal_lm(cfg.student, "student", torch.float32, attention_implementation())
     check_vocabulary(lm, tokenizer, settings, "student")
     check_packing(lm, cfg.pack, "student")
     rows = lm.get_output_embeddings().weight.shape[0]
     teacher = Teacher(cfg, settings, rows, env)
-    model = shard_model(LossModel(lm, cfg.loss_chunk), env, bf16, cfg.activation_checkpointing)
+    model = shard_model(LossModel(lm, cfg.loss_chunk), env, cfg.precision, cfg.activation_checkpointing)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest["records"] / global_batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)

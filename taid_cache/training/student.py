@@ -28,8 +28,17 @@ class Dist:
         return self.world > 1
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_precision() -> str:
+    """bf16 where it is fast (CUDA), fp32 elsewhere."""
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
 def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK: NCCL on GPU, gloo on CPU. One process: no process group."""
+    """torchrun sets WORLD_SIZE/RANK: NCCL on GPU, gloo on CPU. One process gets a one-rank group of its own, so
+    one process and N ranks train through the same FSDP2 path (and mixed-precision policy)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -37,16 +46,20 @@ def init_distributed() -> Dist:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(dist.get_rank(), world, device)
 
 
 def close_distributed(env: Dist, barrier: bool = True) -> None:
     """Tear the process group down before exit; left to interpreter teardown, gloo's threads can abort the process.
     After an error, no barrier: the other ranks may never reach it."""
-    if env.active and dist.is_initialized():
-        if barrier:
+    if dist.is_initialized():
+        if barrier and env.active:
             dist.barrier()
         dist.destroy_process_group()
 
@@ -115,15 +128,14 @@ class LossModel(nn.Module):
         return chunked_lm_loss(h, self.lm.get_output_embeddings().weight, fn, self.chunk)
 
 
-def shard_model(model: LossModel, env: Dist, bf16: bool, checkpointing: bool) -> LossModel:
-    """FSDP2: each transformer block, then the root. bf16 parameters with float32 gradient reduction on GPU."""
+def shard_model(model: LossModel, env: Dist, precision: str, checkpointing: bool) -> LossModel:
+    """FSDP2 on any number of ranks: each transformer block, then the root. `bf16`: bf16 compute, float32 master
+    weights and optimizer state (the parameters stay float32) and float32 gradient reduction."""
     if checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not env.active:
-        return model.to(env.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     model.to(env.device)
     for block in model.lm.get_decoder().layers:
         fully_shard(block, mp_policy=policy)
