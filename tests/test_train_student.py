@@ -272,3 +272,23 @@ def test_resume_with_nothing_or_changed_settings(student_dir, caches, tmp_path) 
     assert result.exit_code == 2 and "changed settings" in result.output and "lr" in result.output
     result = invoke(student_dir, caches["top16"], tmp_path / "run")
     assert result.exit_code == 2 and "not empty" in result.output
+
+
+def test_evaluation_with_uneven_records_on_two_ranks(teacher_dir, student_dir, data_dir, tmp_path) -> None:
+    """5 held-out records, 2 ranks, batch 2: rank 0 has two micro-batches, rank 1 one. Both must run the same
+    number of forwards (else FSDP's all-gather hangs), and the numbers must equal one process's."""
+    rows = [json.loads(l) for l in (data_dir / "chat.jsonl").read_text().splitlines()][:5]
+    write_jsonl(tmp_path / "five.jsonl", rows)
+    run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(tmp_path / "five.jsonl"), "--output", str(tmp_path / "five"),
+            "--engine", "hf", "--top-k", "16", "--max-length", "256", "--no-progress")
+    args = ["train-student", "--student", str(student_dir), "--cache", str(tmp_path / "five"), "--eval-cache", str(tmp_path / "five"),
+            "--max-steps", "1", "--lr", "1e-9", "--max-length", "256", "--batch-size", "2", "--no-progress"]
+    run_cli(*args, "--output", str(tmp_path / "one"), "--grad-accum", "2")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "taid_cache.cli",
+                           *args, "--output", str(tmp_path / "two")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = ([m for m in metrics(tmp_path / d) if "eval_kl" in m] for d in ("one", "two"))
+    assert len(one) == len(two) == 1
+    for key in ("eval_ce", "eval_kl", "eval_top1"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key

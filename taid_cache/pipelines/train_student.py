@@ -9,6 +9,7 @@ loss -> log, evaluate, checkpoint -> save the student with save_pretrained.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -33,7 +35,7 @@ from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_newest, readable_meta, save_checkpoint
-from ..training.data import CacheStream, MicroBatch, loader
+from ..training.data import CacheStream, MicroBatch, collate, loader
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
 from ..training.student import (
     PRECISIONS, Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, broadcast_object, check_vocabulary,
@@ -214,9 +216,12 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict,
     """Held-out CE on the data, KL(teacher‖student) against the rebuilt teacher, top-1 agreement. Never touches t.
     `manifest`: the eval cache's, verified at the start of the run."""
     data = CacheStream(cfg.eval_cache, cfg.batch_size, env.rank, env.world, cfg.max_length, 0, 1, False, limit=manifest["records"], pack=cfg.pack)
+    # Every rank must run as many forwards as the busiest one (FSDP all-gathers in each): ranks with fewer
+    # records finish with forwards over an empty micro-batch that selects no position.
+    busiest = math.ceil(math.ceil(manifest["records"] / env.world) / cfg.batch_size)
     sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
     model.eval()
-    for mb in data:
+    for mb in itertools.islice(itertools.chain(data, itertools.repeat(empty_micro_batch(settings["top_k"]))), busiest):
         ids, lps = mb.topk_ids[mb.targets].to(env.device), mb.topk_logprobs[mb.targets].to(env.device)
         labels = mb.labels[mb.targets].to(env.device)
 
@@ -233,6 +238,13 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict,
     sums = all_reduce_sum(sums, env)
     n = max(sums[3].item(), 1.0)
     return {"eval_ce": sums[0].item() / n, "eval_kl": sums[1].item() / n, "eval_top1": sums[2].item() / n}
+
+
+def empty_micro_batch(top_k: int) -> MicroBatch:
+    """One two-token row with no target: a forward that contributes nothing."""
+    record = {"input_ids": np.zeros(2, np.int64), "loss_mask": np.zeros(2, bool),
+              "topk_ids": np.full((1, top_k), -1, np.int64), "topk_logprobs": np.full((1, top_k), -np.inf, np.float32)}
+    return collate([record], 2)
 
 
 def parse_line(line: str) -> dict | None:
