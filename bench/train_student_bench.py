@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from taid_cache.heads import check_head
 from taid_cache.losses import LossConfig
 from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher
 from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss
@@ -65,7 +66,8 @@ def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, va
     for name in variants:
         loss, online, _ = VARIANTS[name]
         torch.manual_seed(0)
-        model = LossModel(AutoModelForCausalLM.from_pretrained(student_dir), 1024)
+        lm = AutoModelForCausalLM.from_pretrained(student_dir)
+        model = LossModel(lm, 1024, check_head(lm, "student"))
         cfg = TrainConfig(student=str(student_dir), cache=cache, output=Path("unused"), teacher_model=str(teacher_dir) if online else None)
         teacher = Teacher(cfg, settings, model.lm.get_output_embeddings().weight.shape[0], env)
         runners[name] = (model, teacher, LossConfig(loss), torch.optim.AdamW(model.parameters(), lr=1e-4))

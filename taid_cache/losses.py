@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .heads import PLAIN, LogitMap, head_logits
+
 LOSSES = ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")
 TAILS = ("student", "uniform", "renorm")
 LOG_FLOOR = -100.0  # where a loss needs log p of a token the teacher gives no mass (rkl family): e^-100
@@ -220,50 +222,52 @@ def rebuild_teacher(
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """Σ over chunks of f(hidden_chunk @ weightᵀ, chunk); gradients are computed chunk by chunk in the forward
-    pass and kept (one [N, H] and one [V, H] tensor), so logits exist for one chunk at a time."""
+    """Σ over chunks of f(head(hidden_chunk), chunk); gradients are computed chunk by chunk in the forward pass
+    and kept (one [N, H], one [V, H] and one [V] tensor), so logits exist for one chunk at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, fn, chunk):
+    def forward(ctx, hidden, weight, bias, fn, chunk, mapping):
         # Gradients accumulate in float32 whatever the parameters' dtype (bf16 sums over chunks lose bits).
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         totals = torch.zeros(2, dtype=torch.float32, device=hidden.device)
         w = weight.detach().requires_grad_(weight.requires_grad)
+        b = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, min(start + chunk, hidden.shape[0]))
             h = hidden[sl].detach().requires_grad_(hidden.requires_grad)
-            wanted = [x for x in (h, w) if x.requires_grad]
+            wanted = [x for x in (h, w, b) if x is not None and x.requires_grad]
             with torch.enable_grad():
-                out = fn(chunk_logits(h, w), sl)
-                combined, reported = out[0], out[1]
-                if len(out) == 3:  # the loss gave d(combined)/d(logits) itself: two matrix products finish it
-                    g = out[2].to(w.dtype)  # the products run in the weight's dtype (bf16 on GPU), like the forward
-                    grads = [g @ w.detach() if x is h else g.t() @ h.detach() for x in wanted]
+                raw = F.linear(h, w, b)
+                out = fn(mapping(raw), sl)
+                if not wanted:
+                    grads = ()
+                elif len(out) == 3:  # the loss gave d(combined)/d(logits) itself: matrix products finish it
+                    g = mapping.grad_raw(raw.detach(), out[2]).to(w.dtype)  # products in the weight's dtype
+                    grads = [g @ w.detach() if x is h else g.t() @ h.detach() if x is w else g.float().sum(0) for x in wanted]
                 else:
-                    grads = torch.autograd.grad(combined, wanted) if wanted else ()
+                    grads = torch.autograd.grad(out[0], wanted)
             for x, g in zip(wanted, grads):
                 if x is h:
                     grad_h[sl] = g
-                else:
+                elif x is w:
                     grad_w += g
-            totals += torch.stack([combined.detach(), reported.detach()])
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.in_dtypes = (hidden.dtype, weight.dtype)
+                else:
+                    grad_b += g
+            totals += torch.stack([out[0].detach(), out[1].detach()])
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.in_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(totals)
         combined_total = totals[0].clone()
         return combined_total, totals[1].clone()
 
     @staticmethod
     def backward(ctx, grad_combined, _grad_reported):
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.in_dtypes
-        return (grad_h * grad_combined).to(h_dtype), (grad_w * grad_combined).to(w_dtype), None, None
-
-
-def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """One chunk's logits: the product in the parameters' dtype, the loss maths in float32."""
-    return (hidden @ weight.t()).float()
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.in_dtypes
+        scaled = [None if g is None else (g * grad_combined).to(d) for g, d in ((grad_h, h_dtype), (grad_w, w_dtype), (grad_b, b_dtype))]
+        return scaled[0], scaled[1], scaled[2], None, None, None
 
 
 def chunked_lm_loss(
@@ -271,20 +275,24 @@ def chunked_lm_loss(
     weight: torch.Tensor,
     fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
     chunk: int = 1024,
+    bias: torch.Tensor | None = None,
+    mapping: LogitMap = PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the LM head `weight` [V, H] to `hidden` [N, H] chunk by chunk and sum `fn(logits, slice)`.
+    """Apply the LM head (`weight` [V, H], optional `bias` [V], then `mapping`: scaling, soft-capping) to
+    `hidden` [N, H] chunk by chunk and sum `fn(logits, slice)`; logits are float32.
 
     `fn` returns (the scalar to differentiate, a scalar to report) for its slice of positions, optionally with a
     third item, the gradient of the first with respect to the chunk's logits (then no autograd graph is built).
-    Returns the two sums; only the first carries gradients (to `hidden` and `weight`).
+    Returns the two sums; only the first carries gradients (to `hidden`, `weight` and `bias`).
     """
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLoss.apply(hidden, weight, fn, chunk)
+    needs_grad = any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if torch.is_grad_enabled() and needs_grad:
+        return _ChunkedLoss.apply(hidden, weight, bias, fn, chunk, mapping)
     totals = torch.zeros(2, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, min(start + chunk, hidden.shape[0]))
-            totals += torch.stack(fn(chunk_logits(hidden[sl], weight), sl)[:2])
+            totals += torch.stack(fn(head_logits(hidden[sl], weight, bias, mapping), sl)[:2])
     return totals[0], totals[1]
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, first_line
+from ..heads import check_head, head_logits
 from ..inputs import Sequence
 from ..packing import RowLayout, keeps_sequences_apart, lay_out
 from ..shards.writer import TeacherRecord
@@ -63,7 +64,8 @@ class HfEngine:
         self.model.to(self.device).eval()
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
-        self.max_top_k = self.head.out_features
+        self.mapping = check_head(self.model, "teacher")
+        self.max_top_k = self.head.weight.shape[0]
         self.pack = keeps_sequences_apart(self.decoder, self.device)
 
     def _layout(self, sequences: list[Sequence]) -> tuple[RowLayout, dict[str, torch.Tensor]]:
@@ -83,7 +85,7 @@ class HfEngine:
         hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
         out_ids, out_lps = [], []
         for chunk in hidden.split(self.config.lm_head_chunk):
-            logprobs = torch.log_softmax(self.head(chunk).float(), dim=-1)
+            logprobs = torch.log_softmax(head_logits(chunk, self.head.weight, self.head.bias, self.mapping), dim=-1)
             values, indices = logprobs.topk(self.config.top_k, dim=-1, sorted=True)
             out_ids.append(indices)
             out_lps.append(values)

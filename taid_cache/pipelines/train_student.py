@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..atomic import check_writable_folder, write_text
 from ..errors import UserError
 from ..fingerprints import model_hash, resolve_model
+from ..heads import check_head, head_logits
 from ..settings import describe_differences
 from ..losses import (
     LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail,
@@ -167,7 +168,8 @@ class Teacher:
             check_vocabulary(model, tokenizer, settings, "teacher")
             check_packing(model, cfg.pack, "teacher")
             self.model = model.to(env.device).eval().requires_grad_(False)
-            self.head = self.model.get_output_embeddings().weight
+            self.head = self.model.get_output_embeddings()
+            self.mapping = check_head(self.model, "teacher")
 
     def prepare(self, mb: MicroBatch, env: Dist) -> Any:
         """Per micro-batch: the teacher's hidden states (online) or the selected top-k rows (cached)."""
@@ -179,7 +181,7 @@ class Teacher:
 
     def logprobs(self, prepared: Any, sl: slice, student_logits: torch.Tensor) -> torch.Tensor:
         if self.model is not None:
-            logits = (prepared[sl] @ self.head.t()).float()[:, : self.valid]
+            logits = head_logits(prepared[sl], self.head.weight, self.head.bias, self.mapping)[:, : self.valid]
             return F.pad(F.log_softmax(logits, -1), (0, self.rows - self.valid), value=-math.inf)
         ids, lps = prepared
         return rebuild_teacher(student_logits, ids[sl], lps[sl], self.tail, self.valid)
@@ -373,7 +375,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     check_packing(lm, cfg.pack, "student")
     rows = lm.get_output_embeddings().weight.shape[0]
     teacher = Teacher(cfg, settings, rows, env)
-    model = shard_model(LossModel(lm, cfg.loss_chunk), env, cfg.precision, cfg.activation_checkpointing)
+    model = shard_model(LossModel(lm, cfg.loss_chunk, check_head(lm, "student")), env, cfg.precision, cfg.activation_checkpointing)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest["records"] / global_batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError, first_line
 from ..fingerprints import resolve_model, tokenizer_hash
+from ..heads import LogitMap
 from ..losses import chunked_lm_loss
 from .run_folder import staged_student
 
@@ -117,15 +118,16 @@ class LossModel(nn.Module):
     LM head and loss applied chunk by chunk (`chunked_lm_loss`). Being the FSDP root, its forward holds the
     unsharded head weight."""
 
-    def __init__(self, lm: nn.Module, chunk: int) -> None:
+    def __init__(self, lm: nn.Module, chunk: int, mapping: LogitMap) -> None:
         super().__init__()
-        self.lm, self.chunk = lm, chunk
+        self.lm, self.chunk, self.mapping = lm, chunk, mapping
 
     def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
                 fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """`inputs`: the decoder's keyword arguments (`MicroBatch.model_inputs`); `targets`: [B, T-1] bool."""
         h = self.lm.get_decoder()(**inputs).last_hidden_state[:, :-1][targets]
-        return chunked_lm_loss(h, self.lm.get_output_embeddings().weight, fn, self.chunk)
+        head = self.lm.get_output_embeddings()
+        return chunked_lm_loss(h, head.weight, fn, self.chunk, head.bias, self.mapping)
 
 
 def shard_model(model: LossModel, env: Dist, precision: str, checkpointing: bool) -> LossModel:
