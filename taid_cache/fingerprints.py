@@ -13,6 +13,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 def resolve_model(model: str, what: str = "model") -> Path:
     """A local model folder, downloading a hub id once (both engines then read the same files)."""
+    from .gguf import is_gguf_source
+
+    if is_gguf_source(model):
+        raise UserError(f"{what} {model} is a GGUF file: convert it once with `taid-cache convert-gguf {model} FOLDER` "
+                        "and pass FOLDER")
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
