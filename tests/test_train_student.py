@@ -89,6 +89,19 @@ def test_two_gloo_ranks_equal_one_rank(student_dir, caches, tmp_path, precision:
     proc = run_cli("train-student", *args, "--output", str(tmp_path / "two"), "--batch-size", "2", "--save-every", "2",
                    "--resume", check=False)
     assert proc.returncode == 2 and "world_size" in proc.stderr, proc.stderr
+    if precision == "fp32":  # two ranks resume their own shards (torch.distributed.checkpoint) exactly
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "taid_cache.cli",
+                               "train-student", *args, "--output", str(tmp_path / "two"), "--batch-size", "2", "--save-every", "2",
+                               "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        resumed = steps(tmp_path / "two")
+        assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+        for a, b in zip(two, resumed):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+        for name, weight in model_two.items():
+            torch.testing.assert_close(again[name], weight, rtol=1e-6, atol=1e-7)
 
 
 def test_kill_9_then_resume_equals_uninterrupted(student_dir, caches, tmp_path) -> None:

@@ -383,7 +383,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     loss_cfg = LossConfig(cfg.loss, cfg.beta, cfg.mu, 0.0 if cfg.loss == "sft" else cfg.distil_ratio)
     step, tokens, elapsed_before = 0, 0, 0.0
     if resume:
-        meta = load_newest(cfg.output, model, optimizer, scheduler, lambda line: cfg.console.print(line) if env.rank == 0 else None)
+        meta = load_newest(cfg.output, model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
         schedule.load_state_dict(meta["taid"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
     log = MetricsLog(cfg.output, env, step, cfg.tensorboard)

@@ -1,6 +1,8 @@
-"""Training checkpoints: full (gathered) state written by rank 0 into a folder renamed into place, so a kill at
-any moment leaves either the previous checkpoint or the complete new one. A checkpoint that cannot be read
-anyway (a disk error, a truncated copy) is skipped for the one before it, with a warning."""
+"""Training checkpoints with torch.distributed.checkpoint: every rank writes and reads only its own shards of the
+model and optimizer state (no rank ever holds the whole optimizer state), plus its own RNG states (CUDA's
+included on GPU). Rank 0 names one temporary folder for all ranks and renames it into place once complete, so
+a kill at any moment leaves either the previous checkpoint or the complete new one. A checkpoint that cannot be
+read anyway (a disk error, a truncated copy) is skipped for the one before it, with a warning."""
 
 from __future__ import annotations
 
@@ -13,35 +15,55 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..atomic import atomic_path, read_json, write_json
+from ..atomic import fsync_path, read_json, temporary_name, write_json
 from ..errors import UserError, first_line
-from .student import Dist
+from .student import Dist, broadcast_object
 
 KEEP = 2
 
 
 def checkpoints(output: Path) -> list[Path]:
     folder = output / "checkpoints"
-    return sorted(folder.glob("step-*")) if folder.is_dir() else []
+    return sorted(p for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(output: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], env: Dist) -> None:
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=full)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=full)
+    final = output / "checkpoints" / f"step-{step:08d}"
+    tmp = None
     if env.rank == 0:
-        final = output / "checkpoints" / f"step-{step:08d}"
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(final, ignore_errors=True)  # an unreadable one a resumed run skipped: this step replaces it
-        with atomic_path(final) as tmp:
-            tmp.mkdir()
-            rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
-            write_json(tmp / "meta.json", {"step": step, **extra})
+        tmp = temporary_name(final)
+        tmp.mkdir()
+    tmp = broadcast_object(tmp, env)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}, checkpoint_id=tmp)
+    torch.save(rng_state(), tmp / f"rng-{env.rank:05d}.pt")
+    if env.active:
+        dist.barrier()
+    if env.rank == 0:
+        write_json(tmp / "meta.json", {"step": step, **extra})
+        fsync_path(tmp)
+        tmp.rename(final)
         for old in checkpoints(output)[:-KEEP]:
             shutil.rmtree(old)
     if env.active:
@@ -58,25 +80,24 @@ def readable_meta(output: Path) -> dict[str, Any] | None:
     return None
 
 
-def load_newest(output: Path, model, optimizer, scheduler, warn: Callable[[str], None]) -> dict[str, Any]:
+def load_newest(output: Path, model, optimizer, scheduler, env: Dist, warn: Callable[[str], None]) -> dict[str, Any]:
     """Restore the newest checkpoint that loads, warning about each one skipped; returns its meta."""
     for path in reversed(checkpoints(output)):
         try:
-            return load_checkpoint(path, model, optimizer, scheduler)
-        except (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as exc:
+            return load_checkpoint(path, model, optimizer, scheduler, env)
+        except (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, CheckpointException) as exc:
             warn(f"warning: checkpoint {path.name} cannot be read ({first_line(exc)}); trying the one before it")
     raise UserError(f"--resume: no checkpoint in {output}/checkpoints can be read")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore into (possibly sharded) model and optimizer; returns the checkpoint's meta."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, env: Dist) -> dict[str, Any]:
+    """Restore into the (sharded) model and optimizer, each rank reading its own shards; returns the meta."""
     meta = read_json(path / "meta.json", "checkpoint meta")
-    state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=full)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+    rng = torch.load(path / f"rng-{env.rank:05d}.pt", weights_only=False)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    set_rng_state(rng)
     return meta
