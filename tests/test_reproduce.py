@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import ROOT
@@ -113,3 +114,30 @@ def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and named in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_streamed_evaluation_equals_a_direct_computation(teacher_dir, student_dir, caches) -> None:
+    """evaluate_students (one sequence at a time, teacher once) against KL / CE / top-1 computed here with
+    torch's own kl_div over the whole held-out set at once."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from taid_cache.reproduce.evaluate import evaluate_students
+    from taid_cache.shards import read_cache
+
+    got = evaluate_students(teacher_dir, {"s": student_dir}, caches["top16"], 256)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    t_all, s_all, labels = [], [], []
+    with torch.no_grad():
+        for r in read_cache(caches["top16"]):
+            ids = torch.from_numpy(r["input_ids"][:256])
+            mask = torch.from_numpy(r["loss_mask"][1 : len(ids)])
+            t_all.append(F.log_softmax(teacher(ids[None]).logits[0, :-1], -1)[mask])
+            s_all.append(F.log_softmax(student(ids[None]).logits[0, :-1], -1)[mask])
+            labels.append(ids[1:][mask])
+    t, s, y = torch.cat(t_all), torch.cat(s_all), torch.cat(labels)
+    assert got["s"]["kl"] == pytest.approx(F.kl_div(s, t, log_target=True, reduction="batchmean").item(), rel=1e-4)
+    assert got["s"]["ce"] == pytest.approx(F.nll_loss(s, y).item(), rel=1e-4)
+    assert got["teacher"]["ce"] == pytest.approx(F.nll_loss(t, y).item(), rel=1e-4)
+    assert got["s"]["top1"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).float().mean().item(), abs=1e-9)

@@ -1,4 +1,6 @@
-"""Held-out evaluation of a student against the real teacher (full vocabulary, not the cache)."""
+"""Held-out evaluation of students against the real teacher (full vocabulary, not the cache), streamed: one
+held-out sequence at a time goes through the teacher once and then every student, so memory holds one
+sequence's [positions, vocabulary] log-probs (not the whole held-out set's) and the teacher runs once."""
 
 from __future__ import annotations
 
@@ -16,21 +18,25 @@ def evaluate_students(teacher_dir: Path, students: dict[str, Path], heldout_cach
     the teacher, averaged over the held-out loss-mask positions; plus the teacher's own CE (key "teacher")."""
     from transformers import AutoModelForCausalLM
 
-    records = list(read_cache(heldout_cache))
-    inputs = [torch.from_numpy(r["input_ids"][:max_length]) for r in records]
-    targets = [torch.from_numpy(r["loss_mask"][1 : len(ids)]) for r, ids in zip(records, inputs)]
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    teacher_lp = [F.log_softmax(teacher(ids[None]).logits[0, :-1].float(), -1)[m] for ids, m in zip(inputs, targets)]
-    labels = [ids[1:][m] for ids, m in zip(inputs, targets)]
-    n = sum(len(l) for l in labels)
-    out = {"teacher": {"ce": -sum(lp.gather(1, l[:, None]).sum().item() for lp, l in zip(teacher_lp, labels)) / n}}
-    for name, path in students.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ce = kl = top1 = 0.0
-        for ids, m, t_lp, lab in zip(inputs, targets, teacher_lp, labels):
-            s_lp = F.log_softmax(model(ids[None]).logits[0, :-1].float(), -1)[m][:, : t_lp.shape[1]]
-            ce -= s_lp.gather(1, lab[:, None]).sum().item()
-            kl += (t_lp.exp() * (t_lp - s_lp)).sum().item()
-            top1 += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
-        out[name] = {"ce": ce / n, "kl": kl / n, "top1": top1 / n}
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in students.items()}
+    sums = {name: {"ce": 0.0, "kl": 0.0, "top1": 0.0} for name in ["teacher", *models]}
+    n = 0
+    for record in read_cache(heldout_cache):
+        ids = torch.from_numpy(record["input_ids"][:max_length])
+        mask = torch.from_numpy(record["loss_mask"][1 : len(ids)])
+        if not mask.any():
+            continue
+        labels = ids[1:][mask]
+        t_lp = F.log_softmax(teacher(ids[None]).logits[0, :-1].float(), -1)[mask]
+        sums["teacher"]["ce"] -= t_lp.gather(1, labels[:, None]).sum().item()
+        for name, model in models.items():
+            s_lp = F.log_softmax(model(ids[None]).logits[0, :-1].float(), -1)[mask][:, : t_lp.shape[1]]
+            sums[name]["ce"] -= s_lp.gather(1, labels[:, None]).sum().item()
+            sums[name]["kl"] += (t_lp.exp() * (t_lp - s_lp)).sum().item()
+            sums[name]["top1"] += (s_lp.argmax(-1) == t_lp.argmax(-1)).sum().item()
+        n += len(labels)
+    n = max(n, 1)
+    out = {"teacher": {"ce": sums["teacher"]["ce"] / n}}
+    out.update({name: {key: value / n for key, value in s.items()} for name, s in sums.items() if name != "teacher"})
     return out
