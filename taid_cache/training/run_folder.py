@@ -37,7 +37,9 @@ def install_staged(output: Path) -> bool:
 
 
 def is_finished(output: Path) -> bool:
-    return (output / "config.json").is_file() and not (output / STAGED).exists()
+    """The student is in place: config.json (moved in last) with its weights, nothing left staged."""
+    weights = any(output.glob("model*.safetensors"))
+    return (output / "config.json").is_file() and weights and not (output / STAGED).exists()
 
 
 def clear_unrecoverable(output: Path, has_checkpoint: bool) -> bool:
