@@ -4,6 +4,7 @@ hazards found by reading the code."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -400,6 +401,9 @@ def test_train_typos_leave_nothing_that_blocks_the_corrected_command(student_dir
     out = tmp_path / "o"
     attempts = [train(student_dir, caches["top16"], out, "--eval-cache", str(tmp_path / "nowhere"), "--eval-every", "1"),
                 train(student_dir, caches["top16"], out, "--loss", "skew-fkl", "--beta", "5")]
+    if importlib.util.find_spec("tensorboard") is None:
+        attempts.append(train(student_dir, caches["top16"], out, "--tensorboard"))
+        assert "tensorboard" in attempts[-1].output
     for attempt in attempts:
         assert attempt.exit_code == 2 and attempt.output.startswith("error: "), attempt.output
         assert nothing_written(out)
