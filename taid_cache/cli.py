@@ -33,7 +33,9 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            # Raised in a DataLoader worker, the message arrives wrapped in that worker's traceback: keep its last line.
+            message = str(exc).strip().splitlines()[-1].removeprefix("taid_cache.errors.UserError: ") if "Traceback" in str(exc) else str(exc)
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -108,11 +108,10 @@ def check_rows(rows, kind: str, vocab_size: int) -> None:
             mask = table.column("loss_mask").combine_chunks()
             if not pa.types.is_list(mask.type) or not (pa.types.is_boolean(mask.type.value_type) or pa.types.is_integer(mask.type.value_type)):
                 raise UserError(f"the 'loss_mask' column must hold lists of booleans, not {mask.type}")
-            if mask.null_count == 0:
-                differ = pc.not_equal(pc.list_value_length(mask), pc.list_value_length(column))
-                if pc.any(differ).as_py():
-                    row = int(pc.index(differ, True).as_py())
-                    raise UserError(f"row {row}: loss_mask has {len(mask[row])} entries for {len(column[row])} input_ids")
+            differ = pc.not_equal(pc.list_value_length(mask), pc.list_value_length(column))  # null rows: no mask
+            if pc.any(differ).as_py():
+                row = int(pc.index(differ, True).as_py())
+                raise UserError(f"row {row}: loss_mask has {len(mask[row])} entries for {len(column[row])} input_ids")
 
 
 def dataset_fingerprint(data: list[str], rows) -> str:

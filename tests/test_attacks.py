@@ -129,7 +129,7 @@ def test_resumed_dump_refuses_a_teacher_changed_in_one_weight(teacher_dir, data_
     (("--loss", "skew-fkl", "--beta", "nan"), "--beta"), (("--loss", "skew-fkl", "--beta", "-1"), "--beta"),
     (("--loss", "skew-fkl", "--beta", "5"), "--beta"), (("--taid-t-end", "5"), "--taid-t-end"),
     (("--taid-t-start", "-3"), "--taid-t-start"), (("--mu", "nan"), "--mu"), (("--loss-chunk", "0"), "--loss-chunk"),
-    (("--shuffle-buffer", "0"), "--shuffle-buffer"), (("--num-workers", "-1"), "--num-workers"),
+    (("--shuffle-buffer", "0"), "--shuffle-buffer"), (("--num-workers", "-1"), "--num-workers"), (("--seed", "-1"), "--seed"),
     (("--eval-every", "2"), "--eval-cache"),
 ])
 def test_options_out_of_range_are_refused_before_any_write(student_dir, caches, tmp_path, flags, named) -> None:
@@ -230,6 +230,7 @@ def test_an_interrupted_final_save_is_finished_by_the_next_start(student_dir, ca
     (broken / ".student.staged.tmp-host-1-abcd" / "config.json").write_text("")
     assert train(student_dir, caches["top16"], broken, "--resume", "--save-every", "1").exit_code == 0
     assert AutoModelForCausalLM.from_pretrained(broken) is not None
+    assert not list(broken.glob(".student.staged*"))  # the interrupted save's leftovers are gone
 
 
 def test_a_run_that_died_before_any_checkpoint_can_be_rerun(student_dir, caches, tmp_path) -> None:

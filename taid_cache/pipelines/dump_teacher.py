@@ -215,6 +215,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
 def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine, rows, to_sequence: RowTokenizer,
                   vocab_size: int, max_length: int) -> dict:
     """This worker's share, under its lock: start or resume its part, run the engine, mark it done."""
+    check_compatible(cache, settings)  # again, under the lock: another process may have committed meanwhile
     part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
     if part is not None and part.settings != settings:
         part = None  # it committed nothing (check_compatible refuses otherwise): start over it

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..atomic import check_writable_folder, write_text
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head, head_logits
 from ..settings import describe_differences
@@ -35,7 +35,7 @@ from ..packing import keeps_sequences_apart
 from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
-from ..training.checkpoint import checkpoints, load_newest, readable_meta, save_checkpoint
+from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, collate, loader
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
 from ..training.student import (
@@ -132,7 +132,7 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError(f"--taid-t-start ({cfg.taid_t_start}) must be below --taid-t-end ({cfg.taid_t_end})")
     at_least = {"--max-steps": (cfg.max_steps, 1), "--batch-size": (cfg.batch_size, 1), "--grad-accum": (cfg.grad_accum, 1),
                 "--max-length": (cfg.max_length, 2), "--loss-chunk": (cfg.loss_chunk, 1), "--shuffle-buffer": (cfg.shuffle_buffer, 1),
-                "--num-workers": (cfg.num_workers, 0), "--warmup-steps": (cfg.warmup_steps, 0), "--save-every": (cfg.save_every, 0),
+                "--num-workers": (cfg.num_workers, 0), "--seed": (cfg.seed, 0), "--warmup-steps": (cfg.warmup_steps, 0), "--save-every": (cfg.save_every, 0),
                 "--eval-every": (cfg.eval_every, 0)}
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
@@ -292,6 +292,8 @@ def verified(cache: Path, env: Dist) -> dict:
             verify_cache(cache)
         except UserError as exc:
             error = str(exc)
+        except Exception as exc:  # an unreadable file: the other ranks must hear of it, not wait
+            error = f"cannot verify {cache}: {first_line(exc)}"
     error = broadcast_object(error, env)
     if error is not None:
         raise UserError(error)
@@ -314,7 +316,7 @@ def run_settings(cfg: TrainConfig, manifest: dict, env: Dist, global_batch: int)
             "world_size": env.world, "global_batch": global_batch}
 
 
-def prepare_output(cfg: TrainConfig, settings: dict[str, Any]) -> bool:
+def prepare_output(cfg: TrainConfig, settings: dict[str, Any], env: Dist) -> bool:
     """Check the run folder before anything is written; True when the run resumes from a checkpoint."""
     if cfg.resume:
         meta = readable_meta(cfg.output)
@@ -324,7 +326,8 @@ def prepare_output(cfg: TrainConfig, settings: dict[str, Any]) -> bool:
         if diff:
             raise UserError(f"--resume with changed settings: {diff}")
         return True
-    if not clear_unrecoverable(cfg.output, bool(checkpoints(cfg.output))):
+    cleared = clear_unrecoverable(cfg.output, bool(checkpoints(cfg.output))) if env.rank == 0 else None
+    if not broadcast_object(cleared, env):
         raise refuse_non_empty(cfg.output)
     return False
 
@@ -353,8 +356,9 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
 def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     check_writable_folder(cfg.output, "--output")
     if broadcast_object(install_staged(cfg.output) if env.rank == 0 else None, env):
-        cfg.console.print(f"finished installing the student an interrupted run had saved in {cfg.output}; nothing else to do")
-        return {}
+        cfg.console.print(f"finished installing the student an interrupted run had saved in {cfg.output}")
+    if env.rank == 0:
+        remove_interrupted_saves(cfg.output)
     manifest = verified(cfg.cache, env)
     settings = manifest["settings"]
     if manifest["records"] == 0:
@@ -365,7 +369,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
         raise UserError("--eval-cache was made with another tokenizer than --cache")
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     run_config = run_settings(cfg, manifest, env, global_batch)
-    resume = prepare_output(cfg, run_config)
+    resume = prepare_output(cfg, run_config, env)
     if resume and is_finished(cfg.output):
         cfg.console.print(f"the run in {cfg.output} already finished (its student is saved there): nothing to do")
         return {}

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..atomic import fsync_path, read_json, temporary_name, write_json
 from ..errors import UserError, first_line
-from .student import Dist, broadcast_object
+from .student import Dist, all_reduce_max, broadcast_object
 
 KEEP = 2
 
@@ -80,24 +80,41 @@ def readable_meta(output: Path) -> dict[str, Any] | None:
     return None
 
 
+UNREADABLE = (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, CheckpointException)
+
+
 def load_newest(output: Path, model, optimizer, scheduler, env: Dist, warn: Callable[[str], None]) -> dict[str, Any]:
-    """Restore the newest checkpoint that loads, warning about each one skipped; returns its meta."""
+    """Restore the newest checkpoint that loads on every rank, warning about each one skipped; returns its meta.
+    Every rank decides together (a failure anywhere skips the checkpoint everywhere), so all load the same step."""
     for path in reversed(checkpoints(output)):
+        error = None
         try:
-            return load_checkpoint(path, model, optimizer, scheduler, env)
-        except (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, CheckpointException) as exc:
-            warn(f"warning: checkpoint {path.name} cannot be read ({first_line(exc)}); trying the one before it")
+            meta = read_json(path / "meta.json", "checkpoint meta")
+            rng = torch.load(path / f"rng-{env.rank:05d}.pt", weights_only=False)
+        except UNREADABLE as exc:
+            error = first_line(exc)
+        failed = all_reduce_max(torch.tensor(float(error is not None)), env).item() > 0
+        if not failed:
+            try:  # collective: torch.distributed.checkpoint raises on every rank if any rank fails
+                load_state(path, model, optimizer, scheduler)
+                set_rng_state(rng)
+                return meta
+            except UNREADABLE as exc:
+                error = first_line(exc)
+        warn(f"warning: checkpoint {path.name} cannot be read ({error or 'on another rank'}); trying the one before it")
     raise UserError(f"--resume: no checkpoint in {output}/checkpoints can be read")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, env: Dist) -> dict[str, Any]:
-    """Restore into the (sharded) model and optimizer, each rank reading its own shards; returns the meta."""
-    meta = read_json(path / "meta.json", "checkpoint meta")
-    rng = torch.load(path / f"rng-{env.rank:05d}.pt", weights_only=False)
+def load_state(path: Path, model, optimizer, scheduler) -> None:
+    """Restore into the (sharded) model and optimizer, each rank reading its own shards."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(rng)
-    return meta
+
+
+def remove_interrupted_saves(output: Path) -> None:
+    """Temporary folders of saves a kill interrupted (each can be checkpoint-sized): never read, so removed."""
+    for tmp in [*(output / "checkpoints").glob(".step-*.tmp-*"), *output.glob(".*.tmp-*")]:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
