@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--chat-rows", type=int, default=48)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--engines", default="hf,vllm", help="comma-separated; vllm is skipped when it does not import")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     teacher = args.work / "smollm2"
@@ -63,10 +65,10 @@ def main() -> None:
         convert_gguf(SOURCE, teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     texts = [p.read_text(errors="ignore") for p in stdlib_files() if split_of(p) == "train"]
-    engines = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
-    speed_rows = engine_speed(args.work, teacher, len(tokenizer), batches_of(tokenizer, texts[:40], args.tokens), engines, 3)
+    engines = [e for e in args.engines.split(",") if e != "vllm" or importlib.util.find_spec("vllm")]
+    speed_rows = engine_speed(args.work, teacher, len(tokenizer), batches_of(tokenizer, texts[:40], args.tokens), engines, args.reps)
     agreement = bf16_agreement(args.work, teacher, texts, args.chat_rows)
-    lines = ["(a) SmolLM2-135M-Instruct: dump / bare all-position forward (same engine, same batches, medians of 3 "
+    lines = [f"(a) SmolLM2-135M-Instruct: dump / bare all-position forward (same engine, same batches, medians of {args.reps} "
              "interleaved runs; target >= 0.90)", "",
              "| engine | tokens | forward, all-position logits tok/s | full dump tok/s | dump / forward |", "|---|---|---|---|---|"]
     lines += [f"| {r['engine']} | {r['tokens']} | {r['all_logits_tok_s']:.0f} | {r['dump_tok_s']:.0f} | {r['ratio']:.3f} |" for r in speed_rows]
