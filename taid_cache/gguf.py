@@ -24,7 +24,7 @@ def is_gguf_source(model: str) -> bool:
 
 
 def locate(source: str) -> Path:
-    """The GGUF file a source names; a one-line error when there is none."""
+    """The GGUF file a source names; a one-line error when there is none or it cannot be read here."""
     if source.startswith(PACKAGE_PREFIX):
         package, _, name = source[len(PACKAGE_PREFIX):].partition("/")
         spec = importlib.util.find_spec(package) if package else None
@@ -35,6 +35,8 @@ def locate(source: str) -> Path:
         path = Path(source)
     if not path.is_file() or path.suffix.lower() != ".gguf":
         raise UserError(f"{source}: no such .gguf file")
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        raise UserError("reading GGUF needs the gguf and accelerate packages: pip install 'taid-cache[gguf]'")
     return path
 
 
@@ -43,8 +45,6 @@ def convert_gguf(source: str, output: Path) -> Path:
     path = locate(source)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"{output} already exists and is not an empty folder")
-    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-        raise UserError("reading GGUF needs the gguf and accelerate packages: pip install 'taid-cache[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
+from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 
@@ -97,6 +98,42 @@ batch_size: 4
         assert len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"]) <= 256
 
 
+def test_config_with_a_random_student_and_the_builtin_chat_pairs(teacher_dir, tmp_path) -> None:
+    # What configs/smollm2-135m.yaml does with the real teacher: a given teacher, a random student of
+    # student_size with its tokenizer, and the standard-library chat pairs cut to train_pairs / heldout_pairs.
+    config = tmp_path / "random-student.yaml"
+    config.write_text(f"""name: random-student
+teacher: {teacher_dir}
+student_size: {{hidden: 64, layers: 1, heads: 1, intermediate: 96, tie_embeddings: true}}
+train_pairs: 12
+heldout_pairs: 4
+max_length: 128
+max_prompt: 96
+max_response: 64
+engine: hf
+top_k: 8
+methods: [fkl]
+max_steps: 2
+batch_size: 4
+""")
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    student = AutoModelForCausalLM.from_pretrained(out / "student-init")
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    assert (student.config.hidden_size, student.config.num_hidden_layers, student.config.vocab_size) == (64, 1, len(teacher_tokenizer))
+    assert AutoTokenizer.from_pretrained(out / "student-init").get_vocab() == teacher_tokenizer.get_vocab()
+    rows = {split: [json.loads(l)["messages"] for l in (out / "data" / f"chat-{split}.jsonl").read_text().splitlines()]
+            for split in ("train", "heldout")}
+    assert (len(rows["train"]), len(rows["heldout"])) == (12, 4)
+    # The pairs are the standard library's documented functions, held-out ones from held-out files.
+    heldout_bodies = {c[1]["content"] for p in stdlib_files() if split_of(p) == "heldout" for c in chat_pairs(p.read_text(errors="ignore"))}
+    assert all(m[1]["content"] in heldout_bodies for m in rows["heldout"])
+    assert not any(m[1]["content"] in heldout_bodies for m in rows["train"])
+    assert json.loads((out / "results.json").read_text())["runs"][0]["steps"] == 2
+
+
 def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
     # The teacher depends on settings only, not on how fast the machine is.
     blocks = pack_blocks([[(7 * i) % 97 for i in range(600)], [(3 * i) % 89 for i in range(300)]], 32)
@@ -106,7 +143,9 @@ def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
     assert runs[0][-1] < runs[0][0]
 
 
-@pytest.mark.parametrize("text,named", [("teacher: x\nstudnet: y\n", "studnet"), ("pretrain_steps: 0\n", "pretrain_steps")])
+@pytest.mark.parametrize("text,named", [("teacher: x\nstudnet: y\n", "studnet"), ("pretrain_steps: 0\n", "pretrain_steps"),
+                                        ("teacher: x\nstudent_size: {hiden: 64}\n", "hiden"), ("student: y\n", "needs a teacher"),
+                                        ("teacher: package:no_such_package_here/m.gguf\n", "no installed package")])
 def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(text)
@@ -114,6 +153,7 @@ def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and named in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "settings.json").exists()  # so the corrected config is not refused as "other settings"
 
 
 def test_streamed_evaluation_equals_a_direct_computation(teacher_dir, student_dir, caches) -> None:

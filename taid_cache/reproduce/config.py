@@ -1,5 +1,10 @@
 """What `make reproduce` runs: the embedded default (everything built here) or a YAML config naming real models
-and data. Both go through the same stages (taid_cache/reproduce/pipeline.py)."""
+and data. Both go through the same stages (taid_cache/reproduce/pipeline.py).
+
+Each of the three inputs is either given or built here, independently:
+- teacher: a model folder or hub name, or a GGUF source (converted once into OUT/teacher); none = trained here;
+- student: a model folder or hub name; none = a random Llama of `student_size` with the teacher's tokenizer;
+- train_data: chat files or hub datasets; none = chat pairs from the standard library's documented functions."""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ METHODS: dict[str, dict[str, Any]] = {
 @dataclass
 class ReproduceConfig:
     name: str = "embedded"
-    # Real models and data (a config file); None everywhere = the embedded default built from the stdlib.
+    # Real models and data (a config file); None = built here (see the module docstring).
     teacher: Optional[str] = None
     student: Optional[str] = None
     train_data: Optional[list[str]] = None
@@ -66,8 +71,12 @@ class ReproduceConfig:
     seed: int = 0
 
     @property
-    def embedded(self) -> bool:
+    def builds_teacher(self) -> bool:
         return self.teacher is None
+
+    @property
+    def builtin_data(self) -> bool:
+        return self.train_data is None
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -100,6 +109,10 @@ def load_config(path: Path) -> ReproduceConfig:
         raise UserError(f"config {path}: unknown keys {', '.join(unknown)}")
     for key in ("teacher_size", "student_size"):
         if key in raw:
+            unknown = sorted(set(raw[key] or {}) - {f.name for f in fields(LlamaSize)}) if isinstance(raw[key], dict) else None
+            if unknown is None or unknown:
+                raise UserError(f"config {path}: {key} must map {', '.join(f.name for f in fields(LlamaSize))} to values"
+                                + (f"; unknown keys {', '.join(unknown)}" if unknown else ""))
             raw[key] = LlamaSize(**raw[key])
     cfg = ReproduceConfig(**raw)
     bad = [m for m in cfg.methods if m not in METHODS]
@@ -107,6 +120,8 @@ def load_config(path: Path) -> ReproduceConfig:
         raise UserError(f"config {path}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
     if cfg.pretrain_steps < 1:
         raise UserError(f"config {path}: pretrain_steps must be at least 1, got {cfg.pretrain_steps}")
-    if (cfg.teacher is None) != (cfg.student is None) or (cfg.teacher is not None and not cfg.train_data):
-        raise UserError(f"config {path}: give teacher, student and train_data together (or none, for the embedded default)")
+    if cfg.teacher is None and (cfg.student is not None or cfg.train_data is not None):
+        raise UserError(f"config {path}: a student or train_data needs a teacher (give none of them for the embedded default)")
+    if cfg.train_data is not None and not cfg.train_data:
+        raise UserError(f"config {path}: train_data is empty (leave it out for the standard-library chat pairs)")
     return cfg

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from ..atomic import read_json, write_json
 from ..errors import UserError
+from ..gguf import convert_gguf, is_gguf_source, locate
 from ..pipelines.dump_teacher import DumpConfig, dump_teacher
 from ..pipelines.train_student import TrainConfig, train_student
 from ..shards.inspect import cache_stats, plot_captured_mass
@@ -76,7 +77,8 @@ def filtered(cfg: ReproduceConfig, data: Path, tokenizer) -> tuple[Path, Path]:
     """Filtered chat files: every train pair that fits (at most train_pairs for the embedded default) and the
     first heldout_rows (heldout_pairs) held-out ones that fit."""
     keep = length_filter(tokenizer, cfg)
-    limits = {"train": cfg.train_pairs if cfg.embedded else None, "heldout": cfg.heldout_pairs if cfg.embedded else cfg.heldout_rows}
+    limits = {"train": cfg.train_pairs if cfg.builtin_data else None,
+              "heldout": cfg.heldout_pairs if cfg.builtin_data else cfg.heldout_rows}
     out = {}
     for split, limit in limits.items():
         path = data / f"chat-{split}.jsonl"
@@ -127,7 +129,8 @@ def dump_cache(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, to
 
 
 def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
-    """The shared student initialisation, with the teacher's tokenizer (embeddings resized to it)."""
+    """The shared student initialisation, with the teacher's tokenizer: the config's student (embeddings resized
+    to the tokenizer), or a random Llama of `student_size`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import new_llama
@@ -138,7 +141,7 @@ def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     tmp = out / ".student-init.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.embedded:
+    if cfg.student is None:
         new_llama(cfg.student_size, len(tokenizer), tokenizer, seed=cfg.seed + 1, out=tmp)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.student)
@@ -181,6 +184,8 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
 
     console = console or Console(stderr=True, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.teacher is not None and is_gguf_source(cfg.teacher):
+        locate(cfg.teacher)  # before the first write: a typo must not leave an OUT that refuses the corrected config
     settings = out / "settings.json"
     if settings.exists() and read_json(settings) != json.loads(json.dumps(cfg.to_dict())):
         raise UserError(f"{out} holds a reproduction with other settings; use another OUT")
@@ -194,15 +199,19 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
 
     stage(1, "data")
     if not (out / "data" / "chat-train-raw.jsonl").exists():
-        (embedded_data if cfg.embedded else config_data)(cfg, out / "data")
+        (embedded_data if cfg.builtin_data else config_data)(cfg, out / "data")
     stage(2, "tokenizer and teacher")
-    if cfg.embedded:
+    if cfg.builds_teacher:
         if not (out / "tokenizer" / "tokenizer.json").exists():
             from .tokenizer import train_tokenizer
 
             texts = [json.loads(l)["text"] for l in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
             train_tokenizer(texts, cfg.vocab_size, out / "tokenizer")
         teacher = build_teacher(cfg, out, console)
+    elif is_gguf_source(cfg.teacher):
+        teacher = out / "teacher"
+        if not (teacher / "config.json").exists():
+            convert_gguf(cfg.teacher, teacher)
     else:
         teacher = Path(cfg.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
