@@ -180,7 +180,7 @@ def size_and_error(work: Path, teacher: Path, chat_file: Path) -> list[dict]:
         manifest = json.loads((out / "manifest.json").read_text())
         err, captured = 0.0, []
         for rec in read_cache(out):
-            captured.append(np.exp(rec["topk_logprobs"].astype(np.float64)).sum(1))
+            captured.append(-np.expm1(rec["tail_logmass"].astype(np.float64)))
             ref = exact[rec["sample_id"]]
             kept = rec["topk_ids"] >= 0
             assert (rec["topk_ids"][kept] == ref["topk_ids"][kept]).all()

@@ -26,7 +26,8 @@ def records(rng: np.random.Generator, n: int) -> list[TeacherRecord]:
     for i in range(n):
         ids = np.stack([rng.choice(VOCAB, K, replace=False) for _ in range(T - 1)])
         lps = np.sort(np.log(rng.dirichlet(np.full(VOCAB // 256, 0.1), size=T - 1)[:, :K] + 1e-9), axis=1)[:, ::-1].astype(np.float32)
-        out.append(TeacherRecord(f"s{i}", rng.integers(0, VOCAB, T), np.ones(T, bool), ids, np.ascontiguousarray(lps)))
+        tail = np.log1p(-np.exp(lps.astype(np.float64)).sum(1)).astype(np.float32)
+        out.append(TeacherRecord(f"s{i}", rng.integers(0, VOCAB, T), np.ones(T, bool), ids, np.ascontiguousarray(lps), tail))
     return out
 
 

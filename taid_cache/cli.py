@@ -128,14 +128,14 @@ def inspect_cmd(
     plot: Optional[Path] = typer.Option(None, help="Write a histogram of the captured mass to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
-    """Sizes, bytes per token and per entry, and the teacher mass the top-k captures."""
+    """Sizes, bytes per token and per entry, the teacher mass the top-k captures, and the dump-time fidelity report."""
     from .shards.inspect import cache_stats, plot_captured_mass
 
     if plot is not None and not plot.parent.is_dir():
         raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
     stats, captured = cache_stats(cache)
     if plot is not None:
-        plot_captured_mass(captured, stats["top_k"], plot)
+        plot_captured_mass(captured, stats, plot)
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
         return

@@ -134,6 +134,11 @@ def per_position_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor, fl
     return table[cfg.name]
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^x) for x ≤ 0, accurate at both ends (−inf at x = 0)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def head_logprobs(topk_logprobs: torch.Tensor) -> torch.Tensor:
     """Stored log-probs as a head whose mass is at most 1: rounding (a quantised cache, a bf16 teacher) can make
     a confident teacher's entries sum past 1, and the tail and every loss need 1 − Σ ≥ 0. Such rows are
@@ -143,20 +148,42 @@ def head_logprobs(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return lps - excess
 
 
+def split_teacher(topk_logprobs: torch.Tensor, usable: torch.Tensor, tail_logmass: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse teacher as (head log-probs [N, k], −inf where not usable; log of the mass off the head [N]),
+    the two summing to 1.
+
+    With the cache's exact tail mass m (`tail_logmass`, log m), the tail is m and the stored entries are
+    rescaled to hold 1 − m together (their quantisation error moves into the head, never into the tail).
+    Without it (a caller's own top-k), the tail is 1 − Σ stored, after `head_logprobs`. Entries that are not
+    usable (unused slots, ids the student lacks) join the tail."""
+    lps = topk_logprobs.float()
+    if tail_logmass is None:
+        lps = head_logprobs(lps)
+        log_tail = log1mexp(torch.logsumexp(lps, -1).clamp(max=0.0))
+    else:
+        log_tail = tail_logmass.float()
+        lps = lps - (torch.logsumexp(lps, -1) - log1mexp(log_tail)).nan_to_num(0.0, posinf=0.0, neginf=0.0)[:, None]
+    dropped = lps.masked_fill(usable, -math.inf)
+    log_tail = torch.logaddexp(log_tail, torch.logsumexp(dropped, -1))
+    return lps.masked_fill(~usable, -math.inf), log_tail
+
+
 def taid_sparse_student_tail(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, t: float, valid_vocab: int
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, t: float, valid_vocab: int,
+    tail_logmass: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TAID against a top-k teacher with the `student` tail, in closed form: (per-position loss, its gradient
     with respect to the logits). Equal to `taid(s, rebuild_teacher(s, ..., "student", V), t)` without building
     the dense teacher. Off the top-k (and below `valid_vocab`), ℓ_v = log q_v + const, so p_t ∝ q_v there:
     p_t,v = c·q_v for one c per row, and only the k top-k entries and a few per-row sums need their own maths
     (docs/LOSSES.md). The gradient is q − p_t. One exp pass over [N, V] besides the log-sum-exp, like CE.
+    `tail_logmass` [N]: the cache's exact log tail mass (`split_teacher`).
     """
     s = student_logits.detach().float()
     n, vocab = s.shape
     ids = topk_ids.long()
     usable = (ids >= 0) & (ids < valid_vocab)
-    lps = head_logprobs(topk_logprobs.float().masked_fill(~usable, -math.inf))
+    lps, log_tail = split_teacher(topk_logprobs, usable, tail_logmass)
     rows = torch.arange(n, device=s.device)[:, None].expand_as(ids)[usable]
     cols = ids[usable]
 
@@ -172,10 +199,9 @@ def taid_sparse_student_tail(
 
     # Unnormalised log p_t: off the top-k, t·log(tail) + (1−t)·log q_v (log q over the valid rows, shifted
     # consistently); on the top-k, (1−t)·s_k + t·ℓ_k. All relative to the student's log-sum-exp `lse`.
-    tail = (1 - lps.exp().sum(-1)).clamp(min=0)
     has_off = q_off > 0
     log_q_off = torch.log(torch.where(has_off, q_off, torch.ones_like(q_off)))
-    log_off = (t * torch.log(tail) if t > 0 else 0.0) + (1 - t) * (lse + log_q_off)
+    log_off = (t * log_tail if t > 0 else 0.0) + (1 - t) * (lse + log_q_off)
     log_off = torch.where(has_off, log_off, torch.full_like(log_off, -math.inf))
     z_k = ((1 - t) * s_k + (t * lps if t > 0 else 0.0)).masked_fill(~usable, -math.inf)
     lse_z = torch.logaddexp(log_off, torch.logsumexp(z_k, -1))
@@ -189,11 +215,13 @@ def taid_sparse_student_tail(
 
 
 def rebuild_teacher(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail: str, valid_vocab: int
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail: str, valid_vocab: int,
+    tail_logmass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense teacher log-probs [N, V] (V = student rows) from top-k [N, k] (id −1 / −inf where unused).
 
-    The missing mass m = 1 − Σ top-k probs goes to the other tokens below `valid_vocab`:
+    The missing mass m (the cache's exact `tail_logmass` = log m, else 1 − Σ top-k probs; `split_teacher`)
+    goes to the other tokens below `valid_vocab`:
     `student`: in proportion to the student's detached probabilities; `uniform`: evenly; `renorm`: nowhere
     (the top-k are renormalised). Rows at or beyond `valid_vocab` (an LM head padded past the tokenizer, or
     ids the student does not have) get no teacher mass.
@@ -201,14 +229,13 @@ def rebuild_teacher(
     n, vocab = student_logits.shape
     ids = topk_ids.long()
     usable = (ids >= 0) & (ids < valid_vocab)
-    lps = head_logprobs(torch.where(usable, topk_logprobs.float(), torch.full_like(topk_logprobs.float(), -math.inf)))
+    lps, log_tail = split_teacher(topk_logprobs, usable, tail_logmass)
+    log_tail = log_tail[:, None]  # −inf when the head holds everything
     ids = torch.where(usable, ids, torch.full_like(ids, vocab))  # parked in an extra column, dropped below
-    captured = lps.exp().sum(-1, keepdim=True).clamp(max=1.0)
     in_vocab = torch.arange(vocab + 1, device=student_logits.device) < valid_vocab
     if tail == "renorm":
         dense = torch.full((n, vocab + 1), -math.inf, device=student_logits.device)
-        return dense.scatter(1, ids, lps - captured.log())[:, :vocab]
-    log_tail = torch.log1p(-captured)  # −inf when the top-k holds everything
+        return dense.scatter(1, ids, lps - torch.logsumexp(lps, -1, keepdim=True))[:, :vocab]
     if tail == "uniform":
         others = (valid_vocab - usable.sum(-1, keepdim=True)).clamp(min=1)
         background = (log_tail - others.float().log()).expand(n, vocab + 1)

@@ -108,6 +108,21 @@ def assert_top_k_of(ids: np.ndarray, logprobs: np.ndarray, reference: np.ndarray
     assert (true.min(axis=1) >= kth - TIE_NATS).all()
 
 
+def true_tail_mass(ids: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Σ of the reference probabilities off each row's stored ids (−1: none), summed where it lies in float64."""
+    p = np.exp(reference.astype(np.float64))
+    rows = np.arange(len(ids))[:, None].repeat(ids.shape[1], 1)
+    p[rows[ids >= 0], ids[ids >= 0]] = 0.0
+    return p.sum(axis=1)
+
+
+def assert_tail_of(ids: np.ndarray, tail_logmass: np.ndarray, reference: np.ndarray, relative: float) -> None:
+    """The stored log tail mass is the reference's mass off the stored ids, within `relative`."""
+    true = true_tail_mass(ids, reference)
+    assert (true > 0).all()
+    assert np.abs(np.exp(tail_logmass.astype(np.float64)) / true - 1).max() <= relative
+
+
 def assert_same_up_to_ties(ids_a: np.ndarray, lps_a: np.ndarray, ids_b: np.ndarray, lps_b: np.ndarray, atol: float) -> None:
     """Two top-k tables of one teacher computed in different batches: the sorted log-probs agree within `atol`,
     an id present in both has the same log-prob within `atol`, and an id present in only one sits at that

@@ -465,12 +465,13 @@ def test_compact_codec_round_trips_empty_and_leading_empty_positions(counts) -> 
     assert np.abs(decoded_lps - flat).max(initial=0.0) <= 1 / 128 + 1e-6
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_teacher_log_probs_are_refused_and_not_stored(tmp_path, bad) -> None:
+@pytest.mark.parametrize("bad,where", [(np.nan, "head"), (np.inf, "head"), (-np.inf, "head"), (np.nan, "tail"), (np.inf, "tail")])
+def test_non_finite_teacher_log_probs_are_refused_and_not_stored(tmp_path, bad, where) -> None:
     writer = ShardWriter(tmp_path, "shard-w00000", 0, 512, 4, None, "compact", 1 << 20, 3, lambda entry: None)
     lps = np.log(np.full((2, 4), 0.2, dtype=np.float32))
-    lps[1, 2] = bad
-    record = TeacherRecord("s0", np.arange(3), np.ones(3, bool), np.tile(np.arange(4), (2, 1)), lps)
+    tail = np.log(np.full(2, 0.2, dtype=np.float32))
+    (lps[1:, 2] if where == "head" else tail[1:])[0] = bad
+    record = TeacherRecord("s0", np.arange(3), np.ones(3, bool), np.tile(np.arange(4), (2, 1)), lps, tail)
     with pytest.raises(UserError, match="non-finite"):
         writer.write([record], {"next_row": 1})
     writer.commit()

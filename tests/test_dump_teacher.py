@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_top_k_of, run_cli
+from conftest import assert_tail_of, assert_top_k_of, run_cli, true_tail_mass
 from taid_cache.engines import EngineConfig
 from taid_cache.engines.hf_engine import HfEngine
 from taid_cache.shards import read_cache
@@ -49,6 +49,28 @@ def test_stored_rows_equal_an_independent_forward_pass(chat_cache, teacher_dir) 
         assert rec["topk_ids"].shape == (len(rec["input_ids"]) - 1, K)
         assert_top_k_of(rec["topk_ids"], rec["topk_logprobs"], ref, LOGPROB_STEP / 2)
         assert (np.diff(rec["topk_logprobs"], axis=1) <= 0).all()
+        assert_tail_of(rec["topk_ids"], rec["tail_logmass"], ref, 1e-4)
+
+
+def test_a_confident_teacher_keeps_its_exact_tail_mass(teacher_dir, data_dir, tmp_path) -> None:
+    """Where the top entry holds 0.99 and more, 1 − Σ of the quantised entries is noise; the stored tail is not."""
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    model.lm_head.weight.data.mul_(4.0)  # the fixture's teacher, 4x more confident
+    model.save_pretrained(tmp_path / "peaked")
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "peaked")
+    run_cli("dump-teacher", "--model", str(tmp_path / "peaked"), "--data", str(data_dir / "chat.jsonl"), "--output", str(tmp_path / "c"),
+            "--engine", "hf", "--top-k", "8", "--no-progress")
+    top1, relative, naive = [], [], []
+    for rec in list(read_cache(tmp_path / "c"))[:8]:
+        ref = reference_logprobs(tmp_path / "peaked", rec["input_ids"], model.eval())[:-1]
+        true = true_tail_mass(rec["topk_ids"], ref)
+        top1.append(np.exp(ref.max(axis=1)))
+        relative.append(np.abs(np.exp(rec["tail_logmass"].astype(np.float64)) / true - 1))
+        naive.append(np.abs(np.maximum(1 - np.exp(rec["topk_logprobs"].astype(np.float64)).sum(1), 0) / true - 1))
+    top1, relative, naive = map(np.concatenate, (top1, relative, naive))
+    assert (top1 >= 0.99).mean() > 0.2  # the confident regime the issue measured on SmolLM2
+    assert relative.max() <= 0.01  # the issue's bound: within 1% relative everywhere
+    assert (naive >= 0.5).mean() > 0.05  # where 1 − Σ stored entries (the old reading) is off by half or more
 
 
 def test_chat_mask_covers_assistant_turns_only(chat_cache, data_dir, teacher_dir) -> None:
@@ -105,6 +127,7 @@ def test_top_p_keeps_the_fewest_entries_reaching_p(teacher_dir, data_dir, tmp_pa
         counts_seen.update(kept.tolist())
         for row_ids, row_lp, n in zip(rec["topk_ids"], rec["topk_logprobs"], kept):
             assert (row_ids[n:] == -1).all() and np.isneginf(row_lp[n:]).all()
+        assert_tail_of(rec["topk_ids"], rec["tail_logmass"], ref, 1e-4)  # the dropped entries are in the tail
     assert len(counts_seen) > 3  # the rule really varies per position
 
 
@@ -112,14 +135,46 @@ def test_inspect_reports_sizes_and_captured_mass(chat_cache, tmp_path) -> None:
     proc = run_cli("inspect", str(chat_cache), "--json", "--plot", str(tmp_path / "mass.png"))
     stats = json.loads(proc.stdout)
     records = list(read_cache(chat_cache))
-    captured = np.concatenate([np.exp(r["topk_logprobs"].astype(np.float64)).sum(1) for r in records])
+    captured = np.concatenate([1 - np.exp(r["tail_logmass"].astype(np.float64)) for r in records])
     assert stats["sequences"] == len(records)
     assert stats["tokens"] == sum(len(r["input_ids"]) for r in records)
     assert stats["positions"] == captured.size and stats["stored_entries"] == captured.size * K
     assert stats["bytes_on_disk"] == sum(f.stat().st_size for f in chat_cache.glob("*.arrow"))
     assert stats["captured_mass_mean"] == pytest.approx(captured.mean(), rel=1e-9)
     assert stats["captured_mass_p50"] == pytest.approx(np.median(captured), rel=1e-9)
+    manifest = json.loads((chat_cache / "manifest.json").read_text())
+    assert {k: stats[f"fidelity_{k}"] for k in manifest["fidelity"]} == manifest["fidelity"]
     assert (tmp_path / "mass.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_report_equals_a_dense_reference(chat_cache, teacher_dir) -> None:
+    """The manifest's dump-time report against the full distribution of an independent forward pass: captured
+    mass, next-token hits, entropy and the exact KL(p ‖ p̂) of the reconstruction with a uniform tail."""
+    manifest = json.loads((chat_cache / "manifest.json").read_text())
+    vocab = manifest["settings"]["vocab_size"]
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    sums = {"captured": 0.0, "hits": 0.0, "entropy": 0.0, "kl": 0.0}
+    positions = 0
+    for rec in read_cache(chat_cache):
+        targets = rec["loss_mask"][1:]
+        ref = reference_logprobs(teacher_dir, rec["input_ids"], model)[:-1][targets]
+        ids, decoded, m = rec["topk_ids"][targets], rec["topk_logprobs"][targets].astype(np.float64), np.exp(rec["tail_logmass"][targets].astype(np.float64))
+        p = np.exp(ref)
+        rebuilt = np.repeat((m / (vocab - K))[:, None], vocab, axis=1)
+        head = np.exp(decoded) / np.exp(decoded).sum(1, keepdims=True) * (1 - m)[:, None]
+        np.put_along_axis(rebuilt, ids, head, axis=1)
+        sums["captured"] += (1 - true_tail_mass(ids, ref)).sum()
+        sums["hits"] += (ids == rec["input_ids"][1:][targets][:, None]).any(1).sum()
+        sums["entropy"] += -(p * ref).sum()
+        sums["kl"] += (p * (ref - np.log(rebuilt))).sum()
+        positions += int(targets.sum())
+    report = manifest["fidelity"]
+    assert report["loss_positions"] == positions > 0
+    assert report["captured_mass_mean"] == pytest.approx(sums["captured"] / positions, rel=1e-5)
+    assert report["next_token_hit_rate"] == pytest.approx(sums["hits"] / positions, abs=1e-12)
+    assert report["teacher_entropy_mean"] == pytest.approx(sums["entropy"] / positions, rel=1e-4)
+    assert report["kl_uniform_tail_mean"] == pytest.approx(sums["kl"] / positions, rel=1e-3)
+    assert 0 < report["kl_uniform_tail_mean"] < report["teacher_entropy_mean"]
 
 
 def test_shards_are_plain_arrow_with_documented_schema(chat_cache) -> None:
@@ -129,6 +184,18 @@ def test_shards_are_plain_arrow_with_documented_schema(chat_cache) -> None:
     assert table.schema.field("topk_ids").type == pa.list_(pa.uint16())  # 512-token vocabulary
     assert table.schema.field("topk_logprobs").type == pa.list_(pa.uint16())
     assert table.schema.metadata[b"taid_cache.top_k"] == str(K).encode()
+    assert table.schema.field("tail_logmass").type == pa.list_(pa.float32())
+    assert table.schema.metadata[b"taid_cache.format_version"] == b"3"
+
+
+def test_a_cache_of_an_older_format_is_refused_in_one_line(chat_cache, tmp_path) -> None:
+    copy = tmp_path / "v2"
+    shutil.copytree(chat_cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("inspect", str(copy), check=False)
+    assert proc.returncode != 0 and "format 2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_verify_catches_a_flipped_byte(chat_cache, tmp_path) -> None:

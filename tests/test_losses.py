@@ -212,18 +212,63 @@ def test_taid_schedule_linear_floor_cap_and_state_round_trip() -> None:
     assert copy == sched
 
 
+def quantised_with_exact_tail(lt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A compact cache's view of dense log-probs: top-k on the 1/64-nat grid, and the exact log tail mass."""
+    ids, lps = sparse(lt, k)
+    tail = lt.double().scatter(1, ids, -math.inf).logsumexp(-1).float()
+    return ids, torch.round(lps * 64) / 64, tail
+
+
+@pytest.mark.parametrize("tail", L.TAILS)
+def test_an_exact_tail_mass_is_kept_and_the_head_rescaled_to_the_rest(tail: str) -> None:
+    # A confident teacher: the top entry holds 0.99 to 0.9999, where 1 − Σ of quantised entries is noise.
+    torch.manual_seed(5)
+    logits = torch.randn(N, V)
+    logits[:, 0] += torch.linspace(5, 10, N)
+    lt = torch.log_softmax(logits, -1)
+    ids, lps, log_m = quantised_with_exact_tail(lt, 4)
+    s = torch.randn(N, V)
+    p = L.rebuild_teacher(s, ids, lps, tail, V, log_m).double().exp()
+    torch.testing.assert_close(p.sum(-1), torch.ones(N, dtype=torch.float64), atol=1e-6, rtol=0)
+    head = p.gather(1, ids)
+    if tail == "renorm":  # the tail is dropped by definition: the head alone, renormalised
+        torch.testing.assert_close(head, torch.softmax(lps.double(), -1), atol=1e-6, rtol=1e-5)
+        return
+    true_tail = torch.softmax(logits.double(), -1).scatter(1, ids, 0.0).sum(-1)
+    assert (true_tail > 0).all() and true_tail.min() < 1e-3
+    off = p.scatter(1, ids, 0.0).sum(-1)  # summed where it lies: 1 − Σ head would cancel in the test itself
+    assert ((off - true_tail).abs() / true_tail).max() < 1e-5  # exact, far inside the issue's 1% relative
+    # The head keeps its stored proportions, scaled to 1 − m.
+    torch.testing.assert_close(head / head.sum(-1, keepdim=True), torch.softmax(lps.double(), -1), atol=1e-6, rtol=1e-5)
+
+
+def test_head_entries_the_student_lacks_join_the_exact_tail() -> None:
+    torch.manual_seed(6)
+    lt = torch.log_softmax(torch.randn(N, V) * 3, -1)
+    ids, lps, log_m = quantised_with_exact_tail(lt, 5)
+    ids[:, 1] = V + 3  # an id past the student's vocabulary
+    p = L.rebuild_teacher(torch.randn(N, V), ids, lps, "uniform", V, log_m).double()
+    scaled = lps.double() - lps.double().logsumexp(-1, keepdim=True) + torch.log1p(-log_m.double().exp())[:, None]
+    expected_tail = log_m.double().exp() + scaled[:, 1].exp()
+    usable = [0, 2, 3, 4]
+    torch.testing.assert_close(p.exp().gather(1, ids[:, usable]), scaled[:, usable].exp(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(1 - p.exp().gather(1, ids[:, usable]).sum(-1), expected_tail, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exact_tail", [False, True])
 @pytest.mark.parametrize("valid", [36, 40])  # 36: rows 36..39 are an LM head padded past the tokenizer
 @pytest.mark.parametrize("t", [0.0, 0.35, 1.0])
-def test_taid_student_tail_closed_form_equals_the_general_path(t: float, valid: int) -> None:
+def test_taid_student_tail_closed_form_equals_the_general_path(t: float, valid: int, exact_tail: bool) -> None:
     torch.manual_seed(3)
     n, vocab, k = 20, 40, 5
     s = torch.randn(n, vocab) * 2
-    ids, lps = sparse(torch.log_softmax(torch.randn(n, valid) * 3, -1), k)
+    ids, lps, log_m = quantised_with_exact_tail(torch.log_softmax(torch.randn(n, valid) * 3, -1), k)
     ids[:4, 3:], lps[:4, 3:] = -1, -math.inf  # top-p padding
+    log_m = log_m if exact_tail else None
     general = s.clone().requires_grad_()
-    loss = L.taid(general, L.rebuild_teacher(general, ids, lps, "student", valid), t)
+    loss = L.taid(general, L.rebuild_teacher(general, ids, lps, "student", valid, log_m), t)
     loss.sum().backward()
-    fast, grad = L.taid_sparse_student_tail(s, ids, lps, t, valid)
+    fast, grad = L.taid_sparse_student_tail(s, ids, lps, t, valid, log_m)
     if t > 0:
         torch.testing.assert_close(fast, loss.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, general.grad, atol=1e-6, rtol=1e-5)

@@ -4,6 +4,7 @@ sequences are packed into rows no wider than its longest one, so uneven lengths 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,22 +30,44 @@ def torch_dtype(name: str) -> torch.dtype:
     return value
 
 
+def tail_and_entropy(logprobs: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From [P, V] log-probs (overwritten) and their top-k: the log of the mass off the top-k, summed directly
+    (1 − Σ top-k cancels catastrophically for a confident teacher), and the entropy, sharing one exp pass."""
+    logprobs.scatter_(-1, indices, -math.inf)
+    peak = logprobs.amax(-1, keepdim=True)  # the largest log-prob off the top-k (−inf when the top-k is everything)
+    peak = torch.where(peak.isinf(), torch.zeros_like(peak), peak)
+    scaled = (logprobs - peak).exp_()  # p / e^peak off the top-k, 0 on it
+    tail = peak.squeeze(-1) + scaled.sum(-1).log()
+    logprobs.scatter_(-1, indices, 0.0)  # finite where `scaled` is 0, so the top-k adds nothing below
+    entropy = -(values.exp() * values).sum(-1) - peak.squeeze(-1).exp() * torch.linalg.vecdot(scaled, logprobs)
+    return tail, entropy
+
+
+@dataclass
+class TopK:
+    """Every position's top-k, still on the device."""
+
+    ids: torch.Tensor  # [positions, k]
+    logprobs: torch.Tensor  # [positions, k]
+    tail_logmass: torch.Tensor  # [positions]: log of the mass off the k entries, from the full float32 log-softmax
+    entropy: torch.Tensor  # [positions]: the teacher's entropy (the cache's fidelity report)
+
+
 @dataclass
 class HfPending:
     """Top-k still on the device; `materialize` (in the writer thread) copies it out and splits it."""
 
     sequences: list[Sequence]
-    ids: torch.Tensor  # [positions, k]
-    logprobs: torch.Tensor
+    top: TopK
     cursor: dict[str, int]
 
     def materialize(self) -> list[TeacherRecord]:
-        ids = self.ids.cpu().numpy()
-        lps = self.logprobs.cpu().numpy()
+        ids, lps, tails, entropy = (x.cpu().numpy() for x in (self.top.ids, self.top.logprobs, self.top.tail_logmass, self.top.entropy))
         records, at = [], 0
         for seq in self.sequences:
             n = len(seq.input_ids) - 1
-            records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids[at : at + n], lps[at : at + n]))
+            records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids[at : at + n], lps[at : at + n],
+                                         tails[at : at + n], entropy[at : at + n]))
             at += n
         return records
 
@@ -77,23 +100,23 @@ class HfEngine:
         return layout, {**{k: v.to(self.device) for k, v in inputs.items()}, "use_cache": False}
 
     @torch.inference_mode()
-    def top_k(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (ids, log-probs) for every position j < T-1 of every sequence, concatenated in order."""
+    def top_k(self, sequences: list[Sequence]) -> TopK:
+        """Top-k for every position j < T-1 of every sequence, concatenated in order."""
         layout, inputs = self._layout(sequences)
         hidden = self.decoder(**inputs).last_hidden_state
         # Positions that predict a token of their own sequence: all but each sequence's last, in sequence order.
         hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
-        out_ids, out_lps = [], []
+        columns: tuple[list[torch.Tensor], ...] = ([], [], [], [])  # TopK's fields, one entry per chunk
         for chunk in hidden.split(self.config.lm_head_chunk):
             logprobs = torch.log_softmax(head_logits(chunk, self.head.weight, self.head.bias, self.mapping), dim=-1)
             values, indices = logprobs.topk(self.config.top_k, dim=-1, sorted=True)
-            out_ids.append(indices)
-            out_lps.append(values)
-        return torch.cat(out_ids), torch.cat(out_lps)
+            tail, entropy = tail_and_entropy(logprobs, values, indices)
+            for column, value in zip(columns, (indices, values, tail, entropy)):
+                column.append(value)
+        return TopK(*(torch.cat(column) for column in columns))
 
     def submit(self, sequences: list[Sequence], cursor: dict[str, int]) -> HfPending:
-        ids, lps = self.top_k(sequences)
-        return HfPending(sequences, ids, lps, dict(cursor))
+        return HfPending(sequences, self.top_k(sequences), dict(cursor))
 
     def close(self) -> None:
         """Release the teacher's memory now (a pipeline may train a student next in the same process)."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..inputs import Sequence
+from ..shards.codec import tail_from_head
 from ..shards.writer import TeacherRecord
 from . import EngineConfig
 
@@ -24,6 +25,11 @@ def cpu_thread_binding(tensor_parallel_size: int) -> str:
     per_rank = max(1, len(cores) // tensor_parallel_size)
     groups = [cores[r * per_rank : (r + 1) * per_rank] for r in range(tensor_parallel_size)]
     return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+
+
+# vLLM hands back only the top-k, so the tail is 1 − Σ of its float32 log-probs: their rounding (about 1e-6 of
+# mass for logits of magnitude ~10) bounds what it resolves; the hf engine sums the tail itself.
+TAIL_FLOOR = 2.0**-20
 
 
 @dataclass
@@ -43,7 +49,7 @@ class VllmPending:
             width = self.top_k + 1
             ids = np.asarray(flat.token_ids[first:], dtype=np.int64).reshape(positions, width)[:, 1:]
             lps = np.asarray(flat.logprobs[first:], dtype=np.float32).reshape(positions, width)[:, 1:]
-            records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids, lps))
+            records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids, lps, tail_from_head(lps, TAIL_FLOOR)))
         return records
 
 

@@ -177,14 +177,19 @@ class Teacher:
             with torch.no_grad():
                 out = self.model.get_decoder()(**mb.model_inputs(env.device))
             return out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
-        return mb.topk_ids[mb.targets].to(env.device), mb.topk_logprobs[mb.targets].to(env.device)
+        return selected_top_k(mb, env)
 
     def logprobs(self, prepared: Any, sl: slice, student_logits: torch.Tensor) -> torch.Tensor:
         if self.model is not None:
             logits = head_logits(prepared[sl], self.head.weight, self.head.bias, self.mapping)[:, : self.valid]
             return F.pad(F.log_softmax(logits, -1), (0, self.rows - self.valid), value=-math.inf)
-        ids, lps = prepared
-        return rebuild_teacher(student_logits, ids[sl], lps[sl], self.tail, self.valid)
+        ids, lps, tails = prepared
+        return rebuild_teacher(student_logits, ids[sl], lps[sl], self.tail, self.valid, tails[sl])
+
+
+def selected_top_k(mb: MicroBatch, env: Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cached teacher at the micro-batch's target positions: top-k ids, log-probs and log tail mass."""
+    return tuple(x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass))
 
 
 def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: LossConfig, t: float, env: Dist):
@@ -194,10 +199,10 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
     prepared = None if distil is None else teacher.prepare(mb, env)
 
     if loss.name == "taid" and teacher.model is None and teacher.tail == "student" and loss.distil_ratio == 1:
-        ids, lps = prepared
+        ids, lps, tails = prepared
 
         def closed_form(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            value, grad = taid_sparse_student_tail(logits, ids[sl], lps[sl], t, teacher.valid)
+            value, grad = taid_sparse_student_tail(logits, ids[sl], lps[sl], t, teacher.valid, tails[sl])
             return value.sum(), value.sum(), grad
 
         return model(mb.model_inputs(env.device), mb.targets.to(env.device), closed_form)
@@ -224,11 +229,11 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict,
     sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
     model.eval()
     for mb in itertools.islice(itertools.chain(data, itertools.repeat(empty_micro_batch(settings["top_k"]))), busiest):
-        ids, lps = mb.topk_ids[mb.targets].to(env.device), mb.topk_logprobs[mb.targets].to(env.device)
+        ids, lps, tails = selected_top_k(mb, env)
         labels = mb.labels[mb.targets].to(env.device)
 
         def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            teacher = rebuild_teacher(logits, ids[sl], lps[sl], cfg.tail, settings["tokenizer_size"])
+            teacher = rebuild_teacher(logits, ids[sl], lps[sl], cfg.tail, settings["tokenizer_size"], tails[sl])
             sums[0] += cross_entropy(logits, labels[sl]).sum()
             sums[1] += fkl(logits, teacher).sum()
             sums[2] += (logits.argmax(-1) == ids[sl, 0]).sum()
@@ -245,7 +250,8 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict,
 def empty_micro_batch(top_k: int) -> MicroBatch:
     """One two-token row with no target: a forward that contributes nothing."""
     record = {"input_ids": np.zeros(2, np.int64), "loss_mask": np.zeros(2, bool),
-              "topk_ids": np.full((1, top_k), -1, np.int64), "topk_logprobs": np.full((1, top_k), -np.inf, np.float32)}
+              "topk_ids": np.full((1, top_k), -1, np.int64), "topk_logprobs": np.full((1, top_k), -np.inf, np.float32),
+              "tail_logmass": np.zeros(1, np.float32)}
     return collate([record], 2)
 
 

@@ -220,7 +220,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     caches = {split: dump_cache(cfg, teacher, path, out / f"cache-{split}", cfg.top_k, console)
               for split, path in (("train", train_file), ("heldout", heldout_file))}
     stats, captured = cache_stats(caches["train"])
-    plot_captured_mass(captured, cfg.top_k, out / "cache-mass.png")
+    plot_captured_mass(captured, stats, out / "cache-mass.png")
     write_json(out / "inspect.json", stats)
     stage(4, "student initialisation")
     student = student_init(cfg, out, teacher)

@@ -77,7 +77,11 @@ def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluat
     write_json(out / "results.json", report)
     lines = [f"Held-out results ({cfg.name}; machine: {report['machine']}; commit {report['commit']})", "",
              f"Teacher CE on the held-out data: {evaluation['teacher']['ce']:.4f} nats. Cache: top-{cfg.top_k}, "
-             f"{stats['bytes_per_token']:.1f} bytes/token, captured mass {stats['captured_mass_mean']:.3f}.", "",
+             f"{stats['bytes_per_token']:.1f} bytes/token, captured mass {stats['captured_mass_mean']:.3f}; at its loss positions "
+             f"the next token is stored at {stats['fidelity_next_token_hit_rate']:.3f}"
+             + ("" if stats["fidelity_kl_uniform_tail_mean"] is None else
+                f", KL(teacher‖cache with a uniform tail) {stats['fidelity_kl_uniform_tail_mean']:.4f} nats, "
+                f"teacher entropy {stats['fidelity_teacher_entropy_mean']:.4f} nats") + ".", "",
              "| method | CE (nats) | KL(teacher‖student) | top-1 agreement | train wall s |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['ce']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['wall_s']:.1f} |" for r in results]
     table = "\n".join(lines) + "\n"

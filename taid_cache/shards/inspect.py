@@ -13,12 +13,11 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
 def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
-    """Summary numbers, and the captured mass (sum of stored probabilities) at every position."""
+    """Summary numbers, and the captured mass (1 − the exact tail mass: the stored entries' true share) at every
+    position."""
     cache = Path(path)
     manifest = verify_cache(cache)  # refuse a corrupt cache as `verify` does, rather than summarise it
-    captured = np.concatenate(
-        [np.exp(r["topk_logprobs"].astype(np.float64)).sum(axis=1) for r in read_cache(cache)] or [np.zeros(0)]
-    )
+    captured = np.concatenate([-np.expm1(r["tail_logmass"].astype(np.float64)) for r in read_cache(cache)] or [np.zeros(0)])
     stats = {
         "sequences": manifest["records"],
         "tokens": manifest["tokens"],
@@ -30,6 +29,7 @@ def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
         "entries_per_position": manifest["entries"] / max(captured.size, 1),
         "captured_mass_mean": float(captured.mean()) if captured.size else float("nan"),
         **{f"captured_mass_p{p}": float(np.percentile(captured, p)) if captured.size else float("nan") for p in PERCENTILES},
+        **{f"fidelity_{k}": v for k, v in manifest["fidelity"].items()},
         "dropped": manifest["dropped"],
         "truncated": manifest["truncated"],
         **{k: manifest["settings"][k] for k in ("teacher", "vocab_size", "top_k", "top_p", "precision", "engine")},
@@ -37,7 +37,8 @@ def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
     return stats, captured
 
 
-def plot_captured_mass(captured: np.ndarray, top_k: int, out: Path) -> None:
+def plot_captured_mass(captured: np.ndarray, stats: dict, out: Path) -> None:
+    """Histogram of the captured mass at every position, with the dump-time fidelity report beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,9 +46,15 @@ def plot_captured_mass(captured: np.ndarray, top_k: int, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(captured, bins=50, range=(0.0, 1.0), color="#3b6ea8")
-    ax.set_xlabel(f"teacher probability mass captured by the stored top-{top_k}")
+    ax.set_xlabel(f"teacher probability mass captured by the stored top-{stats['top_k']}")
     ax.set_ylabel("positions")
     ax.set_title(f"captured mass: mean {captured.mean():.3f}, median {np.median(captured):.3f}")
+    report = [f"loss positions: {stats['fidelity_loss_positions']:,}",
+              f"next token stored: {stats['fidelity_next_token_hit_rate']:.3f}"]
+    for key, label in (("fidelity_kl_uniform_tail_mean", "KL(p‖p̂), uniform tail"), ("fidelity_teacher_entropy_mean", "teacher entropy")):
+        if stats[key] is not None:
+            report.append(f"{label}: {stats[key]:.4f} nats")
+    ax.text(0.02, 0.97, "\n".join(report), transform=ax.transAxes, va="top", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -17,6 +17,7 @@ from typing import Any
 from ..atomic import read_json, write_json
 from ..errors import UserError
 from ..settings import describe_differences
+from . import fidelity
 from .schema import FORMAT_VERSION
 
 MANIFEST = "manifest.json"
@@ -100,6 +101,7 @@ def try_finalize(cache: Path) -> bool:
             "bytes": sum(s["bytes"] for s in shards),
             "dropped": sum(p.cursor["dropped"] for p in parts),
             "truncated": sum(p.cursor["truncated"] for p in parts),
+            "fidelity": fidelity.means(shards),
             "shards": shards,
         },
     )

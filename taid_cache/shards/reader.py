@@ -39,6 +39,7 @@ def decode_batch(batch: pa.RecordBatch, settings: dict[str, Any]) -> Iterator[di
             "loss_mask": row["loss_mask"].astype(bool),
             "topk_ids": topk_ids,
             "topk_logprobs": topk_logprobs,
+            "tail_logmass": row["tail_logmass"].astype(np.float32),
         }
 
 
@@ -95,8 +96,9 @@ def read_cache(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield every sequence of a finished cache, in dataset order across all workers' shards.
 
     Each item: `sample_id` (str), `input_ids` [T] int64, `loss_mask` [T] bool, `topk_ids` [T-1, k] int64 and
-    `topk_logprobs` [T-1, k] float32, row j being the teacher's top-k for token j+1. Entries dropped by
-    --top-p hold id -1 and log-prob -inf.
+    `topk_logprobs` [T-1, k] float32, row j being the teacher's top-k for token j+1, and `tail_logmass` [T-1]
+    float32, the log of the teacher's mass off row j's stored entries. Entries dropped by --top-p hold id -1
+    and log-prob -inf (their mass is in the tail).
     """
     cache = Path(path)
     manifest = load_manifest(cache)

@@ -7,8 +7,8 @@ import pyarrow as pa
 
 from .codec import id_dtype, logprob_storage_dtype
 
-# 2: per-batch crc32 in the manifest, checked by every reader.
-FORMAT_VERSION = 2
+# 2: per-batch crc32 in the manifest, checked by every reader. 3: the exact tail mass of every position.
+FORMAT_VERSION = 3
 
 
 def shard_schema(vocab_size: int, top_k: int, precision: str) -> pa.Schema:
@@ -22,6 +22,8 @@ def shard_schema(vocab_size: int, top_k: int, precision: str) -> pa.Schema:
             pa.field("topk_counts", pa.list_(pa.from_numpy_dtype(id_dtype(top_k + 1))), nullable=False),
             pa.field("topk_ids", pa.list_(ids), nullable=False),
             pa.field("topk_logprobs", pa.list_(pa.from_numpy_dtype(logprob_storage_dtype(precision))), nullable=False),
+            # T-1 entries: log of the teacher's mass off the stored entries, from the engine's un-quantised values.
+            pa.field("tail_logmass", pa.list_(pa.float32()), nullable=False),
         ],
         metadata={
             "taid_cache.format_version": str(FORMAT_VERSION),

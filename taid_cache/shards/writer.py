@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from ..atomic import temporary_name
 from ..errors import UserError
-from .codec import encode_logprobs, id_dtype, pack_ragged, top_p_counts
+from . import fidelity
+from .codec import decode_logprobs, encode_logprobs, id_dtype, pack_ragged, tail_beyond, top_p_counts, unpack_ragged
 from .integrity import batch_crc32, file_sha256
 from .schema import list_array, shard_schema
 
@@ -33,6 +34,8 @@ class TeacherRecord:
     loss_mask: np.ndarray  # [T] bool
     topk_ids: np.ndarray  # [T-1, k] int, by descending log-prob
     topk_logprobs: np.ndarray  # [T-1, k] float32, normalised over the full vocabulary
+    tail_logmass: np.ndarray  # [T-1] float32: log of the mass off the k entries (−inf when they hold it all)
+    entropy: np.ndarray | None = None  # [T-1] the teacher's entropy, from engines that hold the full distribution
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ShardEntry:
     sha256: str
     batch_rows: list[int]  # records per Arrow record batch: random access without decompressing the shard
     batch_crc32: list[int]  # per record batch, over its decoded contents: checked by every reader
+    fidelity: dict[str, float | None]  # sums over the shard's loss positions (shards/fidelity.py)
     # The worker's position in its slice once this shard is in (next source row, rows dropped and
     # truncated so far): where a resumed run starts, with its counters.
     cursor: dict[str, int]
@@ -75,9 +79,11 @@ class ShardWriter:
         self.shard_bytes = shard_bytes
         self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
         self.on_commit = on_commit
+        self.vocab_size = vocab_size
         self._ids = id_dtype(vocab_size)
         self._open: tuple[Path, Path, pa.OSFile, pa.ipc.RecordBatchFileWriter] | None = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
+        self._fidelity = fidelity.empty()
         self._batch_rows: list[int] = []
         self._batch_crcs: list[int] = []
         self._cursor: dict[str, int] = {}
@@ -86,9 +92,9 @@ class ShardWriter:
         return f"{self.name_prefix}-{index:05d}.arrow"
 
     def _batch(self, records: list[TeacherRecord]) -> pa.RecordBatch:
-        counts, ids, stored = [], [], []
+        counts, ids, stored, tails = [], [], [], []
         for rec in records:
-            if not np.isfinite(rec.topk_logprobs).all():
+            if not np.isfinite(rec.topk_logprobs).all() or np.isnan(rec.tail_logmass).any() or np.isposinf(rec.tail_logmass).any():
                 raise UserError(f"the teacher gave non-finite log-probs (NaN or ±inf) for {rec.sample_id}: nothing of it was "
                                 "stored; check the model's weights, or try --dtype float32")
             n = top_p_counts(rec.topk_logprobs, self.top_p)
@@ -96,6 +102,10 @@ class ShardWriter:
             counts.append(n)
             ids.append(flat_ids.astype(self._ids))
             stored.append(encode_logprobs(flat_lps, n, self.precision))
+            tails.append(tail_beyond(rec.topk_logprobs, rec.tail_logmass, n))
+            kept_ids, decoded = unpack_ragged(flat_ids, decode_logprobs(stored[-1], n, self.precision), n, rec.topk_ids.shape[1])
+            self._fidelity = fidelity.add(self._fidelity, fidelity.record_sums(
+                rec.input_ids, rec.loss_mask, kept_ids, rec.topk_logprobs, decoded, tails[-1], rec.entropy, self.vocab_size))
         fields = {f.name: f.type.value_type for f in self.schema if pa.types.is_list(f.type)}
         columns = [
             pa.array([r.sample_id for r in records], pa.string()),
@@ -104,6 +114,7 @@ class ShardWriter:
             list_array(counts, fields["topk_counts"]),
             list_array(ids, fields["topk_ids"]),
             list_array(stored, fields["topk_logprobs"]),
+            list_array(tails, fields["tail_logmass"]),
         ]
         self._stats["records"] += len(records)
         self._stats["tokens"] += sum(len(r.input_ids) for r in records)
@@ -136,10 +147,11 @@ class ShardWriter:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), batch_rows=self._batch_rows,
-                           batch_crc32=self._batch_crcs, cursor=self._cursor, **self._stats)
+                           batch_crc32=self._batch_crcs, fidelity=self._fidelity, cursor=self._cursor, **self._stats)
         os.replace(tmp, final)
         self._open = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
+        self._fidelity = fidelity.empty()
         self._batch_rows, self._batch_crcs = [], []
         self.next_index += 1
         self.on_commit(entry)

