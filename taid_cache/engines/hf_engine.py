@@ -30,16 +30,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return value
 
 
-def tail_and_entropy(logprobs: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From [P, V] log-probs (overwritten) and their top-k: the log of the mass off the top-k, summed directly
-    (1 − Σ top-k cancels catastrophically for a confident teacher), and the entropy, sharing one exp pass."""
-    logprobs.scatter_(-1, indices, -math.inf)
-    peak = logprobs.amax(-1, keepdim=True)  # the largest log-prob off the top-k (−inf when the top-k is everything)
-    peak = torch.where(peak.isinf(), torch.zeros_like(peak), peak)
-    scaled = (logprobs - peak).exp_()  # p / e^peak off the top-k, 0 on it
-    tail = peak.squeeze(-1) + scaled.sum(-1).log()
-    logprobs.scatter_(-1, indices, 0.0)  # finite where `scaled` is 0, so the top-k adds nothing below
-    entropy = -(values.exp() * values).sum(-1) - peak.squeeze(-1).exp() * torch.linalg.vecdot(scaled, logprobs)
+def tail_and_entropy(logprobs: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From [P, V] log-probs (overwritten) and their top-k `indices`: the log of the mass off the top-k, summed
+    directly (1 − Σ top-k cancels catastrophically for a confident teacher), and the entropy at the `targets`
+    rows (NaN elsewhere): the fidelity report covers loss positions only, so only they pay for it."""
+    picked = logprobs if bool(targets.all()) else logprobs[targets]  # text rows: every position, no copy
+    picked_entropy = -torch.linalg.vecdot(picked.exp(), picked)
+    odd = picked_entropy.isnan()  # rows with a −inf logit (0 · −inf): rare, so redone with 0 · log 0 = 0
+    if bool(odd.any()):
+        picked_entropy[odd] = torch.special.entr(picked[odd].exp()).sum(-1)
+    entropy = torch.full(logprobs.shape[:1], math.nan, device=logprobs.device)
+    entropy[targets] = picked_entropy
+    tail = logprobs.scatter_(-1, indices, -math.inf).logsumexp(-1)
     return tail, entropy
 
 
@@ -50,7 +52,7 @@ class TopK:
     ids: torch.Tensor  # [positions, k]
     logprobs: torch.Tensor  # [positions, k]
     tail_logmass: torch.Tensor  # [positions]: log of the mass off the k entries, from the full float32 log-softmax
-    entropy: torch.Tensor  # [positions]: the teacher's entropy (the cache's fidelity report)
+    entropy: torch.Tensor  # [positions]: the teacher's entropy at loss positions, NaN elsewhere (the fidelity report)
 
 
 @dataclass
@@ -106,11 +108,12 @@ class HfEngine:
         hidden = self.decoder(**inputs).last_hidden_state
         # Positions that predict a token of their own sequence: all but each sequence's last, in sequence order.
         hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
+        targets = torch.from_numpy(np.concatenate([s.loss_mask[1:] for s in sequences]).astype(bool)).to(self.device)
         columns: tuple[list[torch.Tensor], ...] = ([], [], [], [])  # TopK's fields, one entry per chunk
-        for chunk in hidden.split(self.config.lm_head_chunk):
+        for chunk, chunk_targets in zip(hidden.split(self.config.lm_head_chunk), targets.split(self.config.lm_head_chunk)):
             logprobs = torch.log_softmax(head_logits(chunk, self.head.weight, self.head.bias, self.mapping), dim=-1)
             values, indices = logprobs.topk(self.config.top_k, dim=-1, sorted=True)
-            tail, entropy = tail_and_entropy(logprobs, values, indices)
+            tail, entropy = tail_and_entropy(logprobs, indices, chunk_targets)
             for column, value in zip(columns, (indices, values, tail, entropy)):
                 column.append(value)
         return TopK(*(torch.cat(column) for column in columns))

@@ -35,7 +35,7 @@ class TeacherRecord:
     topk_ids: np.ndarray  # [T-1, k] int, by descending log-prob
     topk_logprobs: np.ndarray  # [T-1, k] float32, normalised over the full vocabulary
     tail_logmass: np.ndarray  # [T-1] float32: log of the mass off the k entries (−inf when they hold it all)
-    entropy: np.ndarray | None = None  # [T-1] the teacher's entropy, from engines that hold the full distribution
+    entropy: np.ndarray | None = None  # [T-1] the teacher's entropy at loss positions (engines with the full distribution)
 
 
 @dataclass
