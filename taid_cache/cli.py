@@ -52,6 +52,9 @@ def dump_teacher_cmd(
     engine: str = typer.Option("auto", help="auto (vLLM when it imports), vllm or hf (transformers)."),
     top_k: int = typer.Option(64, help="Top-k next-token log-probs stored per position."),
     top_p: Optional[float] = typer.Option(None, help="Keep only the fewest entries (1..k) whose mass reaches p."),
+    tail_samples: int = typer.Option(0, help="Also draw N tokens per position from the teacher off the top-k (stored as "
+                                     "distinct ids, counts and log-probs): an unbiased sampled tail. hf engine."),
+    seed: int = typer.Option(0, help="Seed of the --tail-samples draws."),
     precision: str = typer.Option("compact", help="Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact)."),
     tensor_parallel_size: int = typer.Option(1, help="vLLM tensor-parallel size."),
     max_length: Optional[int] = typer.Option(None, help="Longest sequence in tokens [default: the teacher's context - 1]."),
@@ -68,7 +71,7 @@ def dump_teacher_cmd(
     from .pipelines.dump_teacher import DumpConfig, dump_teacher
 
     dump_teacher(DumpConfig(model=model, data=data, output=output, split=split, input_kind=input_kind, engine=engine,
-                            top_k=top_k, top_p=top_p, precision=precision, tensor_parallel_size=tensor_parallel_size,
+                            top_k=top_k, top_p=top_p, tail_samples=tail_samples, seed=seed, precision=precision, tensor_parallel_size=tensor_parallel_size,
                             max_length=max_length, overlong=overlong, dtype=dtype, num_workers=num_workers,
                             worker_index=worker_index, batch_tokens=batch_tokens, shard_size_mb=shard_size_mb,
                             zstd_level=zstd_level, progress=progress))

@@ -248,6 +248,50 @@ def rebuild_teacher(
     return dense.scatter(1, ids, lps)[:, :vocab]
 
 
+# Losses that a sampled tail (a --tail-samples cache) estimates without bias, or nearly: docs/LOSSES.md.
+SAMPLED_LOSSES = ("taid", "fkl", "sft")
+
+
+def sampled_tail_teacher(
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor,
+    sample_ids: torch.Tensor, sample_draws: torch.Tensor, sample_logprobs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A head + sampled tail cache as one sparse estimate p̂ of the teacher: (ids, log ŵ, ℓ), each [N, k + S].
+
+    ŵ is the estimate: the head's exact p (rescaled to 1 − m, `split_teacher`) and m·c/N for a token drawn c of
+    N times off the head, so E[ŵ_v] = p_v for every token and Σ ŵ = 1. ℓ is each entry's exact log p (what
+    TAID's importance weights need; equal to log ŵ on the head). Unused slots: id −1, −inf."""
+    head, _ = split_teacher(topk_logprobs, topk_ids >= 0, tail_logmass)
+    draws = sample_draws.float()
+    total = draws.sum(-1, keepdim=True).clamp(min=1.0)
+    sampled = torch.where(draws > 0, tail_logmass.float()[:, None] + draws.log() - total.log(), torch.full_like(draws, -math.inf))
+    return (torch.cat([topk_ids.long(), sample_ids.long()], -1), torch.cat([head, sampled], -1),
+            torch.cat([head, sample_logprobs.float()], -1))
+
+
+def sampled_tail_loss(
+    name: str, student_logits: torch.Tensor, ids: torch.Tensor, log_w: torch.Tensor, ell: torch.Tensor, t: float, valid_vocab: int,
+) -> torch.Tensor:
+    """FKL or TAID per position against a sparse estimate from `sampled_tail_teacher`; differentiable in the logits.
+
+    `fkl`: Σ ŵ (ℓ − log q), an unbiased estimate of KL(p‖q) whose gradient q − ŵ is unbiased too.
+    `taid`: p_t ∝ q^(1−t) p^t is not linear in p; its unnormalised weight q_v^(1−t) p_v^t = p_v (q_v / p_v)^(1−t)
+    is estimated by ŵ_v (q_v / p_v)^(1−t) (unbiased: an importance weight on the exact ℓ), then normalised
+    over the entries (self-normalised, so biased by O(1/N); measured in tests and bench/). Loss −Σ p̂_t log q,
+    gradient q − p̂_t. Entries at or past `valid_vocab` are dropped (the rest renormalised)."""
+    log_q = F.log_softmax(student_logits.float(), -1)
+    usable = (ids >= 0) & (ids < valid_vocab) & torch.isfinite(log_w)
+    log_q_e = log_q.gather(1, ids.clamp(0, log_q.shape[1] - 1))
+    log_w = log_w.masked_fill(~usable, -math.inf)
+    has_any = usable.any(-1, keepdim=True)
+    if name == "fkl":
+        w = torch.where(has_any, torch.softmax(torch.where(has_any, log_w, 0.0), -1), 0.0)
+        return torch.where(usable, w * (ell - log_q_e), 0.0).sum(-1)
+    z = log_w + (1 - t) * (log_q_e.detach() - torch.where(usable, ell, 0.0))
+    p_t = torch.where(has_any, torch.softmax(torch.where(has_any, z, 0.0), -1), 0.0)
+    return -torch.where(usable, p_t * log_q_e, 0.0).sum(-1)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Σ over chunks of f(head(hidden_chunk), chunk); gradients are computed chunk by chunk in the forward pass
     and kept (one [N, H], one [V, H] and one [V] tensor), so logits exist for one chunk at a time."""

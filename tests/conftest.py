@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from taid_cache.reproduce.corpus import chat_pairs, stdlib_files
 from transformers import AutoTokenizer
+from typer.testing import CliRunner
 
+from taid_cache.cli import app
+from taid_cache.reproduce.corpus import chat_pairs, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 
@@ -79,11 +80,22 @@ def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
     return {"top16": root / "top16", "full": root / "full"}
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real console entry point in a fresh process."""
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI in this process (the import cost of torch and transformers is paid once per suite, not per call).
+    Tests that need a process of their own (kill -9, torchrun, vLLM) start `python -m taid_cache.cli` themselves."""
+    result = CliRunner().invoke(app, list(args), env={"TOKENIZERS_PARALLELISM": "false"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    if check and result.exit_code != 0:
+        raise AssertionError(f"taid-cache {' '.join(args)} failed ({result.exit_code}):\n{result.stderr[-3000:]}")
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+def run_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process: for what only a process shows (everything it writes to
+    stderr, libraries' own logging included; vLLM's worker processes)."""
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"taid-cache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import run_cli, write_jsonl
+from conftest import run_process, write_jsonl
 from taid_cache.atomic import exclusive_lock, temporary_name
 from taid_cache.cli import app
 from taid_cache.errors import UserError
@@ -280,7 +280,7 @@ def test_empty_messages_among_good_rows(teacher_dir, data_dir, tmp_path) -> None
 
 def test_malformed_jsonl_is_one_stderr_line(teacher_dir, tmp_path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    proc = run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(tmp_path / "bad.jsonl"), "--output",
+    proc = run_process("dump-teacher", "--model", str(teacher_dir), "--data", str(tmp_path / "bad.jsonl"), "--output",
                    str(tmp_path / "o"), "--engine", "hf", "--no-progress", check=False)
     assert proc.returncode == 2
     assert len([l for l in proc.stderr.splitlines() if l.strip()]) == 1, proc.stderr

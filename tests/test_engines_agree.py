@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_process
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import LOGPROB_STEP
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason
 def test_vllm_tp2_equals_transformers(teacher_dir, data_dir, tmp_path) -> None:
     common = ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--top-k", "16", "--max-length", "512", "--no-progress"]
     run_cli("dump-teacher", *common, "--output", str(tmp_path / "hf"), "--engine", "hf")
-    proc = run_cli("dump-teacher", *common, "--output", str(tmp_path / "vllm"), "--engine", "vllm", "--tensor-parallel-size", "2")
+    proc = run_process("dump-teacher", *common, "--output", str(tmp_path / "vllm"), "--engine", "vllm", "--tensor-parallel-size", "2")
     assert "Worker_TP1" in proc.stdout + proc.stderr  # a second tensor-parallel rank really ran
     a, b = list(read_cache(tmp_path / "vllm")), list(read_cache(tmp_path / "hf"))
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b] and len(a) == 24

@@ -18,6 +18,8 @@ class EngineConfig:
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     lm_head_chunk: int = 1024  # hf: positions per LM-head chunk, bounding the [chunk, vocab] float32 logits
+    tail_samples: int = 0  # draws off the head per position (engines/tail_sampling.py)
+    seed: int = 0  # of those draws
 
 
 def resolve_engine(name: str) -> str:

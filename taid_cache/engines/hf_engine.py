@@ -16,6 +16,7 @@ from ..inputs import Sequence
 from ..packing import RowLayout, keeps_sequences_apart, lay_out
 from ..shards.writer import TeacherRecord
 from . import EngineConfig
+from .tail_sampling import distinct_draws, draw_off_head, sequence_uniforms
 
 
 def pick_device() -> torch.device:
@@ -53,6 +54,8 @@ class TopK:
     logprobs: torch.Tensor  # [positions, k]
     tail_logmass: torch.Tensor  # [positions]: log of the mass off the k entries, from the full float32 log-softmax
     entropy: torch.Tensor  # [positions]: the teacher's entropy at loss positions, NaN elsewhere (the fidelity report)
+    sample_ids: torch.Tensor  # [positions, N]: draws off the top-k (N = --tail-samples, may be 0)
+    sample_logprobs: torch.Tensor  # [positions, N]: their log-probs under the full distribution
 
 
 @dataclass
@@ -64,12 +67,15 @@ class HfPending:
     cursor: dict[str, int]
 
     def materialize(self) -> list[TeacherRecord]:
-        ids, lps, tails, entropy = (x.cpu().numpy() for x in (self.top.ids, self.top.logprobs, self.top.tail_logmass, self.top.entropy))
+        top = self.top
+        ids, lps, tails, entropy, sample_ids, sample_lps = (x.cpu().numpy() for x in (
+            top.ids, top.logprobs, top.tail_logmass, top.entropy, top.sample_ids, top.sample_logprobs))
         records, at = [], 0
         for seq in self.sequences:
             n = len(seq.input_ids) - 1
+            samples = distinct_draws(sample_ids[at : at + n], sample_lps[at : at + n]) if sample_ids.shape[1] else None
             records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids[at : at + n], lps[at : at + n],
-                                         tails[at : at + n], entropy[at : at + n]))
+                                         tails[at : at + n], entropy[at : at + n], samples))
             at += n
         return records
 
@@ -109,12 +115,17 @@ class HfEngine:
         # Positions that predict a token of their own sequence: all but each sequence's last, in sequence order.
         hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
         targets = torch.from_numpy(np.concatenate([s.loss_mask[1:] for s in sequences]).astype(bool)).to(self.device)
-        columns: tuple[list[torch.Tensor], ...] = ([], [], [], [])  # TopK's fields, one entry per chunk
-        for chunk, chunk_targets in zip(hidden.split(self.config.lm_head_chunk), targets.split(self.config.lm_head_chunk)):
+        n = self.config.tail_samples
+        uniforms = torch.from_numpy(np.concatenate([sequence_uniforms(self.config.seed, s.sample_id, len(s.input_ids) - 1, n)
+                                                    for s in sequences])).to(self.device)
+        columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # TopK's fields, one entry per chunk
+        chunk_size = self.config.lm_head_chunk
+        for chunk, chunk_targets, chunk_uniforms in zip(hidden.split(chunk_size), targets.split(chunk_size), uniforms.split(chunk_size)):
             logprobs = torch.log_softmax(head_logits(chunk, self.head.weight, self.head.bias, self.mapping), dim=-1)
             values, indices = logprobs.topk(self.config.top_k, dim=-1, sorted=True)
-            tail, entropy = tail_and_entropy(logprobs, indices, chunk_targets)
-            for column, value in zip(columns, (indices, values, tail, entropy)):
+            tail, entropy = tail_and_entropy(logprobs, indices, chunk_targets)  # leaves the off-head log-probs in `logprobs`
+            sample_ids, sample_lps = draw_off_head(logprobs, tail, chunk_uniforms) if n else (indices[:, :0], values[:, :0])
+            for column, value in zip(columns, (indices, values, tail, entropy, sample_ids, sample_lps)):
                 column.append(value)
         return TopK(*(torch.cat(column) for column in columns))
 

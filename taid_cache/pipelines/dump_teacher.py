@@ -24,6 +24,7 @@ from ..shards.schema import FORMAT_VERSION
 from ..shards.writer import BackgroundWriter, ShardWriter, TeacherRecord
 
 OVERLONG = ("truncate", "drop")
+MAX_TAIL_SAMPLES = 4096
 
 
 @dataclass
@@ -36,6 +37,8 @@ class DumpConfig:
     engine: str = "auto"
     top_k: int = 64
     top_p: float | None = None
+    tail_samples: int = 0  # N draws off the top-k per position (0: none; the tail is then only its exact mass)
+    seed: int = 0  # of the draws
     precision: str = "compact"
     tensor_parallel_size: int = 1
     max_length: int | None = None  # None: the teacher's context minus one
@@ -57,10 +60,14 @@ def check_options(cfg: DumpConfig) -> None:
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise UserError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
-    if cfg.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, not {cfg.top_k}")
+    if cfg.top_k < (0 if cfg.tail_samples else 1):  # a sampled tail may stand alone
+        raise UserError(f"--top-k must be at least {0 if cfg.tail_samples else 1}, not {cfg.top_k}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], not {cfg.top_p}")
+    if not 0 <= cfg.tail_samples <= MAX_TAIL_SAMPLES:
+        raise UserError(f"--tail-samples must be in [0, {MAX_TAIL_SAMPLES}], not {cfg.tail_samples}")
+    if cfg.tail_samples and cfg.top_p is not None:
+        raise UserError("--tail-samples draws off the whole top-k: it cannot be combined with --top-p")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise UserError(f"--max-length must be at least 2, not {cfg.max_length}")
     if cfg.num_workers < 1 or not 0 <= cfg.worker_index < cfg.num_workers:
@@ -152,7 +159,7 @@ def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_
         save_part(cache, part)
 
     writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.top_p,
-                         cfg.precision, int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit)
+                         cfg.precision, int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit, cfg.tail_samples)
     with progress_bar(cfg.console, cfg.progress) as progress:
         task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
         done = {"rows": part.cursor["next_row"] - part.row_start, "tokens": 0}
@@ -170,6 +177,9 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds."""
     check_options(cfg)
     engine_name = resolve_engine(cfg.engine)
+    if cfg.tail_samples and engine_name == "vllm":
+        raise UserError("--tail-samples needs the full distribution at every position, which vLLM does not hand out: "
+                        "use --engine hf")
     check_writable_folder(cfg.output, "--output")
     folder = resolve_model(cfg.model)
     teacher = teacher_facts(folder)
@@ -190,7 +200,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     settings = {
         "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
         "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
-        "top_k": cfg.top_k, "top_p": cfg.top_p, "precision": cfg.precision,
+        "top_k": cfg.top_k, "top_p": cfg.top_p, "tail_samples": cfg.tail_samples, "seed": cfg.seed, "precision": cfg.precision,
         "logprob_step": LOGPROB_STEP if cfg.precision == "compact" else None, "id_dtype": id_dtype(vocab_size).name,
         "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(cfg.data, rows),
         "dataset_rows": len(rows), "input_kind": kind, "max_length": max_length, "overlong": cfg.overlong,
@@ -200,8 +210,8 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     cache = cfg.output
     check_compatible(cache, settings)
     # Everything that can fail on a typo or a bad model fails here, before this worker writes anything.
-    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype,
-                                                   cfg.tensor_parallel_size, cfg.lm_head_chunk))
+    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype, cfg.tensor_parallel_size,
+                                                   cfg.lm_head_chunk, cfg.tail_samples, cfg.seed))
     try:
         if cfg.top_k > engine.max_top_k:
             raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")

@@ -29,7 +29,8 @@ from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head, head_logits
 from ..settings import describe_differences
 from ..losses import (
-    LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail,
+    LOSSES, SAMPLED_LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher,
+    sampled_tail_loss, sampled_tail_teacher, taid_sparse_student_tail,
 )
 from ..packing import keeps_sequences_apart
 from ..shards.manifest import cache_identity, load_manifest
@@ -162,6 +163,7 @@ class Teacher:
 
     def __init__(self, cfg: TrainConfig, settings: dict, vocab_rows: int, env: Dist) -> None:
         self.tail, self.valid, self.rows = cfg.tail, settings["tokenizer_size"], vocab_rows
+        self.sampled = bool(settings.get("tail_samples")) and not cfg.teacher_model
         self.model = None
         if cfg.teacher_model:
             model, tokenizer = load_causal_lm(cfg.teacher_model, "teacher", torch.float32, attention_implementation())
@@ -179,6 +181,14 @@ class Teacher:
             return out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
         return selected_top_k(mb, env)
 
+    def distillation(self, loss: LossConfig, prepared: Any, sl: slice, student_logits: torch.Tensor, t: float) -> torch.Tensor:
+        """The distillation term per position: against the sparse estimate of a sampled-tail cache, else against
+        the dense teacher (online, or rebuilt from the top-k with the tail mode)."""
+        if self.sampled:
+            ids, log_w, ell = (x[sl] for x in prepared)
+            return sampled_tail_loss(loss.name, student_logits, ids, log_w, ell, t, self.valid)
+        return per_position_fn(loss)(student_logits, self.logprobs(prepared, sl, student_logits), t)
+
     def logprobs(self, prepared: Any, sl: slice, student_logits: torch.Tensor) -> torch.Tensor:
         if self.model is not None:
             logits = head_logits(prepared[sl], self.head.weight, self.head.bias, self.mapping)[:, : self.valid]
@@ -188,17 +198,21 @@ class Teacher:
 
 
 def selected_top_k(mb: MicroBatch, env: Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cached teacher at the micro-batch's target positions: top-k ids, log-probs and log tail mass."""
-    return tuple(x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass))
+    """The cached teacher at the micro-batch's target positions: top-k ids, log-probs and log tail mass; for a
+    sampled-tail cache, its sparse estimate (ids, log ŵ, ℓ) from `sampled_tail_teacher` instead."""
+    head = tuple(x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass))
+    if mb.samples is None:
+        return head
+    return sampled_tail_teacher(*head, *(x[mb.targets].to(env.device) for x in mb.samples))
 
 
 def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: LossConfig, t: float, env: Dist):
     """Summed (training loss, reported loss) over the micro-batch's target positions."""
-    distil = None if loss.name == "sft" else per_position_fn(loss)
+    distil = loss.name != "sft"
     labels = mb.labels[mb.targets].to(env.device)
-    prepared = None if distil is None else teacher.prepare(mb, env)
+    prepared = teacher.prepare(mb, env) if distil else None
 
-    if loss.name == "taid" and teacher.model is None and teacher.tail == "student" and loss.distil_ratio == 1:
+    if loss.name == "taid" and teacher.model is None and not teacher.sampled and teacher.tail == "student" and loss.distil_ratio == 1:
         ids, lps, tails = prepared
 
         def closed_form(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,10 +222,10 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
         return model(mb.model_inputs(env.device), mb.targets.to(env.device), closed_form)
 
     def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        ce = cross_entropy(logits, labels[sl]) if (distil is None or loss.distil_ratio < 1) else None
-        if distil is None:
+        ce = cross_entropy(logits, labels[sl]) if (not distil or loss.distil_ratio < 1) else None
+        if not distil:
             return ce.sum(), ce.sum()
-        d = distil(logits, teacher.logprobs(prepared, sl, logits), t)
+        d = teacher.distillation(loss, prepared, sl, logits, t)
         combined = d if ce is None else loss.distil_ratio * d + (1 - loss.distil_ratio) * ce
         return combined.sum(), d.sum()
 
@@ -219,7 +233,7 @@ def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: L
 
 
 @torch.no_grad()
-def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict, env: Dist) -> dict[str, float]:
+def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, env: Dist) -> dict[str, float]:
     """Held-out CE on the data, KL(teacher‖student) against the rebuilt teacher, top-1 agreement. Never touches t.
     `manifest`: the eval cache's, verified at the start of the run."""
     data = CacheStream(cfg.eval_cache, cfg.batch_size, env.rank, env.world, cfg.max_length, 0, 1, False, limit=manifest["records"], pack=cfg.pack)
@@ -228,15 +242,21 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict,
     busiest = math.ceil(math.ceil(manifest["records"] / env.world) / cfg.batch_size)
     sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
     model.eval()
-    for mb in itertools.islice(itertools.chain(data, itertools.repeat(empty_micro_batch(settings["top_k"]))), busiest):
-        ids, lps, tails = selected_top_k(mb, env)
+    settings = manifest["settings"]  # the held-out cache's own (its k, its kind of tail)
+    valid, sampled = settings["tokenizer_size"], bool(settings.get("tail_samples"))
+    for mb in itertools.islice(itertools.chain(data, itertools.repeat(empty_micro_batch(settings))), busiest):
+        ids, lps, tails = selected_top_k(mb, env)  # a sampled cache: ids, log ŵ, ℓ
         labels = mb.labels[mb.targets].to(env.device)
 
         def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            teacher = rebuild_teacher(logits, ids[sl], lps[sl], cfg.tail, settings["tokenizer_size"], tails[sl])
+            if sampled:  # Σ ŵ (ℓ − log q): an unbiased estimate of the KL
+                sums[1] += sampled_tail_loss("fkl", logits, ids[sl], lps[sl], tails[sl], 1.0, valid).sum()
+            else:
+                sums[1] += fkl(logits, rebuild_teacher(logits, ids[sl], lps[sl], cfg.tail, valid, tails[sl])).sum()
             sums[0] += cross_entropy(logits, labels[sl]).sum()
-            sums[1] += fkl(logits, teacher).sum()
-            sums[2] += (logits.argmax(-1) == ids[sl, 0]).sum()
+            # The teacher's top-1: the head's first entry (a head of 0 entries: the most drawn token).
+            top1 = ids[sl].gather(1, lps[sl].argmax(-1, keepdim=True))[:, 0] if sampled else ids[sl, 0]
+            sums[2] += (logits.argmax(-1) == top1).sum()
             sums[3] += logits.shape[0]
             return logits.new_zeros(()), logits.new_zeros(())
 
@@ -247,11 +267,16 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, settings: dict,
     return {"eval_ce": sums[0].item() / n, "eval_kl": sums[1].item() / n, "eval_top1": sums[2].item() / n}
 
 
-def empty_micro_batch(top_k: int) -> MicroBatch:
+def empty_micro_batch(settings: dict) -> MicroBatch:
     """One two-token row with no target: a forward that contributes nothing."""
-    record = {"input_ids": np.zeros(2, np.int64), "loss_mask": np.zeros(2, bool),
-              "topk_ids": np.full((1, top_k), -1, np.int64), "topk_logprobs": np.full((1, top_k), -np.inf, np.float32),
-              "tail_logmass": np.zeros(1, np.float32)}
+    def unused(width: int) -> dict[str, np.ndarray]:
+        return {"ids": np.full((1, width), -1, np.int64), "logprobs": np.full((1, width), -np.inf, np.float32)}
+
+    head, drawn = unused(settings["top_k"]), unused(settings.get("tail_samples", 0))
+    record = {"input_ids": np.zeros(2, np.int64), "loss_mask": np.zeros(2, bool), "topk_ids": head["ids"],
+              "topk_logprobs": head["logprobs"], "tail_logmass": np.zeros(1, np.float32)}
+    if settings.get("tail_samples"):
+        record.update(sample_ids=drawn["ids"], sample_logprobs=drawn["logprobs"], sample_draws=np.zeros_like(drawn["ids"]))
     return collate([record], 2)
 
 
@@ -370,6 +395,9 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     if manifest["records"] == 0:
         raise UserError(f"the cache {cfg.cache} holds no sequences")
     check_loss_tokens(cfg.cache, manifest, cfg.max_length)
+    if settings.get("tail_samples") and cfg.loss not in SAMPLED_LOSSES and not cfg.teacher_model:
+        raise UserError(f"--loss {cfg.loss}: a cache with a sampled tail (--tail-samples) serves {', '.join(SAMPLED_LOSSES)}; "
+                        "the other losses need the teacher's log-probs at tokens it never drew")
     eval_manifest = verified(cfg.eval_cache, env) if cfg.eval_cache is not None else None
     if eval_manifest is not None and eval_manifest["settings"]["tokenizer_hash"] != settings["tokenizer_hash"]:
         raise UserError("--eval-cache was made with another tokenizer than --cache")
@@ -439,7 +467,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
                 last["t_rank_spread"] = float(spread[0] + spread[1])
             log.write(last)
             if eval_manifest is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                log.write({"step": step, **evaluate(model, cfg, eval_manifest, settings, env)})
+                log.write({"step": step, **evaluate(model, cfg, eval_manifest, env)})
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 require_finite(model, env, step)
                 save_checkpoint(cfg.output, step, model, optimizer, scheduler,

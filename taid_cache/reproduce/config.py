@@ -27,6 +27,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "taid-tail-uniform": {"loss": "taid", "tail": "uniform"},
     "taid-tail-renorm": {"loss": "taid", "tail": "renorm"},
     "taid-online": {"loss": "taid", "online": True},
+    "fkl-online": {"loss": "fkl", "online": True},
 }
 
 

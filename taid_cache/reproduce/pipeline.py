@@ -119,12 +119,14 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
     return folder
 
 
-def dump_cache(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, console: Console) -> Path:
+def dump_cache(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, console: Console,
+               tail_samples: int = 0) -> Path:
     """Stage one on one chat file with the reproduction's settings; a finished cache (manifest written) is
     reused, an interrupted one resumes."""
     if not (output / "manifest.json").exists():
         dump_teacher(DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k,
-                                tensor_parallel_size=cfg.tensor_parallel_size, max_length=cfg.max_length, console=console))
+                                tail_samples=tail_samples, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                                max_length=cfg.max_length, console=console))
     return output
 
 

@@ -97,11 +97,14 @@ def pack_ragged(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tu
     return ids[keep], logprobs[keep]
 
 
+def ragged_grid(flat: np.ndarray, counts: np.ndarray, width: int, fill: float | int) -> np.ndarray:
+    """Each row's counts[i] flat entries laid into a [rows, width] grid, `fill` in the unused slots."""
+    keep = np.arange(width)[None, :] < counts[:, None]
+    grid = np.full((len(counts), width), fill, dtype=flat.dtype)
+    grid[keep] = flat
+    return grid
+
+
 def unpack_ragged(flat_ids: np.ndarray, flat_logprobs: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of pack_ragged: unused slots hold id -1 and log-prob -inf."""
-    keep = np.arange(k)[None, :] < counts[:, None]
-    ids = np.full((len(counts), k), -1, dtype=np.int64)
-    lps = np.full((len(counts), k), -np.inf, dtype=np.float32)
-    ids[keep] = flat_ids
-    lps[keep] = flat_logprobs
-    return ids, lps
+    return ragged_grid(flat_ids.astype(np.int64), counts, k, -1), ragged_grid(flat_logprobs.astype(np.float32), counts, k, -np.inf)

@@ -41,7 +41,8 @@ def record_sums(input_ids: np.ndarray, loss_mask: np.ndarray, ids: np.ndarray, e
     exact_, decoded_ = np.where(used, exact, 0.0), np.where(used, decoded, 0.0)  # finite everywhere: no 0 · ∞
     p = np.where(used, np.exp(exact_), 0.0)
     head_lse = np.logaddexp.reduce(np.where(used, decoded, -np.inf), axis=1)
-    rebuilt = decoded_ - head_lse[:, None] + np.log1p(-m)[:, None]  # the readers' head: rescaled to 1 − m
+    with np.errstate(divide="ignore"):  # m = 1 only where nothing is stored (--top-k 0), and p is 0 there
+        rebuilt = decoded_ - head_lse[:, None] + np.log1p(-m)[:, None]  # the readers' head: rescaled to 1 − m
     head_term = (p * (exact_ - rebuilt)).sum(axis=1)
     off_plogp = -h - (p * exact_).sum(axis=1)
     others = np.maximum(vocab_size - used.sum(axis=1), 1)

@@ -13,11 +13,16 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
 def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
-    """Summary numbers, and the captured mass (1 − the exact tail mass: the stored entries' true share) at every
+    """Summary numbers (with a sampled tail: the distinct ids drawn per position), and the captured mass (1 − the exact tail mass: the stored entries' true share) at every
     position."""
     cache = Path(path)
     manifest = verify_cache(cache)  # refuse a corrupt cache as `verify` does, rather than summarise it
-    captured = np.concatenate([-np.expm1(r["tail_logmass"].astype(np.float64)) for r in read_cache(cache)] or [np.zeros(0)])
+    captured, distinct = [np.zeros(0)], 0
+    for record in read_cache(cache):
+        captured.append(-np.expm1(record["tail_logmass"].astype(np.float64)))
+        distinct += int((record["sample_draws"] > 0).sum()) if "sample_draws" in record else 0
+    captured = np.concatenate(captured)
+    sampled = manifest["settings"].get("tail_samples", 0)
     stats = {
         "sequences": manifest["records"],
         "tokens": manifest["tokens"],
@@ -33,6 +38,8 @@ def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
         "dropped": manifest["dropped"],
         "truncated": manifest["truncated"],
         **{k: manifest["settings"][k] for k in ("teacher", "vocab_size", "top_k", "top_p", "precision", "engine")},
+        "tail_samples": sampled,  # draws off the head per position (0: none)
+        **({"sampled_ids_per_position": distinct / max(captured.size, 1)} if sampled else {}),
     }
     return stats, captured
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError, first_line
-from .codec import decode_logprobs, unpack_ragged
+from .codec import decode_logprobs, ragged_grid, unpack_ragged
 from .integrity import check_batch
 from .manifest import load_manifest
 
@@ -33,7 +33,7 @@ def decode_batch(batch: pa.RecordBatch, settings: dict[str, Any]) -> Iterator[di
         counts = row["topk_counts"].astype(np.int64)
         logprobs = decode_logprobs(row["topk_logprobs"], counts, precision)
         topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], logprobs, counts, k)
-        yield {
+        record = {
             "sample_id": sample_id,
             "input_ids": row["input_ids"].astype(np.int64),
             "loss_mask": row["loss_mask"].astype(bool),
@@ -41,6 +41,12 @@ def decode_batch(batch: pa.RecordBatch, settings: dict[str, Any]) -> Iterator[di
             "topk_logprobs": topk_logprobs,
             "tail_logmass": row["tail_logmass"].astype(np.float32),
         }
+        if "sample_ids" in row:  # a --tail-samples cache: the draws off the head, N columns per position
+            n, counts = settings["tail_samples"], row["sample_counts"].astype(np.int64)
+            record["sample_ids"], record["sample_logprobs"] = unpack_ragged(
+                row["sample_ids"], decode_logprobs(row["sample_logprobs"], counts, precision), counts, n)
+            record["sample_draws"] = ragged_grid(row["sample_draws"].astype(np.int64), counts, n, 0)
+        yield record
 
 
 @contextlib.contextmanager
@@ -98,7 +104,9 @@ def read_cache(path: str | Path) -> Iterator[dict[str, Any]]:
     Each item: `sample_id` (str), `input_ids` [T] int64, `loss_mask` [T] bool, `topk_ids` [T-1, k] int64 and
     `topk_logprobs` [T-1, k] float32, row j being the teacher's top-k for token j+1, and `tail_logmass` [T-1]
     float32, the log of the teacher's mass off row j's stored entries. Entries dropped by --top-p hold id -1
-    and log-prob -inf (their mass is in the tail).
+    and log-prob -inf (their mass is in the tail). A `--tail-samples N` cache adds `sample_ids`,
+    `sample_draws` and `sample_logprobs` [T-1, N]: row j's distinct draws off the head, how often each was
+    drawn (summing to N), and its log-prob (id -1, 0 draws, -inf in unused slots).
     """
     cache = Path(path)
     manifest = load_manifest(cache)

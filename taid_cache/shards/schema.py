@@ -11,8 +11,17 @@ from .codec import id_dtype, logprob_storage_dtype
 FORMAT_VERSION = 3
 
 
-def shard_schema(vocab_size: int, top_k: int, precision: str) -> pa.Schema:
+def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int = 0) -> pa.Schema:
     ids = pa.from_numpy_dtype(id_dtype(vocab_size))
+    draws = pa.from_numpy_dtype(id_dtype(tail_samples + 1))
+    logprobs = pa.from_numpy_dtype(logprob_storage_dtype(precision))
+    # --tail-samples N: per position, the distinct ids drawn off the head, their counts and exact log-probs.
+    sampled = [
+        pa.field("sample_counts", pa.list_(draws), nullable=False),  # T-1 entries: distinct ids at each position
+        pa.field("sample_ids", pa.list_(ids), nullable=False),
+        pa.field("sample_draws", pa.list_(draws), nullable=False),
+        pa.field("sample_logprobs", pa.list_(logprobs), nullable=False),  # descending within each position
+    ] if tail_samples else []
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
@@ -21,15 +30,17 @@ def shard_schema(vocab_size: int, top_k: int, precision: str) -> pa.Schema:
             # Entries kept at each of the T-1 positions: k, or fewer with --top-p.
             pa.field("topk_counts", pa.list_(pa.from_numpy_dtype(id_dtype(top_k + 1))), nullable=False),
             pa.field("topk_ids", pa.list_(ids), nullable=False),
-            pa.field("topk_logprobs", pa.list_(pa.from_numpy_dtype(logprob_storage_dtype(precision))), nullable=False),
+            pa.field("topk_logprobs", pa.list_(logprobs), nullable=False),
             # T-1 entries: log of the teacher's mass off the stored entries, from the engine's un-quantised values.
             pa.field("tail_logmass", pa.list_(pa.float32()), nullable=False),
+            *sampled,
         ],
         metadata={
             "taid_cache.format_version": str(FORMAT_VERSION),
             "taid_cache.vocab_size": str(vocab_size),
             "taid_cache.top_k": str(top_k),
             "taid_cache.precision": precision,
+            **({"taid_cache.tail_samples": str(tail_samples)} if tail_samples else {}),
         },
     )
 

@@ -17,7 +17,7 @@ def verify_cache(path: str | Path) -> dict:
     cache = Path(path)
     manifest = load_manifest(cache)
     settings = manifest["settings"]
-    expected = shard_schema(settings["vocab_size"], settings["top_k"], settings["precision"])
+    expected = shard_schema(settings["vocab_size"], settings["top_k"], settings["precision"], settings.get("tail_samples", 0))
     for shard in manifest["shards"]:
         file = cache / shard["file"]
         if not file.is_file():

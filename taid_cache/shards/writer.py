@@ -26,6 +26,16 @@ from .schema import list_array, shard_schema
 
 
 @dataclass
+class TailSamples:
+    """Draws from the teacher off the head (`--tail-samples`, engines/tail_sampling.py), flat over positions."""
+
+    counts: np.ndarray  # [T-1] distinct ids drawn at each position (0 where the head holds all the mass)
+    ids: np.ndarray  # [Σ counts] the distinct ids, position after position
+    draws: np.ndarray  # [Σ counts] how often each was drawn: they sum to N at every position that drew
+    logprobs: np.ndarray  # [Σ counts] float32 log p under the full distribution, descending within a position
+
+
+@dataclass
 class TeacherRecord:
     """One sequence with its teacher's top-k: row j of the top-k arrays is the distribution of token j+1."""
 
@@ -36,6 +46,7 @@ class TeacherRecord:
     topk_logprobs: np.ndarray  # [T-1, k] float32, normalised over the full vocabulary
     tail_logmass: np.ndarray  # [T-1] float32: log of the mass off the k entries (−inf when they hold it all)
     entropy: np.ndarray | None = None  # [T-1] the teacher's entropy at loss positions (engines with the full distribution)
+    samples: TailSamples | None = None  # the sampled tail of a --tail-samples cache
 
 
 @dataclass
@@ -69,17 +80,19 @@ class ShardWriter:
         shard_bytes: int,
         zstd_level: int,
         on_commit: Callable[[ShardEntry], None],
+        tail_samples: int = 0,
     ) -> None:
         self.out_dir = out_dir
         self.name_prefix = name_prefix
         self.next_index = first_index
-        self.schema = shard_schema(vocab_size, top_k, precision)
+        self.schema = shard_schema(vocab_size, top_k, precision, tail_samples)
         self.top_p = top_p
         self.precision = precision
         self.shard_bytes = shard_bytes
         self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
         self.on_commit = on_commit
         self.vocab_size = vocab_size
+        self.sampled = tail_samples > 0
         self._ids = id_dtype(vocab_size)
         self._open: tuple[Path, Path, pa.OSFile, pa.ipc.RecordBatchFileWriter] | None = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
@@ -93,8 +106,11 @@ class ShardWriter:
 
     def _batch(self, records: list[TeacherRecord]) -> pa.RecordBatch:
         counts, ids, stored, tails = [], [], [], []
+        sampled: dict[str, list[np.ndarray]] = {"sample_counts": [], "sample_ids": [], "sample_draws": [], "sample_logprobs": []}
         for rec in records:
-            if not np.isfinite(rec.topk_logprobs).all() or np.isnan(rec.tail_logmass).any() or np.isposinf(rec.tail_logmass).any():
+            samples = rec.samples
+            if (not np.isfinite(rec.topk_logprobs).all() or np.isnan(rec.tail_logmass).any() or np.isposinf(rec.tail_logmass).any()
+                    or (samples is not None and not np.isfinite(samples.logprobs).all())):
                 raise UserError(f"the teacher gave non-finite log-probs (NaN or ±inf) for {rec.sample_id}: nothing of it was "
                                 "stored; check the model's weights, or try --dtype float32")
             n = top_p_counts(rec.topk_logprobs, self.top_p)
@@ -103,6 +119,11 @@ class ShardWriter:
             ids.append(flat_ids.astype(self._ids))
             stored.append(encode_logprobs(flat_lps, n, self.precision))
             tails.append(tail_beyond(rec.topk_logprobs, rec.tail_logmass, n))
+            if self.sampled:
+                sampled["sample_counts"].append(samples.counts)
+                sampled["sample_ids"].append(samples.ids.astype(self._ids))
+                sampled["sample_draws"].append(samples.draws)
+                sampled["sample_logprobs"].append(encode_logprobs(samples.logprobs, samples.counts, self.precision))
             kept_ids, decoded = unpack_ragged(flat_ids, decode_logprobs(stored[-1], n, self.precision), n, rec.topk_ids.shape[1])
             self._fidelity = fidelity.add(self._fidelity, fidelity.record_sums(
                 rec.input_ids, rec.loss_mask, kept_ids, rec.topk_logprobs, decoded, tails[-1], rec.entropy, self.vocab_size))
@@ -115,6 +136,7 @@ class ShardWriter:
             list_array(ids, fields["topk_ids"]),
             list_array(stored, fields["topk_logprobs"]),
             list_array(tails, fields["tail_logmass"]),
+            *(list_array(values, fields[name]) for name, values in sampled.items() if self.sampled),
         ]
         self._stats["records"] += len(records)
         self._stats["tokens"] += sum(len(r.input_ids) for r in records)

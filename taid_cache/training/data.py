@@ -58,6 +58,8 @@ class MicroBatch:
     topk_logprobs: torch.Tensor  # [rows, T-1, k], −inf where unused
     tail_logmass: torch.Tensor  # [rows, T-1]: log of the teacher's mass off the stored entries (0 where unused)
     tokens: int  # real (unpadded) tokens
+    # A --tail-samples cache: sample_ids, sample_draws, sample_logprobs, [rows, T-1, N] each (reader.py).
+    samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         # No KV cache: training has no use for one, and transformers only builds the packed mask without it.
@@ -79,9 +81,11 @@ def collate(records: list[dict[str, Any]], max_length: int, pack: bool = False) 
         values = [r[key][shift : n - 1 + shift].astype(dtype) for r, n in zip(records, lengths)]
         return layout.grid(values, fill, drop_last=True)[:, :-1]
 
+    samples = (per_prediction("sample_ids", -1, np.int64), per_prediction("sample_draws", 0, np.int64),
+               per_prediction("sample_logprobs", -float("inf"), np.float32)) if "sample_ids" in records[0] else None
     return MicroBatch(layout.model_inputs(ids), per_prediction("loss_mask", False, np.bool_, shift=1), ids[:, 1:],
                       per_prediction("topk_ids", -1, np.int64), per_prediction("topk_logprobs", -float("inf"), np.float32),
-                      per_prediction("tail_logmass", 0.0, np.float32), sum(lengths))
+                      per_prediction("tail_logmass", 0.0, np.float32), sum(lengths), samples)
 
 
 class CacheStream(IterableDataset):
