@@ -15,8 +15,9 @@ from conftest import ROOT
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
+from taid_cache.shards.manifest import cache_identity, load_manifest
 
-QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online"]
+QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online", "taid-sampled"]
 FILES = ["results.json", "results.md", "loss_curves.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
 
 
@@ -43,6 +44,10 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
     assert json.loads((out / "teacher" / "pretrain.json").read_text())["steps"] == results["settings"]["pretrain_steps"]
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in QUICK_METHODS)
+    assert results["sampled_cache"]["tail_samples"] == 24 and "Sampled cache" in table
+    for method, cache in (("taid", "cache-train"), ("taid-sampled", "cache-train-sampled")):  # each read its own cache
+        meta = json.loads(sorted((out / "runs" / method / "checkpoints").glob("step-*/meta.json"))[-1].read_text())
+        assert meta["settings"]["cache_identity"] == cache_identity(load_manifest(out / cache))
     distilled = {r["method"]: r["kl"] for r in results["runs"]}
     assert min(distilled["fkl"], distilled["taid"]) < distilled["sft"]  # distillation moves the student toward the teacher
 

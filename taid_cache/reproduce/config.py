@@ -28,6 +28,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "taid-tail-renorm": {"loss": "taid", "tail": "renorm"},
     "taid-online": {"loss": "taid", "online": True},
     "fkl-online": {"loss": "fkl", "online": True},
+    # On the head + sampled tail cache (`sampled_top_k` + `tail_samples` draws), beside the top-k one.
+    "taid-sampled": {"loss": "taid", "cache": "sampled"},
+    "fkl-sampled": {"loss": "fkl", "cache": "sampled"},
 }
 
 
@@ -59,6 +62,10 @@ class ReproduceConfig:
     engine: str = "auto"
     tensor_parallel_size: int = 1
     top_k: int = 64
+    # The head + sampled tail cache of the `*-sampled` methods: a top-`sampled_top_k` head and `tail_samples`
+    # draws off it per position (bench/fidelity.py chose the sizes: about the top-k cache's bytes per token).
+    sampled_top_k: int = 16
+    tail_samples: int = 48
     # Stage two.
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     max_steps: Optional[int] = 600
@@ -92,8 +99,8 @@ def quick() -> ReproduceConfig:
     return ReproduceConfig(
         name="embedded-quick", vocab_size=1024, teacher_size=LlamaSize(hidden=128, layers=2, heads=2, intermediate=384),
         student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_steps=150, train_pairs=200,
-        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online"],
-        max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32,
+        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online", "taid-sampled"],
+        max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32, sampled_top_k=8, tail_samples=24,
     )
 
 

@@ -7,6 +7,8 @@ the student trainings resume from their own checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 import shutil
@@ -162,6 +164,7 @@ def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, te
         return run
     options = dict(METHODS[method])
     online = options.pop("online", False)
+    options.pop("cache", None)  # which cache: the caller's choice
     resume = any((run / "checkpoints").glob("step-*"))
     if run.exists() and not resume:
         shutil.rmtree(run)
@@ -221,6 +224,9 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     stage(3, "dump-teacher: the teacher's top-k into the cache")
     caches = {split: dump_cache(cfg, teacher, path, out / f"cache-{split}", cfg.top_k, console)
               for split, path in (("train", train_file), ("heldout", heldout_file))}
+    if any(METHODS[m].get("cache") == "sampled" for m in cfg.methods):  # the sampled tail needs the full distribution: hf
+        caches["sampled"] = dump_cache(dataclasses.replace(cfg, engine="hf"), teacher, train_file, out / "cache-train-sampled",
+                                       cfg.sampled_top_k, console, cfg.tail_samples)
     stats, captured = cache_stats(caches["train"])
     plot_captured_mass(captured, stats, out / "cache-mass.png")
     write_json(out / "inspect.json", stats)
@@ -230,7 +236,8 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     runs = {}
     for i, method in enumerate(cfg.methods, 1):
         console.print(f"[bold]method {i}/{len(cfg.methods)}: {method}")
-        runs[method] = train_method(cfg, method, out, student, teacher, caches["train"], caches["heldout"], console)
+        cache = caches["sampled" if METHODS[method].get("cache") == "sampled" else "train"]
+        runs[method] = train_method(cfg, method, out, student, teacher, cache, caches["heldout"], console)
     stage(6, "evaluation against the real teacher")
     eval_path = out / "eval.json"
     evaluation = read_json(eval_path) if eval_path.exists() else {}
@@ -239,4 +246,5 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
         evaluation.update(evaluate_students(teacher, missing, caches["heldout"], cfg.max_length))
         write_json(eval_path, evaluation)
     stage(7, "report")
-    return write_report(cfg, out, runs, evaluation, stats, console)
+    sampled = cache_stats(caches["sampled"])[0] if "sampled" in caches else None
+    return write_report(cfg, out, runs, evaluation, stats, sampled, console)

@@ -66,14 +66,17 @@ def plots(out: Path, runs: dict[str, Path], results: list[dict]) -> None:
     fig.tight_layout(), fig.savefig(out / "heldout_metrics.png", dpi=120), plt.close(fig)
 
 
-def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluation: dict, stats: dict, console: Console) -> dict[str, Any]:
+def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluation: dict, stats: dict, sampled: dict | None,
+                 console: Console) -> dict[str, Any]:
+    """results.json, results.md and the plots. `stats`: the top-k train cache's `inspect`; `sampled`: the head +
+    sampled tail cache's, when a `*-sampled` method ran."""
     results = []
     for method, run in runs.items():
         steps, _ = read_metrics(run)
         results.append({"method": method, **evaluation[method], "wall_s": steps[-1]["elapsed_s"], "steps": steps[-1]["step"],
                         "final_train_loss": steps[-1]["loss"], **({"final_t": steps[-1]["t"]} if "t" in steps[-1] else {})})
     report = {"runs": results, "teacher": evaluation["teacher"], "machine": machine(), "commit": commit(),
-              "settings": cfg.to_dict(), "cache": stats}
+              "settings": cfg.to_dict(), "cache": stats, "sampled_cache": sampled}
     write_json(out / "results.json", report)
     lines = [f"Held-out results ({cfg.name}; machine: {report['machine']}; commit {report['commit']})", "",
              f"Teacher CE on the held-out data: {evaluation['teacher']['ce']:.4f} nats. Cache: top-{cfg.top_k}, "
@@ -81,7 +84,11 @@ def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluat
              f"the next token is stored at {stats['fidelity_next_token_hit_rate']:.3f}"
              + ("" if stats["fidelity_kl_uniform_tail_mean"] is None else
                 f", KL(teacher‖cache with a uniform tail) {stats['fidelity_kl_uniform_tail_mean']:.4f} nats, "
-                f"teacher entropy {stats['fidelity_teacher_entropy_mean']:.4f} nats") + ".", "",
+                f"teacher entropy {stats['fidelity_teacher_entropy_mean']:.4f} nats") + "."
+             + ("" if sampled is None else
+                f" Sampled cache (`*-sampled`): top-{cfg.sampled_top_k} head and {cfg.tail_samples} draws off it, "
+                f"{sampled['bytes_per_token']:.1f} bytes/token, {sampled['sampled_ids_per_position']:.1f} distinct ids drawn per position."),
+             "",
              "| method | CE (nats) | KL(teacher‖student) | top-1 agreement | train wall s |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['ce']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['wall_s']:.1f} |" for r in results]
     table = "\n".join(lines) + "\n"
