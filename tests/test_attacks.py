@@ -27,6 +27,7 @@ from taid_cache.fingerprints import model_hash
 from taid_cache.losses import LOSSES, TAILS, LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
+from taid_cache.shards.manifest import WorkerPart, save_part
 from taid_cache.shards.writer import ShardWriter, TeacherRecord
 
 
@@ -337,6 +338,22 @@ def test_corrupt_part_file_on_rerun(teacher_dir, data_dir, tmp_path) -> None:
     assert_one_line(dump(teacher_dir, data_dir / "chat.jsonl", out, "--num-workers", "2", "--worker-index", "0"), "corrupt", part.name)
     part.write_text('{"unexpected": 1}')
     assert_one_line(dump(teacher_dir, data_dir / "chat.jsonl", out, "--num-workers", "2", "--worker-index", "0"), "corrupt", part.name)
+
+
+def test_parts_left_by_workers_that_died_before_their_first_shard(teacher_dir, data_dir, tmp_path) -> None:
+    """Three workers killed before any commit leave three empty parts; the corrected one-worker command must
+    finish the cache (manifest written), not wait forever for workers of the old count."""
+    out = tmp_path / "o"
+    assert dump(teacher_dir, data_dir / "chat.jsonl", out).exit_code == 0
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    shutil.rmtree(out)
+    (out / "parts").mkdir(parents=True)
+    for index in range(3):  # what three killed workers leave: parts with settings and no shard
+        save_part(out, WorkerPart({**settings, "num_workers": 3}, index, 3, 8 * index, 8 * index + 8,
+                                  cursor={"next_row": 8 * index, "dropped": 0, "truncated": 0}))
+    assert dump(teacher_dir, data_dir / "chat.jsonl", out).exit_code == 0
+    assert [p.name for p in (out / "parts").glob("*.json")] == ["worker-00000-of-00001.json"]
+    assert len(list(read_cache(out))) == 24  # complete
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(student_dir, caches, tmp_path) -> None:

@@ -19,7 +19,7 @@ from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..atomic import check_writable_folder, exclusive_lock
 from ..inputs import KINDS, RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
 from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
-from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, save_part, shard_prefix, try_finalize
+from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
 from ..shards.writer import BackgroundWriter, ShardWriter, TeacherRecord
 
@@ -226,9 +226,12 @@ def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine, rows, to
                   vocab_size: int, max_length: int) -> dict:
     """This worker's share, under its lock: start or resume its part, run the engine, mark it done."""
     check_compatible(cache, settings)  # again, under the lock: another process may have committed meanwhile
+    # A part with other settings committed nothing (check_compatible refuses otherwise): it is left from a run
+    # that died before its first shard (another worker count, say), holds no data, and would keep the manifest
+    # from ever being written. Start over it.
+    for stale in (p for p in load_parts(cache) if p.settings != settings):
+        part_path(cache, stale.worker_index, stale.num_workers).unlink(missing_ok=True)
     part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
-    if part is not None and part.settings != settings:
-        part = None  # it committed nothing (check_compatible refuses otherwise): start over it
     if part is not None and part.done:
         complete = try_finalize(cache)
         cfg.console.print(f"worker {cfg.worker_index} of {cfg.num_workers} already finished in {cache}: nothing to do"
