@@ -1,7 +1,7 @@
 """What a cache costs the student, per byte: top-k caches at several k against head + sampled tail caches
 (prints a table, saves bench/results/fidelity-NAME.{json,md} and a plot of the KL gap against bytes per token).
 
-Runs on a finished `make reproduce` output (its teacher, student initialisation, chat data, held-out cache and
+Runs on a `make reproduce` output that got past its student initialisation (its teacher, student initialisation, chat data, held-out cache and
 settings). For each cache:
 - bytes per token and captured mass (`inspect`);
 - the angle and norm ratio of the student's parameter gradient against full distillation's (the teacher's
@@ -148,8 +148,9 @@ def main() -> None:
     parser.add_argument("--name", default="default", help="results are saved as bench/results/fidelity-NAME.*")
     args = parser.parse_args()
     out, console = args.out, Console(stderr=True)
-    if not (out / "results.json").exists():
-        sys.exit(f"{out} holds no finished reproduction (results.json); run `make reproduce` first")
+    needed = [out / "settings.json", out / "teacher", out / "student-init", out / "cache-heldout" / "manifest.json"]
+    if not all(p.exists() for p in needed):
+        sys.exit(f"{out} holds no reproduction past its student initialisation; run `make reproduce` first")
     try:
         cfg: ReproduceConfig = load_config(out / "settings.json")  # JSON is YAML
     except UserError as exc:
