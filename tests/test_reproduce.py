@@ -17,7 +17,7 @@ from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.shards.manifest import cache_identity, load_manifest
 
-QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online", "taid-sampled"]
+QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online", "taid-top-k"]
 FILES = ["results.json", "results.md", "loss_curves.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
 
 
@@ -45,7 +45,8 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in QUICK_METHODS)
     assert results["sampled_cache"]["tail_samples"] == 24 and "Sampled cache" in table
-    for method, cache in (("taid", "cache-train"), ("taid-sampled", "cache-train-sampled")):  # each read its own cache
+    # taid reads the default (sampled) cache; taid-top-k and rkl (which needs every token's log-prob) the top-k one.
+    for method, cache in (("taid", "cache-train-sampled"), ("taid-top-k", "cache-train"), ("rkl", "cache-train")):
         meta = json.loads(sorted((out / "runs" / method / "checkpoints").glob("step-*/meta.json"))[-1].read_text())
         assert meta["settings"]["cache_identity"] == cache_identity(load_manifest(out / cache))
     distilled = {r["method"]: r["kl"] for r in results["runs"]}
@@ -150,7 +151,8 @@ def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
 
 @pytest.mark.parametrize("text,named", [("teacher: x\nstudnet: y\n", "studnet"), ("pretrain_steps: 0\n", "pretrain_steps"),
                                         ("teacher: x\nstudent_size: {hiden: 64}\n", "hiden"), ("student: y\n", "needs a teacher"),
-                                        ("teacher: package:no_such_package_here/m.gguf\n", "no installed package")])
+                                        ("teacher: package:no_such_package_here/m.gguf\n", "no installed package"),
+                                        ("cache: top_k\n", "cache must be one of")])
 def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(text)

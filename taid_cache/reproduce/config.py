@@ -15,23 +15,27 @@ from typing import Any, Optional
 from ..errors import UserError, first_line
 from .models import LlamaSize
 
-# Method name -> train-student options. `taid-online` runs the teacher in-process (the original set-up).
+# Method name -> train-student options, and the cache a method must read: "top-k" for the losses that need the
+# teacher's log-probs at every token (a sampled tail serves only taid, fkl and sft) and for the comparison
+# rows; the others read the config's `cache`. `*-online` run the teacher in-process (the original set-up).
 METHODS: dict[str, dict[str, Any]] = {
     "sft": {"loss": "sft"},
     "fkl": {"loss": "fkl"},
-    "rkl": {"loss": "rkl"},
-    "tvd": {"loss": "tvd"},
-    "skew-fkl": {"loss": "skew-fkl"},
+    "rkl": {"loss": "rkl", "cache": "top-k"},
+    "tvd": {"loss": "tvd", "cache": "top-k"},
+    "skew-fkl": {"loss": "skew-fkl", "cache": "top-k"},
     "taid": {"loss": "taid"},
     "taid-no-adaptive": {"loss": "taid", "taid_disable_adaptive": True},
-    "taid-tail-uniform": {"loss": "taid", "tail": "uniform"},
-    "taid-tail-renorm": {"loss": "taid", "tail": "renorm"},
+    "taid-tail-uniform": {"loss": "taid", "tail": "uniform", "cache": "top-k"},
+    "taid-tail-renorm": {"loss": "taid", "tail": "renorm", "cache": "top-k"},
     "taid-online": {"loss": "taid", "online": True},
     "fkl-online": {"loss": "fkl", "online": True},
-    # On the head + sampled tail cache (`sampled_top_k` + `tail_samples` draws), beside the top-k one.
+    "taid-top-k": {"loss": "taid", "cache": "top-k"},
+    "fkl-top-k": {"loss": "fkl", "cache": "top-k"},
     "taid-sampled": {"loss": "taid", "cache": "sampled"},
     "fkl-sampled": {"loss": "fkl", "cache": "sampled"},
 }
+CACHES = ("sampled", "top-k")
 
 
 @dataclass
@@ -61,13 +65,16 @@ class ReproduceConfig:
     # Stage one.
     engine: str = "auto"
     tensor_parallel_size: int = 1
-    top_k: int = 64
-    # The head + sampled tail cache of the `*-sampled` methods: a top-`sampled_top_k` head and `tail_samples`
-    # draws off it per position (bench/fidelity.py chose the sizes: about the top-k cache's bytes per token).
+    top_k: int = 64  # the top-k cache
+    # The head + sampled tail cache: a top-`sampled_top_k` head and `tail_samples` draws off it per position
+    # (hf engine). 16 + 32 stores 120 bytes per token here against top-64's 135.
     sampled_top_k: int = 16
-    tail_samples: int = 48
+    tail_samples: int = 32
+    # The cache of the methods that can read either: the sampled one, which bench/fidelity.py found best per byte
+    # on this default (docs and README); `*-top-k` keep the other as rows.
+    cache: str = "sampled"
     # Stage two.
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: [m for m in METHODS if m not in ("taid-sampled", "fkl-sampled")])
     max_steps: Optional[int] = 600
     epochs: Optional[float] = None
     batch_size: int = 8
@@ -99,7 +106,7 @@ def quick() -> ReproduceConfig:
     return ReproduceConfig(
         name="embedded-quick", vocab_size=1024, teacher_size=LlamaSize(hidden=128, layers=2, heads=2, intermediate=384),
         student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_steps=150, train_pairs=200,
-        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online", "taid-sampled"],
+        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online", "taid-top-k"],
         max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32, sampled_top_k=8, tail_samples=24,
     )
 
@@ -126,6 +133,10 @@ def load_config(path: Path) -> ReproduceConfig:
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad:
         raise UserError(f"config {path}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
+    if cfg.cache not in CACHES:
+        raise UserError(f"config {path}: cache must be one of {', '.join(CACHES)}, not {cfg.cache!r}")
+    if cfg.tail_samples < 1 and any(method_cache(cfg, m) == "sampled" for m in cfg.methods):
+        raise UserError(f"config {path}: tail_samples must be at least 1 for methods on the sampled cache (or set cache: top-k)")
     if cfg.pretrain_steps < 1:
         raise UserError(f"config {path}: pretrain_steps must be at least 1, got {cfg.pretrain_steps}")
     if cfg.teacher is None and (cfg.student is not None or cfg.train_data is not None):
@@ -133,3 +144,8 @@ def load_config(path: Path) -> ReproduceConfig:
     if cfg.train_data is not None and not cfg.train_data:
         raise UserError(f"config {path}: train_data is empty (leave it out for the standard-library chat pairs)")
     return cfg
+
+
+def method_cache(cfg: ReproduceConfig, method: str) -> str:
+    """Which train cache a method reads: its own ("top-k" or "sampled"), else the config's `cache`."""
+    return METHODS[method].get("cache", cfg.cache)

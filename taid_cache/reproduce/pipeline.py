@@ -26,7 +26,7 @@ from ..gguf import convert_gguf, is_gguf_source, locate
 from ..pipelines.dump_teacher import DumpConfig, dump_teacher
 from ..pipelines.train_student import TrainConfig, train_student
 from ..shards.inspect import cache_stats, plot_captured_mass
-from .config import METHODS, ReproduceConfig
+from .config import METHODS, ReproduceConfig, method_cache
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -224,7 +224,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     stage(3, "dump-teacher: the teacher's top-k into the cache")
     caches = {split: dump_cache(cfg, teacher, path, out / f"cache-{split}", cfg.top_k, console)
               for split, path in (("train", train_file), ("heldout", heldout_file))}
-    if any(METHODS[m].get("cache") == "sampled" for m in cfg.methods):  # the sampled tail needs the full distribution: hf
+    if any(method_cache(cfg, m) == "sampled" for m in cfg.methods):  # the sampled tail needs the full distribution: hf
         caches["sampled"] = dump_cache(dataclasses.replace(cfg, engine="hf"), teacher, train_file, out / "cache-train-sampled",
                                        cfg.sampled_top_k, console, cfg.tail_samples)
     stats, captured = cache_stats(caches["train"])
@@ -236,7 +236,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     runs = {}
     for i, method in enumerate(cfg.methods, 1):
         console.print(f"[bold]method {i}/{len(cfg.methods)}: {method}")
-        cache = caches["sampled" if METHODS[method].get("cache") == "sampled" else "train"]
+        cache = caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]
         runs[method] = train_method(cfg, method, out, student, teacher, cache, caches["heldout"], console)
     stage(6, "evaluation against the real teacher")
     eval_path = out / "eval.json"

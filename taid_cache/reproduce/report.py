@@ -86,8 +86,10 @@ def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluat
                 f", KL(teacher‖cache with a uniform tail) {stats['fidelity_kl_uniform_tail_mean']:.4f} nats, "
                 f"teacher entropy {stats['fidelity_teacher_entropy_mean']:.4f} nats") + "."
              + ("" if sampled is None else
-                f" Sampled cache (`*-sampled`): top-{cfg.sampled_top_k} head and {cfg.tail_samples} draws off it, "
-                f"{sampled['bytes_per_token']:.1f} bytes/token, {sampled['sampled_ids_per_position']:.1f} distinct ids drawn per position."),
+                f" Sampled cache: top-{cfg.sampled_top_k} head and {cfg.tail_samples} draws off it, "
+                f"{sampled['bytes_per_token']:.1f} bytes/token, {sampled['sampled_ids_per_position']:.1f} distinct ids drawn per position.")
+             + f" Methods without a cache of their own read the {cfg.cache} cache; `*-top-k` and the losses that need "
+               "every token's log-prob read the top-k one, `*-sampled` the sampled one.",
              "",
              "| method | CE (nats) | KL(teacher‖student) | top-1 agreement | train wall s |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['ce']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} | {r['wall_s']:.1f} |" for r in results]
