@@ -116,8 +116,10 @@ class HfEngine:
         hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
         targets = torch.from_numpy(np.concatenate([s.loss_mask[1:] for s in sequences]).astype(bool)).to(self.device)
         n = self.config.tail_samples
+        # Per-sequence generators only when there is something to draw: a plain top-k dump pays nothing for them.
         uniforms = torch.from_numpy(np.concatenate([sequence_uniforms(self.config.seed, s.sample_id, len(s.input_ids) - 1, n)
-                                                    for s in sequences])).to(self.device)
+                                                    for s in sequences])) if n else torch.zeros(hidden.shape[0], 0)
+        uniforms = uniforms.to(self.device)
         columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # TopK's fields, one entry per chunk
         chunk_size = self.config.lm_head_chunk
         for chunk, chunk_targets, chunk_uniforms in zip(hidden.split(chunk_size), targets.split(chunk_size), uniforms.split(chunk_size)):
