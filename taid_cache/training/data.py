@@ -111,5 +111,11 @@ class CacheStream(IterableDataset):
 
 
 def loader(dataset: CacheStream, workers: int) -> DataLoader:
-    """Micro-batches in order: the DataLoader takes workers' outputs round-robin, matching m mod W."""
-    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False)
+    """Micro-batches in order: the DataLoader takes workers' outputs round-robin, matching m mod W.
+
+    Workers start as fresh interpreters ("spawn"), not forks: by the time the loader starts, the trainer's
+    process runs threads (the process group's, Arrow's and torch's pools, progress monitors), and a fork taken
+    while one of them holds a lock can leave the worker waiting on it forever (seen in CI: a worker that never
+    sent its first batch). The stream is built once per run, so the start-up is paid once."""
+    context = "spawn" if workers > 0 else None
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False, multiprocessing_context=context)
