@@ -144,9 +144,9 @@ def source_tag(data: list[str]) -> str:
     return first.stem if first.is_file() else data[0].replace("/", "__")
 
 
-def chat_sequence(messages: list[dict[str, Any]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Render with the chat template; mask the characters of each assistant turn (after its header, up to
-    and including its end-of-turn marker) and map them to tokens through the offset mapping."""
+def render_chat(messages: list[dict[str, Any]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation through the chat template, and the character span of each assistant turn (after its
+    header, up to and including its end-of-turn marker)."""
 
     def render(msgs: list[dict[str, Any]], prompt: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
@@ -160,6 +160,12 @@ def chat_sequence(messages: list[dict[str, Any]], tokenizer) -> tuple[np.ndarray
         if not text.startswith(render(messages[: i + 1], False)):
             raise UserError("the tokenizer's chat template does not render a conversation's prefix as a prefix of it")
         spans.append((start, end))
+    return text, spans
+
+
+def chat_sequence(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a rendered conversation, and the mask of the tokens that start inside an assistant span
+    (through the offset mapping)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(encoded["input_ids"], dtype=np.int64)
     starts = np.asarray([s for s, _ in encoded["offset_mapping"]], dtype=np.int64)
@@ -179,14 +185,25 @@ class RowTokenizer:
             raise UserError("chat rows need a fast tokenizer (offset mapping) to build the assistant mask")
         self.tokenizer, self.kind, self.max_length, self.overlong, self.tag = tokenizer, kind, max_length, overlong, tag
 
+    def render(self, messages: list[dict[str, Any]], index: int) -> tuple[str, list[tuple[int, int]]]:
+        try:
+            return render_chat(messages, self.tokenizer)
+        except UserError:
+            raise
+        except Exception as exc:  # the template's own checks (role order, unknown roles) raise many types
+            raise UserError(f"row {index}: the chat template cannot render this conversation: {first_line(exc)}") from None
+
+    def check_renders(self, rows, start: int, end: int) -> None:
+        """Render every conversation of rows [start, end) once before anything is written: one the template
+        rejects, met halfway through a dump, would leave committed shards whose settings refuse the corrected
+        data. (Text and token-id rows cannot fail past `check_rows`.)"""
+        if self.kind == "chat":
+            for index, row in enumerate(rows.select(range(start, end)).select_columns(["messages"]), start=start):
+                self.render(row["messages"], index)
+
     def __call__(self, row: dict[str, Any], index: int, cursor: dict[str, int]) -> Sequence | None:
         if self.kind == "chat":
-            try:
-                ids, mask = chat_sequence(row["messages"], self.tokenizer)
-            except UserError:
-                raise
-            except Exception as exc:  # the template's own checks (role order, unknown roles) raise many types
-                raise UserError(f"row {index}: the chat template cannot render this conversation: {first_line(exc)}") from None
+            ids, mask = chat_sequence(*self.render(row["messages"], index), self.tokenizer)
         elif self.kind == "text":
             ids = np.asarray(self.tokenizer(row["text"])["input_ids"], dtype=np.int64)
             mask = np.ones(len(ids), dtype=bool)

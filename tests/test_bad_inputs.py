@@ -84,6 +84,31 @@ def test_chat_rows_without_chat_template(no_template_teacher, data_dir, tmp_path
     assert_user_error(dump(no_template_teacher, data_dir / "chat.jsonl", tmp_path / "o"), tmp_path / "o", "no chat template")
 
 
+def test_conversation_the_template_rejects_late_in_the_data(teacher_dir, data_dir, tmp_path) -> None:
+    """The last row has a role the template refuses: the dump stops before its first shard (small batches and
+    shards would have committed the rows before it), and the corrected data then dumps into the same folder."""
+    strict = tmp_path / "strict"
+    shutil.copytree(teacher_dir, strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    rows = [json.loads(line) for line in (data_dir / "chat.jsonl").read_text().splitlines()]
+    bad = rows + [{"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]}]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    out = tmp_path / "o"
+    small = ("--batch-tokens", "64", "--shard-size-mb", "0.001")
+    assert_user_error(dump(strict, tmp_path / "bad.jsonl", out, *small), out, f"row {len(rows)}", "unknown role tool")
+    assert not list(out.rglob("*.arrow")) and not list(out.rglob("worker-*.json"))
+    fixed = dump(strict, data_dir / "chat.jsonl", out, *small)
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads((out / "manifest.json").read_text())["records"] == len(rows)
+
+
 def test_output_holding_a_cache_with_other_settings(teacher_dir, data_dir, tmp_path) -> None:
     out = tmp_path / "o"
     first = dump(teacher_dir, data_dir / "tokens.jsonl", out, "--top-k", "4")

@@ -197,6 +197,7 @@ def dump_teacher(cfg: DumpConfig) -> dict:
     kind = detect_kind(rows.column_names, cfg.input_kind)
     check_rows(rows, kind, vocab_size)
     to_sequence = RowTokenizer(tokenizer, kind, max_length, cfg.overlong, source_tag(cfg.data))
+    to_sequence.check_renders(rows, *worker_slice(len(rows), cfg.num_workers, cfg.worker_index))
     settings = {
         "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
         "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
