@@ -29,6 +29,9 @@ from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
 from taid_cache.shards.manifest import WorkerPart, save_part
 from taid_cache.shards.writer import ShardWriter, TeacherRecord
+from taid_cache.pipelines.train_student import step_batches
+from taid_cache.training.data import CacheStream, micro_batches
+from taid_cache.training.student import Dist
 
 
 def cli(*args: str):
@@ -522,3 +525,59 @@ def test_heads_summing_past_one_give_no_nan_negative_kl_or_negative_tail(tail: s
         assert torch.isfinite(value).all() and value.ge(-1e-5).all(), name
     value, grad = taid_sparse_student_tail(logits, ids, lps, 0.5, vocab)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all() and value.ge(-1e-5).all()
+
+
+def damaged_copy(cache: Path, out: Path) -> Path:
+    """A copy whose every shard is cut in half: any read fails with the reader's one-line error."""
+    shutil.copytree(cache, out)
+    for shard in shard_files(out):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_shard_in_a_loader_worker_is_one_line(caches, tmp_path, workers: int) -> None:
+    """Read in a loader worker, the reader's error reaches the trainer as itself, not wrapped in the worker's traceback."""
+    copy = damaged_copy(caches["top16"], tmp_path / "c")
+    with pytest.raises(UserError) as caught:
+        next(micro_batches(CacheStream(copy, 2, 0, 1, 64, 0, 4, True), workers))
+    assert str(caught.value).startswith("bad shard ") and len(str(caught.value).splitlines()) == 1
+
+
+class FailingStream:
+    """Rank 1 cannot read its second step's data; rank 0 can."""
+
+    def __init__(self, rank: int, batch) -> None:
+        self.rank, self.batch, self.served = rank, batch, 0
+
+    def __next__(self):
+        self.served += 1
+        if self.rank == 1 and self.served > 2:
+            raise UserError("bad shard shard-w00000-00000.arrow: record batch 0 fails its checksum")
+        return self.batch
+
+
+def two_rank_steps(rank: int, store: str, batch, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    env, data, outcome = Dist(rank, 2), FailingStream(rank, batch), []
+    try:
+        for _ in range(3):
+            micro, counts = step_batches(data, 2, env)
+            outcome.append(counts.tolist())
+    except UserError as exc:
+        outcome.append(str(exc))
+    torch.distributed.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_one_line(caches, tmp_path) -> None:
+    """Rank 1's reader fails at the second step: both ranks finish the first step with the global counts, then
+    each stops with a one-line error (its own, or one pointing at the other rank) instead of hanging or
+    failing inside a collective."""
+    batch = next(micro_batches(CacheStream(caches["top16"], 2, 0, 1, 64, 0, 4, True), 0))
+    torch.multiprocessing.spawn(two_rank_steps, args=(str(tmp_path / "store"), batch, str(tmp_path)), nprocs=2)
+    first = [2 * 2 * float(batch.targets.sum()), 2 * 2 * float(batch.tokens)]  # 2 micro-batches × 2 ranks
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero[0] == one[0] == first
+    assert one[1].startswith("bad shard ") and len(one) == 2
+    assert zero[1].startswith("rank 0: another rank could not read its training data") and len(zero) == 2

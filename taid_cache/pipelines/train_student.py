@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint
-from ..training.data import CacheStream, MicroBatch, collate, loader
+from ..training.data import CacheStream, MicroBatch, collate, micro_batches
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
 from ..training.student import (
     PRECISIONS, Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, broadcast_object, check_vocabulary,
@@ -363,6 +363,23 @@ def prepare_output(cfg: TrainConfig, settings: dict[str, Any], env: Dist) -> boo
     return False
 
 
+def step_batches(data: Iterator[MicroBatch], grad_accum: int, env: Dist) -> tuple[list[MicroBatch], torch.Tensor]:
+    """This rank's micro-batches for one optimizer step, and the global [loss targets, tokens] of the step.
+    A rank that cannot read its data (a shard damaged since the run's start) says so in the same all-reduce:
+    every rank then stops with one line, instead of the others failing inside a collective it never joins."""
+    try:
+        micro, failure = [next(data) for _ in range(grad_accum)], None
+    except UserError as exc:
+        micro, failure = [], exc
+    counts = all_reduce_sum(torch.tensor([float(sum(int(m.targets.sum()) for m in micro)),
+                                          float(sum(m.tokens for m in micro)), float(failure is not None)]), env)
+    if failure is not None:
+        raise failure
+    if counts[2].item() > 0:
+        raise UserError(f"rank {env.rank}: another rank could not read its training data and stopped; its error names the problem")
+    return micro, counts[:2]
+
+
 def all_finite(model, env: Dist) -> bool:
     """Every parameter (each rank's shard) finite, agreed across ranks."""
     bad = torch.zeros((), device=env.device)
@@ -425,8 +442,8 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
         schedule.load_state_dict(meta["taid"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
     log = MetricsLog(cfg.output, env, step, cfg.tensorboard)
-    data = iter(loader(CacheStream(cfg.cache, cfg.batch_size, env.rank, env.world, cfg.max_length, cfg.seed,
-                                   cfg.shuffle_buffer, True, start=step * global_batch, pack=cfg.pack), cfg.num_workers))
+    data = micro_batches(CacheStream(cfg.cache, cfg.batch_size, env.rank, env.world, cfg.max_length, cfg.seed,
+                                     cfg.shuffle_buffer, True, start=step * global_batch, pack=cfg.pack), cfg.num_workers)
     model.train()
     start = time.monotonic()
     last: dict[str, Any] = {}
@@ -434,8 +451,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
                   TimeElapsedColumn(), console=cfg.console, disable=not (cfg.progress and env.rank == 0)) as bar:
         task = bar.add_task("train", total=total_steps, completed=step, info="")
         while step < total_steps:
-            micro = [next(data) for _ in range(cfg.grad_accum)]
-            counts = all_reduce_sum(torch.tensor([float(sum(int(m.targets.sum()) for m in micro)), float(sum(m.tokens for m in micro))]), env)
+            micro, counts = step_batches(data, cfg.grad_accum, env)
             denominator = max(counts[0].item(), 1.0)
             reported = torch.zeros((), device=env.device)
             t = schedule.t

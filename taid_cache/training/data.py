@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..errors import UserError
 from ..packing import lay_out
 from ..shards.manifest import load_manifest
 from ..shards.reader import RandomAccess
@@ -97,7 +98,16 @@ class CacheStream(IterableDataset):
         self.max_length, self.seed, self.buffer, self.shuffle, self.start, self.limit = max_length, seed, buffer, shuffle, start, limit
         self.pack = pack
 
-    def __iter__(self) -> Iterator[MicroBatch]:
+    def __iter__(self) -> Iterator[MicroBatch | UserError]:
+        if get_worker_info() is None:
+            yield from self.micro_batches()
+            return
+        try:  # in a loader worker: hand a user error over as an item (see `micro_batches`)
+            yield from self.micro_batches()
+        except UserError as exc:
+            yield exc
+
+    def micro_batches(self) -> Iterator[MicroBatch]:
         manifest = load_manifest(self.cache)
         rows = [s["records"] for s in manifest["shards"]]
         reader = RandomAccess(self.cache, manifest)
@@ -110,12 +120,18 @@ class CacheStream(IterableDataset):
                 yield collate([reader.get(s, r) for s, r in chunk], self.max_length, self.pack)
 
 
-def loader(dataset: CacheStream, workers: int) -> DataLoader:
-    """Micro-batches in order: the DataLoader takes workers' outputs round-robin, matching m mod W.
+def micro_batches(dataset: CacheStream, workers: int) -> Iterator[MicroBatch]:
+    """The dataset's micro-batches in order, through `workers` loader processes (0: in this one). The loader
+    takes workers' outputs round-robin, matching m mod W.
 
     Workers start as fresh interpreters ("spawn"), not forks: by the time the loader starts, the trainer's
     process runs threads (the process group's, Arrow's and torch's pools, progress monitors), and a fork taken
     while one of them holds a lock can leave the worker waiting on it forever (seen in CI: a worker that never
-    sent its first batch). The stream is built once per run, so the start-up is paid once."""
-    context = "spawn" if workers > 0 else None
-    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False, multiprocessing_context=context)
+    sent its first batch). The stream is built once per run, so the start-up is paid once.
+    A worker's user error (a shard damaged since the run's start) arrives as an item and is raised here as
+    itself: raised inside the worker, the loader would re-raise it with the worker's traceback as its message."""
+    for item in DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                           multiprocessing_context="spawn" if workers > 0 else None):
+        if isinstance(item, UserError):
+            raise item
+        yield item

@@ -75,8 +75,9 @@ def broadcast_object(value: Any, env: Dist) -> Any:
 
 
 def all_reduce_sum(value: torch.Tensor, env: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A copy of `value` on the rank's device, reduced over ranks (NCCL reduces device tensors only)."""
+    value = value.to(env.device, copy=True)
     if env.active:
-        value = value.clone()
         dist.all_reduce(value, op=op)
     return value
 
