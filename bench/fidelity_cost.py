@@ -5,7 +5,8 @@ On SmolLM2-135M-Instruct (49,152-token vocabulary; `make smollm2`, converted onc
 (a) the whole dump path per batch: forward, top-k with tail and entropy, transfer, encoding with the fidelity
     sums, compression and writing (`ShardWriter`);
 (b) the extra work alone, timed on the same [positions, V] log-probs and records: `tail_and_entropy` (the
-    exact tail and the entropy, one shared exp pass) and `fidelity.record_sums`.
+    exact tail and the entropy, one shared exp pass) with the loss positions and with none (the tail alone),
+    and the writer's decoding for `fidelity.record_sums` with it.
 (b) / (a) is the share (target: the fidelity report ≤ 3% of the dump), on text rows (every position a loss
 position) and on chat rows (loss on the assistant turn). Medians of interleaved repetitions.
 
@@ -48,8 +49,8 @@ def seconds(run) -> float:
 
 @torch.inference_mode()
 def extras(engine: HfEngine, batch) -> tuple[float, float]:
-    """Seconds of `tail_and_entropy` over the batch's log-probs, chunked as the engine chunks them, and of the
-    tail alone as a plain masked log-sum-exp (what the exact tail costs without the report's entropy)."""
+    """Seconds of `tail_and_entropy` over the batch's log-probs, chunked as the engine chunks them, with the
+    batch's loss positions and with none (the exact tail alone: what a cache without the report would pay)."""
     layout, inputs = engine._layout(batch)
     hidden = engine.decoder(**inputs).last_hidden_state.flatten(0, 1)[layout.flat_positions(drop_last=True)]
     targets = torch.from_numpy(np.concatenate([s.loss_mask[1:] for s in batch]).astype(bool))
@@ -57,18 +58,23 @@ def extras(engine: HfEngine, batch) -> tuple[float, float]:
     for chunk, chunk_targets in zip(hidden.split(engine.config.lm_head_chunk), targets.split(engine.config.lm_head_chunk)):
         logprobs = torch.log_softmax(head_logits(chunk, engine.head.weight, engine.head.bias, engine.mapping), dim=-1)
         _, indices = logprobs.topk(TOP_K, dim=-1, sorted=True)
-        copy = logprobs.clone()
-        tail_only += seconds(lambda: copy.scatter_(-1, indices, -torch.inf).logsumexp(-1))
+        tail_only += seconds(lambda: tail_and_entropy(logprobs, indices, torch.zeros_like(chunk_targets)))
         both += seconds(lambda: tail_and_entropy(logprobs, indices, chunk_targets))
     return both, tail_only
 
 
 def record_sums_seconds(records, vocab: int) -> float:
+    """What the writer adds for the report: decoding the stored head back and `fidelity.record_sums` (the
+    encoding is the writer's job either way, so it is done here untimed)."""
+    stored = []
+    for rec in records:
+        n = np.full(len(rec.topk_ids), TOP_K)
+        flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
+        stored.append((rec, n, flat_ids, encode_logprobs(flat_lps, n, "compact")))
+
     def run() -> None:
-        for rec in records:
-            n = torch.full((len(rec.topk_ids),), TOP_K).numpy()
-            flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
-            kept, decoded = unpack_ragged(flat_ids, decode_logprobs(encode_logprobs(flat_lps, n, "compact"), n, "compact"), n, TOP_K)
+        for rec, n, flat_ids, encoded in stored:
+            kept, decoded = unpack_ragged(flat_ids, decode_logprobs(encoded, n, "compact"), n, TOP_K)
             fidelity.record_sums(rec.input_ids, rec.loss_mask, kept, rec.topk_logprobs, decoded, rec.tail_logmass, rec.entropy, vocab)
 
     return seconds(run)

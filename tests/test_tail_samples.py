@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
+from taid_cache.engines.hf_engine import tail_and_entropy
 from taid_cache.engines.tail_sampling import distinct_draws, draw_off_head, sequence_uniforms
 from taid_cache.losses import rebuild_teacher, sampled_tail_loss, sampled_tail_teacher, taid
 from taid_cache.pipelines.train_student import TrainConfig, train_student
@@ -43,10 +44,14 @@ class Teacher:
         self.log_m = self.off.logsumexp(-1)
         self.r = (self.off - self.log_m[:, None]).exp()  # the distribution off the head
 
+    def weights(self) -> torch.Tensor:
+        """The off-head weights the engine hands to the draws (from its own tail pass)."""
+        return tail_and_entropy(self.logp.float(), self.head_ids, torch.zeros(P, dtype=torch.bool))[2]
+
     def estimate(self, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One sparse estimate (ids, log ŵ, ℓ) as a cache would hold it, from the dump's own sampling code."""
         uniforms = torch.rand(P, draws, generator=torch.Generator().manual_seed(seed))
-        ids, lps = draw_off_head(self.off.float(), self.log_m.float(), uniforms)
+        ids, lps = draw_off_head(self.weights(), self.logp.float(), self.log_m.float(), uniforms)
         s = distinct_draws(ids.numpy(), lps.numpy())
         grid = [torch.from_numpy(ragged_grid(x, s.counts, draws, fill))
                 for x, fill in ((s.ids.astype(np.int64), -1), (s.draws.astype(np.int64), 0), (s.logprobs, -np.inf))]
@@ -88,7 +93,7 @@ def test_draws_lie_off_the_head_and_are_counted_once(teacher: Teacher) -> None:
     uniforms = torch.rand(P, draws, generator=torch.Generator().manual_seed(1))
     log_m = teacher.log_m.float().clone()
     log_m[5] = -math.inf  # a position whose head holds all the mass: nothing to draw
-    ids, lps = draw_off_head(teacher.off.float(), log_m, uniforms)
+    ids, lps = draw_off_head(teacher.weights(), teacher.logp.float(), log_m, uniforms)
     s = distinct_draws(ids.numpy(), lps.numpy())
     assert s.counts[5] == 0 and (s.counts[np.arange(P) != 5] >= 1).all()
     at = np.concatenate(([0], np.cumsum(s.counts)))

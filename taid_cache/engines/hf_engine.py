@@ -31,19 +31,33 @@ def torch_dtype(name: str) -> torch.dtype:
     return value
 
 
-def tail_and_entropy(logprobs: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From [P, V] log-probs (overwritten) and their top-k `indices`: the log of the mass off the top-k, summed
-    directly (1 − Σ top-k cancels catastrophically for a confident teacher), and the entropy at the `targets`
-    rows (NaN elsewhere): the fidelity report covers loss positions only, so only they pay for it."""
-    picked = logprobs if bool(targets.all()) else logprobs[targets]  # text rows: every position, no copy
-    picked_entropy = -torch.linalg.vecdot(picked.exp(), picked)
+def tail_and_entropy(logprobs: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From [P, V] log-probs ℓ and their top-k `indices`, one exp pass p = exp(ℓ) serves three things:
+    - the log of the mass m off the top-k, summed directly over those ids (1 − Σ top-k cancels catastrophically
+      for a confident teacher); rows where that float32 sum nears underflow (m < 1e-30, where the summed terms
+      lose their relative precision) are redone as a log-sum-exp of ℓ;
+    - the entropy −Σ p ℓ at the `targets` rows (NaN elsewhere): the fidelity report covers loss positions
+      only, so only they pay for it. A batched BLAS dot: several times faster on CPU than `vecdot`;
+    - the off-head weights (p with the head zeroed; ∝ p for the underflow rows) that the tail draws need.
+    Returns (log m, entropy, off-head weights); `logprobs` is left as it is."""
+    probs = logprobs.exp()
+    every = bool(targets.all())
+    picked_p, picked_l = (probs, logprobs) if every else (probs[targets], logprobs[targets])  # text rows: no copy
+    picked_entropy = -torch.bmm(picked_p[:, None, :], picked_l[:, :, None]).flatten()
     odd = picked_entropy.isnan()  # rows with a −inf logit (0 · −inf): rare, so redone with 0 · log 0 = 0
     if bool(odd.any()):
-        picked_entropy[odd] = torch.special.entr(picked[odd].exp()).sum(-1)
+        picked_entropy[odd] = torch.special.entr(picked_p[odd]).sum(-1)
     entropy = torch.full(logprobs.shape[:1], math.nan, device=logprobs.device)
     entropy[targets] = picked_entropy
-    tail = logprobs.scatter_(-1, indices, -math.inf).logsumexp(-1)
-    return tail, entropy
+    weights = probs.scatter_(-1, indices, 0.0)
+    tail = weights.sum(-1).log()
+    small = tail < math.log(1e-30)
+    if bool(small.any()):
+        off = logprobs[small].scatter(-1, indices[small], -math.inf)
+        tail[small] = off.logsumexp(-1)
+        scale = torch.where(torch.isfinite(tail[small]), tail[small], torch.zeros_like(tail[small]))
+        weights[small] = torch.exp(off - scale[:, None])
+    return tail, entropy, weights
 
 
 @dataclass
@@ -125,8 +139,8 @@ class HfEngine:
         for chunk, chunk_targets, chunk_uniforms in zip(hidden.split(chunk_size), targets.split(chunk_size), uniforms.split(chunk_size)):
             logprobs = torch.log_softmax(head_logits(chunk, self.head.weight, self.head.bias, self.mapping), dim=-1)
             values, indices = logprobs.topk(self.config.top_k, dim=-1, sorted=True)
-            tail, entropy = tail_and_entropy(logprobs, indices, chunk_targets)  # leaves the off-head log-probs in `logprobs`
-            sample_ids, sample_lps = draw_off_head(logprobs, tail, chunk_uniforms) if n else (indices[:, :0], values[:, :0])
+            tail, entropy, weights = tail_and_entropy(logprobs, indices, chunk_targets)
+            sample_ids, sample_lps = draw_off_head(weights, logprobs, tail, chunk_uniforms) if n else (indices[:, :0], values[:, :0])
             for column, value in zip(columns, (indices, values, tail, entropy, sample_ids, sample_lps)):
                 column.append(value)
         return TopK(*(torch.cat(column) for column in columns))

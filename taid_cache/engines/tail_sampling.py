@@ -23,21 +23,21 @@ def sequence_uniforms(seed: int, sample_id: str, positions: int, draws: int) -> 
     return np.random.default_rng([seed, key]).random((positions, draws), dtype=np.float32)
 
 
-def draw_off_head(off_head: torch.Tensor, log_tail: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_off_head(weights: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws [P, N] token ids from each row's off-head distribution and their log-probs under the full one.
 
-    `off_head` [P, V]: the full log-probs with the head's entries at −inf; `log_tail` [P]: their log-sum-exp,
-    log m. Rows with no mass off the head (m = 0) draw id −1 and log-prob −inf."""
+    `weights` [P, V]: proportional to the teacher's probabilities off the head, 0 on it (overwritten: it becomes
+    its running sum); `logprobs` [P, V]: the full log-probs; `log_tail` [P]: log m. Rows with no mass off the
+    head (m = 0) draw id −1 and log-prob −inf."""
     has_tail = torch.isfinite(log_tail)
-    r = torch.exp(off_head - torch.where(has_tail, log_tail, torch.zeros_like(log_tail))[:, None])
-    cdf = r.cumsum_(-1)  # r becomes its CDF in place: one [P, V] buffer
+    cdf = weights.cumsum_(-1)  # in place: one [P, V] buffer
     ids = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
     # Rounding can put u·total at the very end: such a draw belongs to the last id with mass.
-    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=off_head.shape[1] - 1)
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=logprobs.shape[1] - 1)
     ids = torch.minimum(ids, last)
-    logprobs = off_head.gather(1, ids)
+    drawn = logprobs.gather(1, ids)
     ids = torch.where(has_tail[:, None], ids, torch.full_like(ids, -1))
-    return ids, torch.where(has_tail[:, None], logprobs, torch.full_like(logprobs, -torch.inf))
+    return ids, torch.where(has_tail[:, None], drawn, torch.full_like(drawn, -torch.inf))
 
 
 def distinct_draws(ids: np.ndarray, logprobs: np.ndarray) -> TailSamples:
