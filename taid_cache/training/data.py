@@ -99,13 +99,12 @@ class CacheStream(IterableDataset):
         self.pack = pack
 
     def __iter__(self) -> Iterator[MicroBatch | UserError]:
-        if get_worker_info() is None:
-            yield from self.micro_batches()
-            return
-        try:  # in a loader worker: hand a user error over as an item (see `micro_batches`)
+        try:
             yield from self.micro_batches()
         except UserError as exc:
-            yield exc
+            if get_worker_info() is None:
+                raise
+            yield exc  # in a loader worker: hand it over as an item (see `micro_batches`)
 
     def micro_batches(self) -> Iterator[MicroBatch]:
         manifest = load_manifest(self.cache)
