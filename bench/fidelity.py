@@ -73,7 +73,7 @@ def distillation(variant: Variant, logits: torch.Tensor, rec: dict, targets: tor
     if variant.sampled:
         sparse = sampled_tail_teacher(pick["topk_ids"], pick["topk_logprobs"], pick["tail_logmass"], pick["sample_ids"],
                                       pick["sample_draws"], pick["sample_logprobs"])
-        return sampled_tail_loss("taid" if t < 1 else "fkl", logits, *sparse, t, valid).sum()
+        return sampled_tail_loss("taid" if t < 1 else "fkl", logits, *sparse, t, valid, variant.top_k).sum()
     teacher = rebuild_teacher(logits, pick["topk_ids"], pick["topk_logprobs"], "student", valid, pick["tail_logmass"])
     return taid(logits, teacher, t).sum()
 
@@ -181,8 +181,7 @@ def main() -> None:
     for method in ("taid-online", "fkl-online"):
         console.rule(method)
         runs[method] = train_method(cfg, method, out, student, teacher, caches[variants[0].name], heldout, console)
-    # Late in training the student is near the teacher and t near 1, where importance weights are tame: the
-    # same angles at the online TAID student.
+    # Late in training the student is near the teacher and t near 1: the same angles at the online TAID student.
     trained = gradient_angles(teacher, runs["taid-online"], caches, variants, valid, cfg.max_length)
     evaluation = evaluate_students(teacher, runs, heldout, cfg.max_length)
     online = {"taid": evaluation["taid-online"], "fkl": evaluation["fkl-online"]}

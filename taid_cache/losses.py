@@ -248,7 +248,7 @@ def rebuild_teacher(
     return dense.scatter(1, ids, lps)[:, :vocab]
 
 
-# Losses that a sampled tail (a --tail-samples cache) estimates without bias, or nearly: docs/LOSSES.md.
+# Losses a sampled tail (a --tail-samples cache) serves: fkl without bias, taid with the estimator of docs/LOSSES.md.
 SAMPLED_LOSSES = ("taid", "fkl", "sft")
 
 
@@ -259,8 +259,8 @@ def sampled_tail_teacher(
     """A head + sampled tail cache as one sparse estimate p̂ of the teacher: (ids, log ŵ, ℓ), each [N, k + S].
 
     ŵ is the estimate: the head's exact p (rescaled to 1 − m, `split_teacher`) and m·c/N for a token drawn c of
-    N times off the head, so E[ŵ_v] = p_v for every token and Σ ŵ = 1. ℓ is each entry's exact log p (what
-    TAID's importance weights need; equal to log ŵ on the head). Unused slots: id −1, −inf."""
+    N times off the head, so E[ŵ_v] = p_v for every token and Σ ŵ = 1. ℓ is each entry's exact log p (the FKL
+    value Σ ŵ (ℓ − log q), an unbiased KL estimate, needs it; equal to log ŵ on the head). Unused slots: id −1, −inf."""
     head, _ = split_teacher(topk_logprobs, topk_ids >= 0, tail_logmass)
     draws = sample_draws.float()
     total = draws.sum(-1, keepdim=True).clamp(min=1.0)
@@ -271,25 +271,50 @@ def sampled_tail_teacher(
 
 def sampled_tail_loss(
     name: str, student_logits: torch.Tensor, ids: torch.Tensor, log_w: torch.Tensor, ell: torch.Tensor, t: float, valid_vocab: int,
+    head: int,
 ) -> torch.Tensor:
-    """FKL or TAID per position against a sparse estimate from `sampled_tail_teacher`; differentiable in the logits.
+    """FKL or TAID per position against a sparse estimate from `sampled_tail_teacher` (its first `head` columns
+    the exact head, the rest the draws); differentiable in the logits. Entries at or past `valid_vocab` are
+    dropped: a head entry's mass joins the tail, a draw leaves the others' shape.
 
     `fkl`: Σ ŵ (ℓ − log q), an unbiased estimate of KL(p‖q) whose gradient q − ŵ is unbiased too.
-    `taid`: p_t ∝ q^(1−t) p^t is not linear in p; its unnormalised weight q_v^(1−t) p_v^t = p_v (q_v / p_v)^(1−t)
-    is estimated by ŵ_v (q_v / p_v)^(1−t) (unbiased: an importance weight on the exact ℓ), then normalised
-    over the entries (self-normalised, so biased by O(1/N); measured in tests and bench/). Loss −Σ p̂_t log q,
-    gradient q − p̂_t. Entries at or past `valid_vocab` are dropped (the rest renormalised)."""
+    `taid`: p_t ∝ q^(1−t) p^t is not linear in p, and importance weights (q/p)^(1−t) on the draws make its
+    estimate too noisy to train on at small t (docs/LOSSES.md). Instead the target keeps TAID's geometric
+    interpolation where the cache is exact, over the head tokens and the tail's total (the student-shaped bound
+    m^t Q^(1−t), Q the student's mass off the head), and interpolates the tail's shape arithmetically,
+    (1−t)·q/Q + t·r̂ with r̂ the draws' shape, which is linear in the draws and so estimated without bias.
+    Exact at t = 1 (FKL's estimate) and wherever the teacher's tail is shaped like the student's. Loss
+    −Σ target · log q, gradient q − target."""
     log_q = F.log_softmax(student_logits.float(), -1)
     usable = (ids >= 0) & (ids < valid_vocab) & torch.isfinite(log_w)
     log_q_e = log_q.gather(1, ids.clamp(0, log_q.shape[1] - 1))
-    log_w = log_w.masked_fill(~usable, -math.inf)
-    has_any = usable.any(-1, keepdim=True)
     if name == "fkl":
-        w = torch.where(has_any, torch.softmax(torch.where(has_any, log_w, 0.0), -1), 0.0)
+        has_any = usable.any(-1, keepdim=True)
+        w = torch.where(has_any, torch.softmax(torch.where(has_any, log_w.masked_fill(~usable, -math.inf), 0.0), -1), 0.0)
         return torch.where(usable, w * (ell - log_q_e), 0.0).sum(-1)
-    z = log_w + (1 - t) * (log_q_e.detach() - torch.where(usable, ell, 0.0))
-    p_t = torch.where(has_any, torch.softmax(torch.where(has_any, z, 0.0), -1), 0.0)
-    return -torch.where(usable, p_t * log_q_e, 0.0).sum(-1)
+    n, vocab = log_q.shape
+    lq = log_q.detach()
+    in_head = torch.arange(ids.shape[1], device=ids.device) < head
+    on_head, drawn = usable & in_head, usable & ~in_head
+    # The mass off the usable head: the draws' ŵ sum to m, and head entries the student lacks join them.
+    log_tail = torch.logsumexp(log_w.masked_fill(in_head & usable, -math.inf), -1)
+    parked = torch.where(on_head, ids, vocab)  # head columns marked in a [N, V + 1] mask, the spare column dropped
+    head_cols = torch.zeros(n, vocab + 1, dtype=torch.bool, device=ids.device).scatter_(1, parked, True)[:, :vocab]
+    off_head = (torch.arange(vocab, device=ids.device) < valid_vocab) & ~head_cols
+    log_q_off = lq.masked_fill(~off_head, -math.inf).logsumexp(-1)
+    # The tail's unnormalised TAID weight (0 · −inf is nan: t = 0 or 1 leave one factor out).
+    log_bucket = (t * log_tail if t > 0 else 0.0) + ((1 - t) * log_q_off if t < 1 else 0.0)
+    log_mu = ((1 - t) * log_q_e.detach() + t * torch.where(on_head, ell, 0.0)).masked_fill(~on_head, -math.inf)
+    log_z = torch.logaddexp(log_bucket, torch.logsumexp(log_mu, -1))
+    head_target = torch.exp(log_mu - log_z[:, None])
+    bucket = torch.exp(log_bucket - log_z).nan_to_num(0.0)
+    has_draws = drawn.any(-1)
+    mix = torch.where(has_draws, t, 0.0)  # no usable draw: the tail keeps the student's shape
+    r_hat = torch.softmax(log_w.masked_fill(~drawn, -math.inf), -1).where(drawn, 0.0)  # the draws' shape (NaN rows: none)
+    q_shape = torch.exp(lq - log_q_off[:, None]).masked_fill(~off_head, 0.0)
+    student_part = (q_shape * log_q.masked_fill(~off_head, 0.0)).sum(-1)
+    return -(head_target * log_q_e).masked_fill(~on_head, 0.0).sum(-1) - bucket * (
+        (1 - mix) * student_part + mix * (r_hat * log_q_e).masked_fill(~drawn, 0.0).sum(-1))
 
 
 class _ChunkedLoss(torch.autograd.Function):

@@ -162,7 +162,7 @@ class Teacher:
     """Where the step's teacher distribution comes from: the cache's top-k, or a model run in-process."""
 
     def __init__(self, cfg: TrainConfig, settings: dict, vocab_rows: int, env: Dist) -> None:
-        self.tail, self.valid, self.rows = cfg.tail, settings["tokenizer_size"], vocab_rows
+        self.tail, self.valid, self.rows, self.top_k = cfg.tail, settings["tokenizer_size"], vocab_rows, settings["top_k"]
         self.sampled = bool(settings.get("tail_samples")) and not cfg.teacher_model
         self.model = None
         if cfg.teacher_model:
@@ -186,7 +186,7 @@ class Teacher:
         the dense teacher (online, or rebuilt from the top-k with the tail mode)."""
         if self.sampled:
             ids, log_w, ell = (x[sl] for x in prepared)
-            return sampled_tail_loss(loss.name, student_logits, ids, log_w, ell, t, self.valid)
+            return sampled_tail_loss(loss.name, student_logits, ids, log_w, ell, t, self.valid, self.top_k)
         return per_position_fn(loss)(student_logits, self.logprobs(prepared, sl, student_logits), t)
 
     def logprobs(self, prepared: Any, sl: slice, student_logits: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, env: Dist) -> d
 
         def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
             if sampled:  # Σ ŵ (ℓ − log q): an unbiased estimate of the KL
-                sums[1] += sampled_tail_loss("fkl", logits, ids[sl], lps[sl], tails[sl], 1.0, valid).sum()
+                sums[1] += sampled_tail_loss("fkl", logits, ids[sl], lps[sl], tails[sl], 1.0, valid, settings["top_k"]).sum()
             else:
                 sums[1] += fkl(logits, rebuild_teacher(logits, ids[sl], lps[sl], cfg.tail, valid, tails[sl])).sum()
             sums[0] += cross_entropy(logits, labels[sl]).sum()
