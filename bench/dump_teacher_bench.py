@@ -32,7 +32,7 @@ from taid_cache.inputs import Sequence
 from taid_cache.pipelines.dump_teacher import DumpConfig, drive, dump_teacher
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
-from taid_cache.reproduce.report import commit, machine
+from taid_cache.provenance import commit, machine
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache

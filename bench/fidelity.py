@@ -33,7 +33,7 @@ from taid_cache.losses import rebuild_teacher, sampled_tail_loss, sampled_tail_t
 from taid_cache.reproduce.config import ReproduceConfig, load_config
 from taid_cache.reproduce.evaluate import evaluate_students
 from taid_cache.reproduce.pipeline import dump_cache, train_method
-from taid_cache.reproduce.report import machine
+from taid_cache.provenance import machine
 from taid_cache.shards import read_cache
 from taid_cache.shards.inspect import cache_stats
 

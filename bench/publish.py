@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from taid_cache.reproduce.report import commit, machine
+from taid_cache.provenance import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from taid_cache.losses import LossConfig
 from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher
 from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss
 from taid_cache.reproduce.models import LlamaSize, new_llama
-from taid_cache.reproduce.report import machine
+from taid_cache.provenance import machine
 from taid_cache.shards.manifest import load_manifest
 from taid_cache.training.data import CacheStream
 from taid_cache.training.student import Dist, LossModel

@@ -15,7 +15,7 @@ from pathlib import Path
 from taid_cache.engines import EngineConfig
 from taid_cache.engines.vllm_engine import VllmEngine
 from taid_cache.inputs import RowTokenizer, detect_kind, load_rows, source_tag
-from taid_cache.reproduce.report import machine
+from taid_cache.provenance import machine
 
 from publish import publish
 

@@ -570,6 +570,7 @@ def two_rank_steps(rank: int, store: str, batch, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
+@pytest.mark.distributed
 def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_one_line(caches, tmp_path) -> None:
     """Rank 1's reader fails at the second step: both ranks finish the first step with the global counts, then
     each stops with a one-line error (its own, or one pointing at the other rank) instead of hanging or

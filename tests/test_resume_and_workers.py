@@ -62,6 +62,7 @@ def assert_same_records(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[key], y[key])
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_a_clean_run(teacher_dir, many_rows, tmp_path) -> None:
     """With a sampled tail too: the draws depend on the seed and the sample only, so a resumed run redraws them."""
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from ..atomic import read_json, write_json
+from ..atomic import read_json, write_json, write_text
 from ..errors import UserError
 from ..gguf import convert_gguf, is_gguf_source, locate
 from ..pipelines.dump_teacher import DumpConfig, dump_teacher
@@ -30,9 +30,7 @@ from .config import METHODS, ReproduceConfig, method_cache
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def length_filter(tokenizer, cfg: ReproduceConfig) -> Callable[[list[dict]], bool]:

@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from ..atomic import write_json
+from ..provenance import commit, machine
 from .config import ReproduceConfig
 
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_ce" in r]
-
-
-def machine() -> str:
-    import os
-
-    import torch
-
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
-
-
-def commit() -> str:
-    here = Path(__file__).resolve().parent
-    res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
-    return res.stdout.strip() or "unknown"
 
 
 def plots(out: Path, runs: dict[str, Path], results: list[dict]) -> None:

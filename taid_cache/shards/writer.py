@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pyarrow as pa
 
-from ..atomic import temporary_name
+from ..atomic import fsync_path, temporary_name
 from ..errors import UserError
 from . import fidelity
 from .codec import decode_logprobs, encode_logprobs, id_dtype, pack_ragged, tail_beyond, top_p_counts, unpack_ragged
@@ -166,8 +166,7 @@ class ShardWriter:
         final, tmp, sink, writer = self._open
         writer.close()
         sink.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(tmp)
         entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), batch_rows=self._batch_rows,
                            batch_crc32=self._batch_crcs, fidelity=self._fidelity, cursor=self._cursor, **self._stats)
         os.replace(tmp, final)
