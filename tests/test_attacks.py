@@ -432,8 +432,8 @@ def test_eval_cache_without_eval_every_evaluates_at_the_end(student_dir, caches,
     out = tmp_path / "o"
     assert train(student_dir, caches["top16"], out, "--eval-cache", str(caches["top16"])).exit_code == 0
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval_kl" in r]
-    assert [r["step"] for r in evals] == [3] and evals[0]["eval_kl"] > 0
+    evals = [r for r in records if "eval_kl_cache" in r]
+    assert [r["step"] for r in evals] == [3] and evals[0]["eval_kl_cache"] > 0
 
 
 # ---------------------------------------------------------------- messages

@@ -184,7 +184,7 @@ def test_saved_student_loads_and_evaluation_is_right(student_dir, caches, tmp_pa
             n += int(target.sum())
     assert evals[0]["eval_ce"] == pytest.approx(ce / n, rel=1e-4)
     assert evals[0]["eval_top1"] == pytest.approx(top1 / n, abs=1e-9)
-    assert evals[0]["eval_kl"] == pytest.approx(kl / n, rel=1e-4)
+    assert evals[0]["eval_kl_cache"] == pytest.approx(kl / n, rel=1e-4)
 
 
 def test_padded_student_vocabulary_and_dataloader_workers(student_dir, caches, tmp_path) -> None:
@@ -240,7 +240,7 @@ def test_packed_training_equals_padded(student_dir, caches, tmp_path) -> None:
     padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
     assert len(padded) == len(packed) == 4
     for a, b in zip(padded, packed):
-        for key in ("loss", "t", "eval_ce", "eval_kl", "eval_top1"):
+        for key in ("loss", "t", "eval_ce", "eval_kl_cache", "eval_top1"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
         if "tokens" in a:
@@ -325,7 +325,7 @@ def test_evaluation_with_uneven_records_on_two_ranks(teacher_dir, student_dir, d
                            *args, "--output", str(tmp_path / "two")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = ([m for m in metrics(tmp_path / d) if "eval_kl" in m] for d in ("one", "two"))
+    one, two = ([m for m in metrics(tmp_path / d) if "eval_kl_cache" in m] for d in ("one", "two"))
     assert len(one) == len(two) == 1
-    for key in ("eval_ce", "eval_kl", "eval_top1"):
+    for key in ("eval_ce", "eval_kl_cache", "eval_top1"):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, TextColumn
 
 from ..engines import ENGINES, EngineConfig, make_engine, resolve_engine
 from ..errors import UserError, first_line
@@ -21,6 +21,7 @@ from ..inputs import KINDS, RowTokenizer, Sequence, check_rows, dataset_fingerpr
 from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
 from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
+from ..progress import step_bar
 from ..shards.writer import BackgroundWriter, ShardWriter, TeacherRecord
 
 OVERLONG = ("truncate", "drop")
@@ -142,11 +143,8 @@ def drive(engine, batch_stream: Iterable[tuple[list[Sequence], dict[str, int]]],
 
 
 def progress_bar(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]dump-teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
-        TextColumn("{task.fields[tokens]:,} tokens"), TextColumn("{task.fields[rate]:,.0f} tok/s"),
-        TimeElapsedColumn(), console=console, disable=not enabled,
-    )
+    return step_bar("dump-teacher", console, enabled, TextColumn("sequences"), TextColumn("{task.fields[tokens]:,} tokens"),
+                    TextColumn("{task.fields[rate]:,.0f} tok/s"))
 
 
 def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_sequence: RowTokenizer, vocab_size: int) -> dict[str, int]:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..atomic import check_writable_folder, write_text
 from ..errors import UserError, first_line
@@ -33,6 +32,7 @@ from ..losses import (
     sampled_tail_loss, sampled_tail_teacher, taid_sparse_student_tail,
 )
 from ..packing import keeps_sequences_apart
+from ..progress import step_bar
 from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
@@ -264,7 +264,7 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, env: Dist) -> d
     model.train()
     sums = all_reduce_sum(sums, env)
     n = max(sums[3].item(), 1.0)
-    return {"eval_ce": sums[0].item() / n, "eval_kl": sums[1].item() / n, "eval_top1": sums[2].item() / n}
+    return {"eval_ce": sums[0].item() / n, "eval_kl_cache": sums[1].item() / n, "eval_top1": sums[2].item() / n}
 
 
 def empty_micro_batch(settings: dict) -> MicroBatch:
@@ -447,8 +447,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     model.train()
     start = time.monotonic()
     last: dict[str, Any] = {}
-    with Progress(TextColumn("[bold]train-student"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=cfg.console, disable=not (cfg.progress and env.rank == 0)) as bar:
+    with step_bar("train-student", cfg.console, cfg.progress and env.rank == 0) as bar:
         task = bar.add_task("train", total=total_steps, completed=step, info="")
         while step < total_steps:
             micro, counts = step_batches(data, cfg.grad_accum, env)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..progress import step_bar
+
 
 @dataclass
 class PretrainConfig:
@@ -29,15 +31,12 @@ def pack_blocks(token_lists: list[list[int]], block: int) -> np.ndarray:
 
 def pretrain(model, blocks: np.ndarray, cfg: PretrainConfig, console=None) -> list[float]:
     """AdamW with a cosine schedule over cfg.steps; returns the loss per step."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
     losses: list[float] = []
-    bar = Progress(TextColumn("[bold]pre-training teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), console=console, disable=console is None)
+    bar = step_bar("pre-training teacher", console, console is not None)
     task = bar.add_task("pretrain", total=cfg.steps, info="")
     bar.start()
     for step in range(cfg.steps):
