@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from taid_cache.shards.codec import (
-    LOGPROB_STEP, decode_logprobs, encode_logprobs, id_dtype, max_logprob_error, pack_ragged, tail_beyond, tail_from_head,
+    LOGPROB_STEP, MAX_CODE, decode_logprobs, encode_logprobs, id_dtype, max_logprob_error, pack_ragged, tail_beyond, tail_from_head,
     top_p_counts, unpack_ragged,
 )
 
@@ -38,6 +38,29 @@ def test_compact_codes_are_small_deltas() -> None:
     counts = np.array([4])
     codes = encode_logprobs(lp.ravel(), counts, "compact")
     assert codes.tolist() == [32, 32, 0, 128]  # -0.5 nats = 32 steps, then gaps of 32, 0 and 128 steps
+
+
+@pytest.mark.parametrize("precision", ["compact", "fp32"])
+def test_empty_positions_anywhere_and_an_empty_batch(precision: str) -> None:
+    """Positions with no entries (a top-p row cut to nothing never happens, but a k = 0 head does) at the start,
+    in runs and at the end leave the others' bases intact; a batch with no entries at all round-trips too."""
+    counts = np.array([0, 3, 0, 0, 2, 0, 1, 0])
+    flat = np.array([-0.25, -0.5, -4.0, -0.125, -9.0, -2.0], dtype=np.float32)
+    decoded = decode_logprobs(encode_logprobs(flat, counts, precision), counts, precision)
+    np.testing.assert_array_equal(decoded, flat)  # these values lie on the 1/64 grid: exact in both precisions
+    none = np.zeros(4, dtype=np.int64)
+    assert decode_logprobs(encode_logprobs(np.zeros(0, np.float32), none, precision), none, precision).shape == (0,)
+
+
+def test_compact_clamps_far_below_the_grid_and_keeps_ties() -> None:
+    """Below −MAX_CODE·step (−1024 nats) the compact codec stores the clamp, as documented; equal log-probs
+    (ties, and a log-prob of exactly 0) give zero deltas and decode equal."""
+    counts = np.array([4, 2])
+    flat = np.array([0.0, -1.5, -1.5, -5000.0, -1023.0, -1e9], dtype=np.float32)
+    stored = encode_logprobs(flat, counts, "compact")
+    assert stored.tolist() == [0, 96, 0, MAX_CODE - 96, 1023 * 64, MAX_CODE - 1023 * 64]
+    decoded = decode_logprobs(stored, counts, "compact")
+    np.testing.assert_array_equal(decoded, np.array([0.0, -1.5, -1.5, -MAX_CODE * LOGPROB_STEP, -1023.0, -MAX_CODE * LOGPROB_STEP], np.float32))
 
 
 def test_unsorted_logprobs_are_rejected() -> None:

@@ -50,6 +50,18 @@ def stream(shard_rows: list[int], seed: int, buffer: int, shuffle: bool) -> Iter
             yield from ((s, r) for s, n in enumerate(shard_rows) for r in range(n))
 
 
+def partition(refs: Iterator[tuple[int, int]], start: int, limit: int | None, rank: int, world: int, batch_size: int,
+              worker: int, workers: int) -> Iterator[list[tuple[int, int]]]:
+    """The micro-batches (lists of references) of one rank's loader worker: global items from `start` (`limit`
+    of them, or endless), item j to rank j mod `world`, that rank's items in runs of `batch_size`, run m to
+    worker m mod `workers`."""
+    window = itertools.islice(refs, start, None if limit is None else start + limit)
+    mine = itertools.islice(window, rank, None, world)
+    for m, chunk in enumerate(iter(lambda: list(itertools.islice(mine, batch_size)), [])):
+        if m % workers == worker:
+            yield chunk
+
+
 @dataclass
 class MicroBatch:
     inputs: dict[str, torch.Tensor]  # the decoder's keyword arguments (`RowLayout.model_inputs`), [rows, T] each
@@ -108,15 +120,12 @@ class CacheStream(IterableDataset):
 
     def micro_batches(self) -> Iterator[MicroBatch]:
         manifest = load_manifest(self.cache)
-        rows = [s["records"] for s in manifest["shards"]]
         reader = RandomAccess(self.cache, manifest)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        refs = itertools.islice(stream(rows, self.seed, self.buffer, self.shuffle), self.start, None if self.limit is None else self.start + self.limit)
-        mine = itertools.islice(refs, self.rank, None, self.world)
-        for m, chunk in enumerate(iter(lambda: list(itertools.islice(mine, self.batch_size)), [])):
-            if m % workers == worker:
-                yield collate([reader.get(s, r) for s, r in chunk], self.max_length, self.pack)
+        refs = stream([s["records"] for s in manifest["shards"]], self.seed, self.buffer, self.shuffle)
+        for chunk in partition(refs, self.start, self.limit, self.rank, self.world, self.batch_size, worker, workers):
+            yield collate([reader.get(s, r) for s, r in chunk], self.max_length, self.pack)
 
 
 def micro_batches(dataset: CacheStream, workers: int) -> Iterator[MicroBatch]:
