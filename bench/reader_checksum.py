@@ -16,7 +16,8 @@ import pyarrow as pa
 from publish import publish
 from taid_cache.shards.integrity import batch_crc32
 from taid_cache.shards.reader import decode_batch
-from taid_cache.shards.writer import ShardWriter, TeacherRecord
+from taid_cache.engines.record import TeacherRecord
+from taid_cache.shards.writer import ShardWriter
 
 VOCAB, K, T, SEQS, PER_BATCH = 49152, 64, 512, 256, 16
 

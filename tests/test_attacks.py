@@ -28,7 +28,8 @@ from taid_cache.losses import LOSSES, TAILS, LossConfig, fkl, per_position_fn, r
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
 from taid_cache.shards.manifest import WorkerPart, save_part
-from taid_cache.shards.writer import ShardWriter, TeacherRecord
+from taid_cache.engines.record import TeacherRecord
+from taid_cache.shards.writer import ShardWriter
 from taid_cache.pipelines.train_student import step_batches
 from taid_cache.training.data import CacheStream, micro_batches
 from taid_cache.training.student import Dist

@@ -14,7 +14,7 @@ from ..errors import UserError, first_line
 from ..heads import check_head, head_logits
 from ..inputs import Sequence
 from ..packing import RowLayout, keeps_sequences_apart, lay_out
-from ..shards.writer import TeacherRecord
+from .record import TeacherRecord
 from . import EngineConfig
 from .tail_sampling import distinct_draws, draw_off_head, sequence_uniforms
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import UserError, first_line
 from ..inputs import Sequence
 from ..shards.codec import tail_from_head
-from ..shards.writer import TeacherRecord
+from .record import TeacherRecord
 from . import EngineConfig
 
 

@@ -22,7 +22,8 @@ from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
 from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
 from ..progress import step_bar
-from ..shards.writer import BackgroundWriter, ShardWriter, TeacherRecord
+from ..engines.record import TeacherRecord
+from ..shards.writer import BackgroundWriter, ShardWriter
 
 OVERLONG = ("truncate", "drop")
 MAX_TAIL_SAMPLES = 4096
