@@ -54,6 +54,21 @@ def build_tokenizer(work: Path, files: list[Path]):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def forward_only(engine, sequences: list[Sequence], all_logits: bool) -> None:
+    """The references without any top-k: the engine's own forward with logits at every position, or prefill
+    alone (logits at the last position only)."""
+    if hasattr(engine, "llm"):  # vLLM: its bare generate; the smallest all-position request is prompt_logprobs=0
+        from vllm import SamplingParams
+
+        extra = {"prompt_logprobs": 0, "flat_logprobs": True} if all_logits else {}
+        engine.llm.generate(engine.prompts(sequences), SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **extra),
+                            use_tqdm=False)
+        return
+    _, inputs = engine.layout(sequences)
+    with torch.inference_mode():
+        engine.model(**inputs, logits_to_keep=0 if all_logits else 1).logits.sum().item()
+
+
 def rate(n_tokens: int, run: Callable[[], object]) -> float:
     t = time.perf_counter()
     run()
@@ -89,7 +104,7 @@ def engine_speed(work: Path, folder: Path, vocab: int, batches: list[list[Sequen
     rows = []
     for name in engines:
         engine = make_engine(name, EngineConfig(str(folder), 64, 600, "float32", 1))
-        engine.forward_only(batches[0], all_logits=True)  # warm-up
+        forward_only(engine, batches[0], all_logits=True)  # warm-up
         runs: dict[str, list[float]] = {"prefill": [], "all_logits": [], "topk": [], "dump": []}
 
         def dump() -> None:
@@ -99,8 +114,8 @@ def engine_speed(work: Path, folder: Path, vocab: int, batches: list[list[Sequen
             shutil.rmtree(out)
 
         for _ in range(reps):
-            runs["prefill"].append(rate(n_tokens, lambda: [engine.forward_only(b, all_logits=False) for b in batches]))
-            runs["all_logits"].append(rate(n_tokens, lambda: [engine.forward_only(b, all_logits=True) for b in batches]))
+            runs["prefill"].append(rate(n_tokens, lambda: [forward_only(engine, b, all_logits=False) for b in batches]))
+            runs["all_logits"].append(rate(n_tokens, lambda: [forward_only(engine, b, all_logits=True) for b in batches]))
             # The engine's top-k path alone, results discarded: what the writer adds is the rest.
             runs["topk"].append(rate(n_tokens, lambda: [engine.submit(b, {}) for b in batches]))
             runs["dump"].append(rate(n_tokens, dump))

@@ -51,7 +51,7 @@ def seconds(run) -> float:
 def extras(engine: HfEngine, batch) -> tuple[float, float]:
     """Seconds of `tail_and_entropy` over the batch's log-probs, chunked as the engine chunks them, with the
     batch's loss positions and with none (the exact tail alone: what a cache without the report would pay)."""
-    layout, inputs = engine._layout(batch)
+    layout, inputs = engine.layout(batch)
     hidden = engine.decoder(**inputs).last_hidden_state.flatten(0, 1)[layout.flat_positions(drop_last=True)]
     targets = torch.from_numpy(np.concatenate([s.loss_mask[1:] for s in batch]).astype(bool))
     both = tail_only = 0.0

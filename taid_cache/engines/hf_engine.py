@@ -113,7 +113,7 @@ class HfEngine:
         self.max_top_k = self.head.weight.shape[0]
         self.pack = keeps_sequences_apart(self.decoder, self.device)
 
-    def _layout(self, sequences: list[Sequence]) -> tuple[RowLayout, dict[str, torch.Tensor]]:
+    def layout(self, sequences: list[Sequence]) -> tuple[RowLayout, dict[str, torch.Tensor]]:
         """Rows no wider than the longest sequence: packed when the model keeps packed sequences apart (less
         padding on uneven lengths), else one per row, right-padded."""
         lengths = [len(s.input_ids) for s in sequences]
@@ -124,7 +124,7 @@ class HfEngine:
     @torch.inference_mode()
     def top_k(self, sequences: list[Sequence]) -> TopK:
         """Top-k for every position j < T-1 of every sequence, concatenated in order."""
-        layout, inputs = self._layout(sequences)
+        layout, inputs = self.layout(sequences)
         hidden = self.decoder(**inputs).last_hidden_state
         # Positions that predict a token of their own sequence: all but each sequence's last, in sequence order.
         hidden = hidden.flatten(0, 1)[layout.flat_positions(drop_last=True).to(self.device)]
@@ -153,9 +153,3 @@ class HfEngine:
         del self.model, self.decoder, self.head
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
-        """The benchmark's reference: a plain forward, with logits at every position or only the last."""
-        _, inputs = self._layout(sequences)
-        with torch.inference_mode():
-            self.model(**inputs, logits_to_keep=0 if all_logits else 1).logits.sum().item()

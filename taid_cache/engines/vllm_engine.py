@@ -82,27 +82,17 @@ class VllmEngine:
         self._params = SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=config.top_k, detokenize=False, flat_logprobs=True
         )
-        # The benchmark's references: prefill alone (logits at the last position only), and prefill with the
-        # smallest all-position request (the LM head and log-softmax at every position, no top-k).
-        self._bare = {
-            False: SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
-            True: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, flat_logprobs=True),
-        }
 
-    def _prompts(self, sequences: list[Sequence]) -> list[Any]:
+    def prompts(self, sequences: list[Sequence]) -> list[Any]:
         from vllm.inputs import TokensPrompt
 
         return [TokensPrompt(prompt_token_ids=[int(t) for t in s.input_ids]) for s in sequences]
 
     def submit(self, sequences: list[Sequence], cursor: dict[str, int]) -> VllmPending:
-        outputs = self.llm.generate(self._prompts(sequences), self._params, use_tqdm=False)
+        outputs = self.llm.generate(self.prompts(sequences), self._params, use_tqdm=False)
         return VllmPending(sequences, outputs, self.config.top_k, dict(cursor))
 
     def close(self) -> None:
         """Stop vLLM's engine-core and worker processes now, not in interpreter teardown, where their
         shutdown races the exit (seen as an abort after a finished tensor-parallel dump)."""
         self.llm.llm_engine.engine_core.shutdown()
-
-    def forward_only(self, sequences: list[Sequence], all_logits: bool) -> None:
-        """The benchmark's reference: the same prefill without top-k, with logits at every position or the last."""
-        self.llm.generate(self._prompts(sequences), self._bare[all_logits], use_tqdm=False)
