@@ -87,7 +87,7 @@ def chat_batches(tokenizer, texts: list[str], tokens: int) -> list[list[Sequence
     to_sequence = RowTokenizer(tokenizer, "chat", 512, "truncate", "bench")
     seqs, total = [], 0
     for i, row in enumerate(rows):
-        seq = to_sequence(row, i, {"dropped": 0, "truncated": 0})
+        seq, _ = to_sequence(row, i)
         if seq is not None and total < tokens:
             seqs.append(seq)
             total += len(seq.input_ids)

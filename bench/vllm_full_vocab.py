@@ -48,8 +48,7 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(args.model).get_text_config().vocab_size
     rows = load_rows([args.data], "train").select(range(args.rows))
     to_sequence = RowTokenizer(tokenizer, detect_kind(rows.column_names, "auto"), args.max_length, "truncate", source_tag([args.data]))
-    cursor = {"next_row": 0, "dropped": 0, "truncated": 0}
-    sequences = [s for i, row in enumerate(rows) if (s := to_sequence(row, i, cursor)) is not None]
+    sequences = [s for i, row in enumerate(rows) if (s := to_sequence(row, i)[0]) is not None]
     results = [timed_dump(args.model, sequences, k, vocab, args.max_length) for k in (64, vocab)]
     ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
     lines = [f"vLLM prompt log-probs: top-64 against the whole vocabulary ({vocab:,}) on {len(sequences)} chat rows "

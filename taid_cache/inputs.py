@@ -176,7 +176,7 @@ def chat_sequence(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[n
 
 
 class RowTokenizer:
-    """Turns one dataset row into a Sequence (or None when it is dropped), counting what it changed."""
+    """Turns one dataset row into a Sequence (or None when it is dropped), saying what it changed."""
 
     def __init__(self, tokenizer, kind: str, max_length: int, overlong: str, tag: str) -> None:
         if kind == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -201,7 +201,8 @@ class RowTokenizer:
             for index, row in enumerate(rows.select(range(start, end)).select_columns(["messages"]), start=start):
                 self.render(row["messages"], index)
 
-    def __call__(self, row: dict[str, Any], index: int, cursor: dict[str, int]) -> Sequence | None:
+    def __call__(self, row: dict[str, Any], index: int) -> tuple[Sequence | None, str | None]:
+        """The row's sequence, and "truncated" or "dropped" (the dump cursor's counters) when it was changed."""
         if self.kind == "chat":
             ids, mask = chat_sequence(*self.render(row["messages"], index), self.tokenizer)
         elif self.kind == "text":
@@ -213,15 +214,14 @@ class RowTokenizer:
             mask = np.ones(len(ids), dtype=bool) if given is None else np.asarray(given, dtype=bool)
         if len(ids) > self.max_length:
             if self.overlong == "drop":
-                cursor["dropped"] += 1
-                return None
-            ids, mask = ids[: self.max_length], mask[: self.max_length]
-            cursor["truncated"] += 1
+                return None, "dropped"
+            ids, mask, change = ids[: self.max_length], mask[: self.max_length], "truncated"
+        else:
+            change = None
         if len(ids) < 2:  # nothing to predict
-            cursor["dropped"] += 1
-            return None
+            return None, "dropped"
         sample_id = str(row["id"]) if row.get("id") is not None else f"{self.tag}-{index:09d}"
-        return Sequence(sample_id, ids, mask)
+        return Sequence(sample_id, ids, mask), change
 
 
 def worker_slice(num_rows: int, num_workers: int, worker_index: int) -> tuple[int, int]:

@@ -119,7 +119,9 @@ def batches(rows, part: WorkerPart, to_sequence: RowTokenizer, batch_tokens: int
     tokens = 0
     start = cursor["next_row"]
     for index, row in enumerate(rows.select(range(start, part.row_end)), start=start):
-        seq = to_sequence(row, index, cursor)
+        seq, change = to_sequence(row, index)
+        if change:
+            cursor[change] += 1
         cursor["next_row"] = index + 1
         if seq is not None:
             batch.append(seq)
