@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	touch $(STAMP)
 
 test: setup
+	$(PY) -m ruff check taid_cache tests bench
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -72,4 +72,4 @@ def check_round_trip(model, folder: Path) -> None:
     probe = torch.arange(1, 17)[None]
     saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if not torch.equal(model.eval()(input_ids=probe).logits, saved.eval()(input_ids=probe).logits):
-        raise UserError(f"the converted folder does not reproduce the GGUF model's logits; nothing was written")
+        raise UserError("the converted folder does not reproduce the GGUF model's logits; nothing was written")

@@ -86,7 +86,7 @@ def torch_load_dcp(folder: Path) -> dict:
 
 
 def losses_of(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
 
 
 # ---------------------------------------------------------------- silent wrong results
@@ -278,7 +278,7 @@ def test_bad_rows_fail_in_one_line_before_any_write(teacher_dir, tmp_path, case:
 
 
 def test_empty_messages_among_good_rows(teacher_dir, data_dir, tmp_path) -> None:
-    good = [json.loads(l) for l in (data_dir / "chat.jsonl").read_text().splitlines()][:3]
+    good = [json.loads(line) for line in (data_dir / "chat.jsonl").read_text().splitlines()][:3]
     write_jsonl(tmp_path / "rows.jsonl", [*good, {"messages": []}])
     assert_one_line(dump(teacher_dir, tmp_path / "rows.jsonl", tmp_path / "o"), "empty conversation", "row 3")
 
@@ -288,7 +288,7 @@ def test_malformed_jsonl_is_one_stderr_line(teacher_dir, tmp_path) -> None:
     proc = run_process("dump-teacher", "--model", str(teacher_dir), "--data", str(tmp_path / "bad.jsonl"), "--output",
                    str(tmp_path / "o"), "--engine", "hf", "--no-progress", check=False)
     assert proc.returncode == 2
-    assert len([l for l in proc.stderr.splitlines() if l.strip()]) == 1, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
     assert proc.stderr.startswith("error: cannot load dataset")
 
 
@@ -432,7 +432,7 @@ def test_train_typos_leave_nothing_that_blocks_the_corrected_command(student_dir
 def test_eval_cache_without_eval_every_evaluates_at_the_end(student_dir, caches, tmp_path) -> None:
     out = tmp_path / "o"
     assert train(student_dir, caches["top16"], out, "--eval-cache", str(caches["top16"])).exit_code == 0
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_kl_cache" in r]
     assert [r["step"] for r in evals] == [3] and evals[0]["eval_kl_cache"] > 0
 

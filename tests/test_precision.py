@@ -51,7 +51,7 @@ def test_chunked_closed_form_taid_in_bf16_matches_fp32(chunk: int) -> None:
 def run(student: Path, cache: Path, out: Path, **kw) -> list[dict]:
     train_student(TrainConfig(student=str(student), cache=cache, output=out, progress=False, batch_size=4,
                               max_length=128, **kw))
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -101,7 +101,7 @@ batch_size: 4
     heldout = (tmp_path / "out" / "data" / "chat-heldout.jsonl").read_text().splitlines()
     assert len(heldout) == 5
     train = (tmp_path / "out" / "data" / "chat-train.jsonl").read_text().splitlines()
-    kept = [json.loads(l)["messages"] for l in train]
+    kept = [json.loads(line)["messages"] for line in train]
     assert all(len(tokenizer.apply_chat_template(m, tokenize=False)) > 0 for m in kept) and 0 < len(kept) <= 24
     for m in kept:  # the length filter held
         assert len(tokenizer(tokenizer.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"]) <= 256
@@ -134,7 +134,7 @@ batch_size: 4
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     assert (student.config.hidden_size, student.config.num_hidden_layers, student.config.vocab_size) == (64, 1, len(teacher_tokenizer))
     assert AutoTokenizer.from_pretrained(out / "student-init").get_vocab() == teacher_tokenizer.get_vocab()
-    rows = {split: [json.loads(l)["messages"] for l in (out / "data" / f"chat-{split}.jsonl").read_text().splitlines()]
+    rows = {split: [json.loads(line)["messages"] for line in (out / "data" / f"chat-{split}.jsonl").read_text().splitlines()]
             for split in ("train", "heldout")}
     assert (len(rows["train"]), len(rows["heldout"])) == (12, 4)
     # The pairs are the standard library's documented functions, held-out ones from held-out files.

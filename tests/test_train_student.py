@@ -23,14 +23,14 @@ from conftest import ROOT, STUDENT, run_cli, write_jsonl
 from taid_cache.cli import app
 from taid_cache.losses import LOSSES
 from taid_cache.pipelines.train_student import TrainConfig, train_student
-from taid_cache.reproduce.models import LlamaSize, new_llama
+from taid_cache.reproduce.models import new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
 from taid_cache.packing import keeps_sequences_apart, pack_rows
 from taid_cache.training.data import collate
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def steps(out: Path) -> list[dict]:
@@ -145,7 +145,7 @@ def test_distil_ratio_mixes_in_cross_entropy(student_dir, caches, tmp_path) -> N
     # The ends of the mix: r = 0 trains exactly as plain cross-entropy (`sft`, its own code path) while still
     # reporting the distillation term; r = 1 is distillation alone.
     ce = train(student_dir, caches["top16"], tmp_path / "ce", loss="fkl", max_steps=2, distil_ratio=0.0)
-    sft = train(student_dir, caches["top16"], tmp_path / "sft", loss="sft", max_steps=2)
+    train(student_dir, caches["top16"], tmp_path / "sft", loss="sft", max_steps=2)
     assert ce[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
     for name, weight in AutoModelForCausalLM.from_pretrained(tmp_path / "sft").state_dict().items():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "ce").state_dict()[name], weight, rtol=1e-5, atol=1e-6)
@@ -256,7 +256,7 @@ def invoke(student: Path, cache: Path, out: Path, *extra: str):
 
 def assert_user_error(result, out: Path, *words: str) -> None:
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
     for w in words:
         assert w in lines[0], lines[0]
@@ -314,7 +314,7 @@ def test_resume_with_nothing_or_changed_settings(student_dir, caches, tmp_path) 
 def test_evaluation_with_uneven_records_on_two_ranks(teacher_dir, student_dir, data_dir, tmp_path) -> None:
     """5 held-out records, 2 ranks, batch 2: rank 0 has two micro-batches, rank 1 one. Both must run the same
     number of forwards (else FSDP's all-gather hangs), and the numbers must equal one process's."""
-    rows = [json.loads(l) for l in (data_dir / "chat.jsonl").read_text().splitlines()][:5]
+    rows = [json.loads(line) for line in (data_dir / "chat.jsonl").read_text().splitlines()][:5]
     write_jsonl(tmp_path / "five.jsonl", rows)
     run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(tmp_path / "five.jsonl"), "--output", str(tmp_path / "five"),
             "--engine", "hf", "--top-k", "16", "--max-length", "256", "--no-progress")

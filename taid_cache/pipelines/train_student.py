@@ -297,8 +297,8 @@ class MetricsLog:
         self.board = None
         if self.enabled:
             lines = self.path.read_text().splitlines() if self.path.exists() else []
-            kept = [l for l in lines if (record := parse_line(l)) is not None and record.get("step", math.inf) <= resumed_step]
-            write_text(self.path, "".join(l + "\n" for l in kept))
+            kept = [line for line in lines if (record := parse_line(line)) is not None and record.get("step", math.inf) <= resumed_step]
+            write_text(self.path, "".join(line + "\n" for line in kept))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

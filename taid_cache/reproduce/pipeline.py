@@ -107,7 +107,7 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
         return folder
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     model = new_llama(cfg.teacher_size, len(tokenizer), tokenizer, seed=cfg.seed)
-    texts = [json.loads(l)["text"] for l in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
     blocks = pack_blocks([tokenizer(t)["input_ids"] for t in texts], 256)
     losses = pretrain(model, blocks, PretrainConfig(steps=cfg.pretrain_steps, seed=cfg.seed), console=console)
     tmp = out / ".teacher.tmp"
@@ -208,7 +208,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
         if not (out / "tokenizer" / "tokenizer.json").exists():
             from .tokenizer import train_tokenizer
 
-            texts = [json.loads(l)["text"] for l in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
+            texts = [json.loads(line)["text"] for line in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
             train_tokenizer(texts, cfg.vocab_size, out / "tokenizer")
         teacher = build_teacher(cfg, out, console)
     elif is_gguf_source(cfg.teacher):

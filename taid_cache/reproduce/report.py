@@ -14,7 +14,7 @@ from .config import ReproduceConfig
 
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_ce" in r]
 
 
