@@ -32,7 +32,8 @@ from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.provenance import machine
 from taid_cache.shards.manifest import load_manifest
 from taid_cache.training.data import CacheStream
-from taid_cache.training.student import Dist, LossModel
+from taid_cache.training.distributed import Dist
+from taid_cache.training.student import LossModel
 
 from publish import ROOT, publish  # bench/ is on the path when this runs as a script
 

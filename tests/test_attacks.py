@@ -32,7 +32,7 @@ from taid_cache.engines.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
 from taid_cache.pipelines.train_student import step_batches
 from taid_cache.training.data import CacheStream, micro_batches
-from taid_cache.training.student import Dist
+from taid_cache.training.distributed import Dist
 
 
 def cli(*args: str):

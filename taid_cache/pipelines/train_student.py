@@ -39,9 +39,9 @@ from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, collate, micro_batches
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
+from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
 from ..training.student import (
-    PRECISIONS, Dist, LossModel, all_reduce_max, all_reduce_sum, attention_implementation, broadcast_object, check_vocabulary,
-    close_distributed, default_precision, init_distributed, load_causal_lm, save_student, shard_model,
+    PRECISIONS, LossModel, attention_implementation, check_vocabulary, default_precision, load_causal_lm, save_student, shard_model,
 )
 
 # Settings that may change between a run and its resumption (they do not change what is computed). Paths are

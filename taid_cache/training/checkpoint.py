@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..atomic import fsync_path, read_json, temporary_name, write_json
 from ..errors import UserError, first_line
-from .student import Dist, all_reduce_max, broadcast_object
+from .distributed import Dist, all_reduce_max, broadcast_object
 
 KEEP = 2
 

@@ -1,32 +1,20 @@
-"""The student (and the online teacher) as modules: FSDP2 set-up, vocabulary checks, the loss forward."""
+"""The student (and the online teacher) as modules: loading, vocabulary checks, the loss forward, FSDP2 sharding
+and saving. The process group and its collectives are in distributed.py."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError, first_line
 from ..fingerprints import resolve_model, tokenizer_hash
 from ..heads import LogitMap
 from ..losses import chunked_lm_loss
+from .distributed import Dist
 from .run_folder import staged_student
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -35,55 +23,6 @@ PRECISIONS = ("fp32", "bf16")
 def default_precision() -> str:
     """bf16 where it is fast (CUDA), fp32 elsewhere."""
     return "bf16" if torch.cuda.is_available() else "fp32"
-
-
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK: NCCL on GPU, gloo on CPU. One process gets a one-rank group of its own, so
-    one process and N ranks train through the same FSDP2 path (and mixed-precision policy)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        if world > 1:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(dist.get_rank(), world, device)
-
-
-def close_distributed(env: Dist, barrier: bool = True) -> None:
-    """Tear the process group down before exit; left to interpreter teardown, gloo's threads can abort the process.
-    After an error, no barrier: the other ranks may never reach it."""
-    if dist.is_initialized():
-        if barrier and env.active:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def broadcast_object(value: Any, env: Dist) -> Any:
-    """Rank 0's `value` on every rank."""
-    if not env.active:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_reduce_sum(value: torch.Tensor, env: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """A copy of `value` on the rank's device, reduced over ranks (NCCL reduces device tensors only)."""
-    value = value.to(env.device, copy=True)
-    if env.active:
-        dist.all_reduce(value, op=op)
-    return value
-
-
-def all_reduce_max(value: torch.Tensor, env: Dist) -> torch.Tensor:
-    return all_reduce_sum(value, env, dist.ReduceOp.MAX)
 
 
 def load_causal_lm(model: str, what: str, dtype: torch.dtype, attention: str):
