@@ -29,7 +29,8 @@ import zstandard
 
 from taid_cache.engines import EngineConfig, make_engine
 from taid_cache.inputs import Sequence
-from taid_cache.pipelines.dump_teacher import DumpConfig, drive, dump_teacher
+from taid_cache.config import DumpConfig
+from taid_cache.pipelines.dump_teacher import drive, dump_teacher
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.provenance import commit, machine

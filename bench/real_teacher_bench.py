@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from dump_teacher_bench import batches_of, engine_speed
 from publish import ROOT, publish
 from taid_cache.gguf import convert_gguf
-from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher
+from taid_cache.config import DumpConfig
+from taid_cache.pipelines.dump_teacher import dump_teacher
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.shards import read_cache
 

@@ -26,8 +26,9 @@ import torch
 
 from taid_cache.heads import check_head
 from taid_cache.losses import LossConfig
-from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher
-from taid_cache.pipelines.train_student import Teacher, TrainConfig, micro_batch_loss
+from taid_cache.config import DumpConfig, TrainConfig
+from taid_cache.pipelines.dump_teacher import dump_teacher
+from taid_cache.pipelines.train_student import Teacher, micro_batch_loss
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.provenance import machine
 from taid_cache.shards.manifest import load_manifest

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import functools
+import inspect
 import json
+import typing
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .config import DumpConfig, TrainConfig, options_of
+from .errors import UserError, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pay for the teacher once: cache its top-k log-probs, then distil from the cache.")
@@ -25,103 +28,47 @@ def setup() -> None:
     hf_logging.disable_progress_bar()  # our own progress bars are the ones to watch
 
 
-def user_errors(fn: Callable) -> Callable:
-    """A user mistake becomes one line on stderr and exit status 2, never a traceback."""
+def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:
+    """Register `name` as a command whose options are `config`'s option fields (config.py): the flags, types,
+    defaults and help are read from the dataclass, so each option is declared once."""
+    hints = typing.get_type_hints(config)
+    params, computed = [], set()
+    for f in options_of(config):
+        help_text = f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
+        if f.default is MISSING and f.default_factory is MISSING:
+            default, annotation = ..., hints[f.name]
+        elif f.default is MISSING:  # computed when the config is built: None on the command line means that
+            default, annotation = None, Optional[hints[f.name]]
+            computed.add(f.name)
+        else:
+            default, annotation = f.default, hints[f.name]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, help=help_text),
+                                        annotation=annotation))
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            # Raised in a DataLoader worker, the message arrives wrapped in that worker's traceback: keep its last line.
-            message = str(exc).strip().splitlines()[-1].removeprefix("taid_cache.errors.UserError: ") if "Traceback" in str(exc) else str(exc)
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(2) from None
+    def command(**options: Any) -> None:
+        run(config(**{k: v for k, v in options.items() if not (k in computed and v is None)}))
 
-    return wrapper
-
-
-@app.command("dump-teacher")
-@user_errors
-def dump_teacher_cmd(
-    model: str = typer.Option(..., help="Teacher: a local model folder or a hub id."),
-    data: list[str] = typer.Option(..., help="Local jsonl/json/parquet/csv files (repeatable) or a hub dataset name."),
-    output: Path = typer.Option(..., help="Cache folder (created; shared by all workers)."),
-    split: str = typer.Option("train", help="Dataset split (hub datasets)."),
-    input_kind: str = typer.Option("auto", help="Row kind: auto, chat (messages), text, tokens (input_ids)."),
-    engine: str = typer.Option("auto", help="auto (vLLM when it imports), vllm or hf (transformers)."),
-    top_k: int = typer.Option(64, help="Top-k next-token log-probs stored per position."),
-    top_p: Optional[float] = typer.Option(None, help="Keep only the fewest entries (1..k) whose mass reaches p."),
-    tail_samples: int = typer.Option(0, help="Also draw N tokens per position from the teacher off the top-k (stored as "
-                                     "distinct ids, counts and log-probs): an unbiased sampled tail. hf engine."),
-    seed: int = typer.Option(0, help="Seed of the --tail-samples draws."),
-    precision: str = typer.Option("compact", help="Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact)."),
-    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor-parallel size."),
-    max_length: Optional[int] = typer.Option(None, help="Longest sequence in tokens [default: the teacher's context - 1]."),
-    overlong: str = typer.Option("truncate", help="Longer rows: truncate or drop."),
-    dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
-    num_workers: int = typer.Option(1, help="Independent processes sharing the dataset."),
-    worker_index: int = typer.Option(0, help="This process's slice, 0..num_workers-1."),
-    batch_tokens: int = typer.Option(16384, help="Tokens per engine call."),
-    shard_size_mb: float = typer.Option(256.0, help="Roll to a new shard past this size."),
-    zstd_level: int = typer.Option(3, help="zstd level of the Arrow IPC buffers."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
-    """Run the teacher over a dataset once and store its top-k next-token log-probs as Arrow shards."""
-    from .pipelines.dump_teacher import DumpConfig, dump_teacher
-
-    dump_teacher(DumpConfig(model=model, data=data, output=output, split=split, input_kind=input_kind, engine=engine,
-                            top_k=top_k, top_p=top_p, tail_samples=tail_samples, seed=seed, precision=precision, tensor_parallel_size=tensor_parallel_size,
-                            max_length=max_length, overlong=overlong, dtype=dtype, num_workers=num_workers,
-                            worker_index=worker_index, batch_tokens=batch_tokens, shard_size_mb=shard_size_mb,
-                            zstd_level=zstd_level, progress=progress))
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    summary = inspect.getdoc(config).split("`: ", 1)[1]  # the docstring after "`taid-cache <name>`: "
+    command.__doc__ = summary[0].upper() + summary[1:]
+    app.command(name)(user_errors(command))
 
 
-@app.command("train-student")
-@user_errors
-def train_student_cmd(
-    student: str = typer.Option(..., help="Student model folder (its initialisation)."),
-    cache: Path = typer.Option(..., help="Cache from dump-teacher."),
-    output: Path = typer.Option(..., help="Run folder: checkpoints, metrics.jsonl, the final student."),
-    loss: str = typer.Option("taid", help="taid, fkl, rkl, tvd, js, skew-fkl, skew-rkl, adaptive-kl, sft."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (or give --epochs)."),
-    epochs: Optional[float] = typer.Option(None, help="Passes over the cache (or give --max-steps)."),
-    batch_size: int = typer.Option(8, help="Sequences per micro-batch per rank."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, cosine decay)."),
-    warmup_steps: int = typer.Option(0, help="Linear warm-up steps."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    seed: int = typer.Option(0, help="Seed of the data order and initial RNG."),
-    max_length: int = typer.Option(2048, help="Longest sequence; longer ones are cut."),
-    pack: bool = typer.Option(False, help="Pack each micro-batch's sequences into rows of --max-length tokens "
-                              "(attention stays within each sequence) instead of padding each to the longest."),
-    tail: str = typer.Option("student", help="Missing teacher mass: student, uniform or renorm."),
-    distil_ratio: float = typer.Option(1.0, help="r: train on r * distillation + (1 - r) * CE."),
-    beta: float = typer.Option(0.1, help="β of skew-fkl / skew-rkl / js."),
-    mu: float = typer.Option(0.5, help="μ of adaptive-kl."),
-    taid_t_start: float = typer.Option(0.4), taid_t_end: float = typer.Option(1.0),
-    taid_alpha: float = typer.Option(5e-4), taid_beta: float = typer.Option(0.99),
-    taid_disable_adaptive: bool = typer.Option(False, help="Linear t schedule only."),
-    save_every: int = typer.Option(0, help="Checkpoint every N optimizer steps (0: none)."),
-    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --output."),
-    teacher_model: Optional[str] = typer.Option(None, help="Online mode: run this teacher in-process instead of the cached log-probs."),
-    eval_cache: Optional[Path] = typer.Option(None, help="Held-out cache for CE / KL / top-1."),
-    eval_every: int = typer.Option(0, help="Evaluate every N steps (and at the end)."),
-    shuffle_buffer: int = typer.Option(1024, help="Sequences in the shuffle buffer."),
-    num_workers: int = typer.Option(0, help="DataLoader worker processes per rank."),
-    loss_chunk: int = typer.Option(1024, help="Positions per LM-head/loss chunk."),
-    precision: Optional[str] = typer.Option(None, help="fp32, or bf16 (bf16 compute, fp32 master weights, optimizer "
-                                            "state and gradient reduction) [default: bf16 on CUDA, fp32 on CPU]."),
-    activation_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
-    tensorboard: bool = typer.Option(False, help="Also log to OUTPUT/tensorboard."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
-    """Train a student from a cache with TAID or a baseline loss (one process, or torchrun for FSDP2)."""
-    options = dict(locals())
-    from .pipelines.train_student import TrainConfig, train_student
-    from .training.student import default_precision
+def run_dump(cfg: Any) -> None:
+    from .pipelines.dump_teacher import dump_teacher
 
-    train_student(TrainConfig(**{**options, "precision": precision or default_precision()}))
+    dump_teacher(cfg)
+
+
+def run_train(cfg: Any) -> None:
+    from .pipelines.train_student import train_student
+
+    train_student(cfg)
+
+
+config_command("dump-teacher", DumpConfig, run_dump)
+config_command("train-student", TrainConfig, run_train)
 
 
 @app.command("inspect")

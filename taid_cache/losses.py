@@ -19,8 +19,6 @@ import torch.nn.functional as F
 
 from .heads import PLAIN, LogitMap, head_logits
 
-LOSSES = ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")
-TAILS = ("student", "uniform", "renorm")
 LOG_FLOOR = -100.0  # where a loss needs log p of a token the teacher gives no mass (rkl family): e^-100
 
 

@@ -24,7 +24,8 @@ from taid_cache.atomic import exclusive_lock, temporary_name
 from taid_cache.cli import app
 from taid_cache.errors import UserError
 from taid_cache.fingerprints import model_hash
-from taid_cache.losses import LOSSES, TAILS, LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail
+from taid_cache.config import LOSSES, TAILS
+from taid_cache.losses import LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
 from taid_cache.shards.manifest import WorkerPart, save_part

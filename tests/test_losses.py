@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from taid_cache import losses as L
+from taid_cache.config import LOSSES, TAILS
 
 torch.manual_seed(0)
 N, V = 6, 12
@@ -65,7 +66,7 @@ def reference(name: str, s: np.ndarray, lt: np.ndarray, t: float = 0.3, beta: fl
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", [n for n in L.LOSSES if n != "sft"])
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sft"])
 def test_every_loss_matches_its_dense_reference(name: str, pair) -> None:
     s, lt = pair
     cfg = L.LossConfig(name=name, beta=0.5 if name == "js" else 0.1, mu=0.5)
@@ -143,7 +144,7 @@ def test_tail_student_follows_the_student_and_is_a_tail_bucket_for_fkl(pair) -> 
 def test_padded_vocabulary_rows_get_no_teacher_mass(pair) -> None:
     s, lt = pair
     ids, lps = sparse(lt[:, :10].log_softmax(-1), 3)
-    for tail in L.TAILS:
+    for tail in TAILS:
         p = L.rebuild_teacher(s, ids, lps, tail, valid_vocab=10).exp()
         assert (p[:, 10:] == 0).all()
         assert torch.allclose(p.sum(-1), torch.ones(N), atol=1e-5)
@@ -158,8 +159,8 @@ def test_top_p_padding_entries_are_ignored(pair) -> None:
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("name", [n for n in L.LOSSES if n != "sft"])
-@pytest.mark.parametrize("tail", L.TAILS)
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sft"])
+@pytest.mark.parametrize("tail", TAILS)
 def test_chunked_equals_unchunked(name: str, tail: str) -> None:
     torch.manual_seed(1)
     n, h, vocab, k = 37, 16, 50, 6
@@ -219,7 +220,7 @@ def quantised_with_exact_tail(lt: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     return ids, torch.round(lps * 64) / 64, tail
 
 
-@pytest.mark.parametrize("tail", L.TAILS)
+@pytest.mark.parametrize("tail", TAILS)
 def test_an_exact_tail_mass_is_kept_and_the_head_rescaled_to_the_rest(tail: str) -> None:
     # A confident teacher: the top entry holds 0.99 to 0.9999, where 1 − Σ of quantised entries is noise.
     torch.manual_seed(5)

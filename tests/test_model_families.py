@@ -17,7 +17,8 @@ from conftest import assert_top_k_of, write_jsonl
 from taid_cache import heads
 from taid_cache.errors import UserError
 from taid_cache.heads import PLAIN, check_head, head_logits
-from taid_cache.pipelines.dump_teacher import DumpConfig, dump_teacher
+from taid_cache.config import DumpConfig
+from taid_cache.pipelines.dump_teacher import dump_teacher
 from taid_cache.losses import fkl, rebuild_teacher, taid, taid_sparse_student_tail
 from taid_cache.shards import read_cache
 from taid_cache.training.student import LossModel

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from taid_cache.losses import LOSSES, chunked_lm_loss, taid_sparse_student_tail
-from taid_cache.pipelines.train_student import TrainConfig, train_student
+from taid_cache.config import LOSSES, TrainConfig
+from taid_cache.losses import chunked_lm_loss, taid_sparse_student_tail
+from taid_cache.pipelines.train_student import train_student
 
 # bf16 keeps 8 bits of mantissa: one rounding is 2^-9 relative; sums of many such errors partly cancel.
 BF16_GRAD_REL = 2e-2

@@ -23,7 +23,8 @@ from conftest import run_cli
 from taid_cache.engines.hf_engine import tail_and_entropy
 from taid_cache.engines.tail_sampling import distinct_draws, draw_off_head, sequence_uniforms
 from taid_cache.losses import rebuild_teacher, sampled_tail_loss, sampled_tail_teacher, split_teacher, taid
-from taid_cache.pipelines.train_student import TrainConfig, train_student
+from taid_cache.config import TrainConfig
+from taid_cache.pipelines.train_student import train_student
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import LOGPROB_STEP, ragged_grid
 from test_dump_teacher import reference_logprobs

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, STUDENT, run_cli, write_jsonl
 from taid_cache.cli import app
-from taid_cache.losses import LOSSES
-from taid_cache.pipelines.train_student import TrainConfig, train_student
+from taid_cache.config import LOSSES, TrainConfig
+from taid_cache.pipelines.train_student import train_student
 from taid_cache.reproduce.models import new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
@@ -264,7 +264,7 @@ def assert_user_error(result, out: Path, *words: str) -> None:
 
 
 @pytest.mark.parametrize("extra,words", [
-    (("--loss", "kl-magic"), ("unknown loss", "kl-magic")),
+    (("--loss", "kl-magic"), ("--loss", "kl-magic", "taid, fkl")),
     (("--taid-t-start", "0.9", "--taid-t-end", "0.5"), ("--taid-t-start",)),
     (("--taid-alpha", "1.5"), ("--taid-alpha",)),
     (("--tail", "zero"), ("--tail",)),

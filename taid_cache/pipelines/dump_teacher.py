@@ -6,76 +6,36 @@ One obvious path: check every input before anything is written, reopen this work
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 from rich.console import Console
 from rich.progress import Progress, TextColumn
 
-from ..engines import ENGINES, EngineConfig, make_engine, resolve_engine
+from ..config import DumpConfig, check_fields
+from ..engines import EngineConfig, make_engine, resolve_engine
 from ..errors import UserError, first_line
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..atomic import check_writable_folder, exclusive_lock
-from ..inputs import KINDS, RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
-from ..shards.codec import LOGPROB_STEP, PRECISIONS, id_dtype
+from ..inputs import RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
+from ..shards.codec import LOGPROB_STEP, id_dtype
 from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
 from ..progress import step_bar
 from ..engines.record import TeacherRecord
 from ..shards.writer import BackgroundWriter, ShardWriter
 
-OVERLONG = ("truncate", "drop")
-MAX_TAIL_SAMPLES = 4096
-
-
-@dataclass
-class DumpConfig:
-    model: str
-    data: list[str]
-    output: Path
-    split: str = "train"
-    input_kind: str = "auto"
-    engine: str = "auto"
-    top_k: int = 64
-    top_p: float | None = None
-    tail_samples: int = 0  # N draws off the top-k per position (0: none; the tail is then only its exact mass)
-    seed: int = 0  # of the draws
-    precision: str = "compact"
-    tensor_parallel_size: int = 1
-    max_length: int | None = None  # None: the teacher's context minus one
-    overlong: str = "truncate"
-    dtype: str = "auto"
-    num_workers: int = 1
-    worker_index: int = 0
-    batch_tokens: int = 16384
-    shard_size_mb: float = 256.0
-    zstd_level: int = 3
-    lm_head_chunk: int = 1024
-    progress: bool = True
-    console: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
-
 
 def check_options(cfg: DumpConfig) -> None:
-    choices = {"--engine": (cfg.engine, ENGINES), "--precision": (cfg.precision, PRECISIONS),
-               "--input-kind": (cfg.input_kind, KINDS), "--overlong": (cfg.overlong, OVERLONG)}
-    for flag, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise UserError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    """Each field's declared range (config.py), then the ones that depend on each other."""
+    check_fields(cfg)
     if cfg.top_k < (0 if cfg.tail_samples else 1):  # a sampled tail may stand alone
         raise UserError(f"--top-k must be at least {0 if cfg.tail_samples else 1}, not {cfg.top_k}")
-    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
-        raise UserError(f"--top-p must be in (0, 1], not {cfg.top_p}")
-    if not 0 <= cfg.tail_samples <= MAX_TAIL_SAMPLES:
-        raise UserError(f"--tail-samples must be in [0, {MAX_TAIL_SAMPLES}], not {cfg.tail_samples}")
     if cfg.tail_samples and cfg.top_p is not None:
         raise UserError("--tail-samples draws off the whole top-k: it cannot be combined with --top-p")
-    if cfg.max_length is not None and cfg.max_length < 2:
-        raise UserError(f"--max-length must be at least 2, not {cfg.max_length}")
-    if cfg.num_workers < 1 or not 0 <= cfg.worker_index < cfg.num_workers:
+    if cfg.worker_index >= cfg.num_workers:
         raise UserError(f"--worker-index must be in [0, --num-workers); got {cfg.worker_index} of {cfg.num_workers}")
-    if cfg.tensor_parallel_size < 1 or cfg.batch_tokens < 1 or cfg.shard_size_mb <= 0:
-        raise UserError("--tensor-parallel-size, --batch-tokens and --shard-size-mb must be positive")
 
 
 @dataclass

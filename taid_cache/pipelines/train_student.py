@@ -13,22 +13,21 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
+from ..config import TrainConfig, check_fields, read_config
 from ..atomic import check_writable_folder, write_text
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, user_errors
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head, head_logits
 from ..settings import describe_differences
 from ..losses import (
-    LOSSES, SAMPLED_LOSSES, TAILS, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher,
+    SAMPLED_LOSSES, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher,
     sampled_tail_loss, sampled_tail_teacher, taid_sparse_student_tail,
 )
 from ..packing import keeps_sequences_apart
@@ -41,103 +40,17 @@ from ..training.data import CacheStream, MicroBatch, collate, micro_batches
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
 from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
 from ..training.student import (
-    PRECISIONS, LossModel, attention_implementation, check_vocabulary, default_precision, load_causal_lm, save_student, shard_model,
+    LossModel, attention_implementation, check_vocabulary, load_causal_lm, save_student, shard_model,
 )
 
-# Settings that may change between a run and its resumption (they do not change what is computed). Paths are
-# not settings: the run records what they held (the cache's identity, the models' hashes) instead, so a moved
-# folder resumes and a rebuilt cache at the same path does not.
-RESUMABLE = {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "tensorboard",
-             "output", "cache", "student", "teacher_model"}
-
-
-@dataclass
-class TrainConfig:
-    student: str
-    cache: Path
-    output: Path
-    loss: str = "taid"
-    max_steps: Optional[int] = None
-    epochs: Optional[float] = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_length: int = 2048
-    pack: bool = False
-    tail: str = "student"
-    distil_ratio: float = 1.0
-    beta: float = 0.1
-    mu: float = 0.5
-    taid_t_start: float = 0.4
-    taid_t_end: float = 1.0
-    taid_alpha: float = 5e-4
-    taid_beta: float = 0.99
-    taid_disable_adaptive: bool = False
-    save_every: int = 0
-    resume: bool = False
-    teacher_model: Optional[str] = None
-    eval_cache: Optional[Path] = None
-    eval_every: int = 0
-    shuffle_buffer: int = 1024
-    num_workers: int = 0
-    loss_chunk: int = 1024
-    precision: str = field(default_factory=default_precision)
-    activation_checkpointing: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-    console: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
-
-    def settings(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "console"}
-        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
-        return {k: v for k, v in out.items() if k not in RESUMABLE}
-
-
 def check_options(cfg: TrainConfig) -> None:
-    """Every option in range before anything is loaded or written (NaN fails every comparison, so each check is
-    written as 'must be inside', never 'must not be outside')."""
-    if cfg.loss not in LOSSES:
-        raise UserError(f"unknown loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
-    if cfg.tail not in TAILS:
-        raise UserError(f"--tail must be one of {', '.join(TAILS)}, not {cfg.tail!r}")
+    """Every option in range before anything is loaded or written: each field's declared range (config.py), then
+    the ones that depend on each other."""
+    check_fields(cfg)
     if (cfg.max_steps is None) == (cfg.epochs is None):
         raise UserError("give exactly one of --max-steps and --epochs")
-    # flag: (value, low, high, low included, high included); infinite bounds are never included.
-    intervals = {
-        "--lr": (cfg.lr, 0.0, math.inf, False, False),
-        "--weight-decay": (cfg.weight_decay, 0.0, math.inf, True, False),
-        "--epochs": (cfg.epochs, 0.0, math.inf, False, False),
-        "--distil-ratio": (cfg.distil_ratio, 0.0, 1.0, True, True),
-        "--taid-t-start": (cfg.taid_t_start, 0.0, 1.0, True, False),
-        "--taid-t-end": (cfg.taid_t_end, 0.0, 1.0, False, True),
-        "--taid-alpha": (cfg.taid_alpha, 0.0, 1.0, True, True),
-        "--taid-beta": (cfg.taid_beta, 0.0, 1.0, True, False),
-        "--beta": (cfg.beta, 0.0, 1.0, False, False),
-        "--mu": (cfg.mu, 0.0, 1.0, False, False),
-        "grad_clip": (cfg.grad_clip, 0.0, math.inf, False, False),
-    }
-    for flag, (value, low, high, low_in, high_in) in intervals.items():
-        if value is None:
-            continue
-        above = low <= value if low_in else low < value
-        below = value <= high if high_in else value < high
-        if not (above and below):
-            raise UserError(f"{flag} must be in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}, not {value}")
     if not cfg.taid_t_start < cfg.taid_t_end:
         raise UserError(f"--taid-t-start ({cfg.taid_t_start}) must be below --taid-t-end ({cfg.taid_t_end})")
-    at_least = {"--max-steps": (cfg.max_steps, 1), "--batch-size": (cfg.batch_size, 1), "--grad-accum": (cfg.grad_accum, 1),
-                "--max-length": (cfg.max_length, 2), "--loss-chunk": (cfg.loss_chunk, 1), "--shuffle-buffer": (cfg.shuffle_buffer, 1),
-                "--num-workers": (cfg.num_workers, 0), "--seed": (cfg.seed, 0), "--warmup-steps": (cfg.warmup_steps, 0), "--save-every": (cfg.save_every, 0),
-                "--eval-every": (cfg.eval_every, 0)}
-    for flag, (value, low) in at_least.items():
-        if value is not None and value < low:
-            raise UserError(f"{flag} must be at least {low}, not {value}")
     if cfg.eval_every and cfg.eval_cache is None:
         raise UserError("--eval-every needs --eval-cache (the held-out cache to evaluate on)")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -502,3 +415,16 @@ def require_finite(model, env: Dist, step: int) -> None:
     if not all_finite(model, env):
         raise UserError(f"step {step}: the student's weights are no longer finite (NaN or inf); stopped without saving "
                         "them (lower --lr)")
+
+
+@user_errors
+def main(config_file: Path) -> None:
+    """`torchrun ... -m taid_cache.pipelines.train_student CONFIG.json`: a TrainConfig saved with config.to_json
+    (how `make reproduce` starts several ranks)."""
+    train_student(read_config(TrainConfig, config_file))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(Path(sys.argv[1]))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import user_errors
+from ..errors import user_errors
 
 
 @user_errors

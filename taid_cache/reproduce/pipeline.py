@@ -23,8 +23,9 @@ from rich.console import Console
 from ..atomic import read_json, write_json, write_text
 from ..errors import UserError
 from ..gguf import convert_gguf, is_gguf_source, locate
-from ..pipelines.dump_teacher import DumpConfig, dump_teacher
-from ..pipelines.train_student import TrainConfig, train_student
+from ..config import DumpConfig, TrainConfig, to_json
+from ..pipelines.dump_teacher import dump_teacher
+from ..pipelines.train_student import train_student
 from ..shards.inspect import cache_stats, plot_captured_mass
 from .config import METHODS, ReproduceConfig, method_cache
 
@@ -166,16 +167,18 @@ def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, te
     resume = any((run / "checkpoints").glob("step-*"))
     if run.exists() and not resume:
         shutil.rmtree(run)
-    args = dict(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps, taid_t_start=cfg.taid_t_start, seed=cfg.seed, max_length=cfg.max_length,
-                teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
-                eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, **options)
-    if cfg.nproc_per_node > 1:
-        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in args.items() if v not in (None, False)]
+    train = TrainConfig(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs,
+                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                        taid_t_start=cfg.taid_t_start, seed=cfg.seed, max_length=cfg.max_length,
+                        teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
+                        eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
+    if cfg.nproc_per_node > 1:  # the ranks read the same config from a file
+        config_file = out / "runs" / f"{method}.json"
+        write_json(config_file, to_json(train))
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc_per_node),
-                        "-m", "taid_cache.cli", "train-student", *flags], check=True)
+                        "-m", "taid_cache.pipelines.train_student", str(config_file)], check=True)
     else:
-        train_student(TrainConfig(**args, console=console))
+        train_student(train)
     return run
 
 

@@ -17,14 +17,6 @@ from .distributed import Dist
 from .run_folder import staged_student
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
-def default_precision() -> str:
-    """bf16 where it is fast (CUDA), fp32 elsewhere."""
-    return "bf16" if torch.cuda.is_available() else "fp32"
-
-
 def load_causal_lm(model: str, what: str, dtype: torch.dtype, attention: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,213 @@
+"""Every option of the two stages, declared once: a dataclass field per option holding its default, help,
+allowed values and range. cli.py derives the `taid-cache` commands from these fields, `make reproduce` builds
+the same dataclasses, `check_fields` validates every declared range, and a config travels between processes
+(torchrun) as JSON through `to_json` / `from_json`.
+
+Light on purpose (no torch): `taid-cache --help` imports it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from .engines import ENGINES
+from .errors import UserError
+from .inputs import KINDS
+from .shards.codec import PRECISIONS as STORAGE_PRECISIONS
+
+LOSSES = ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")
+TAILS = ("student", "uniform", "renorm")
+COMPUTE_PRECISIONS = ("fp32", "bf16")
+OVERLONG = ("truncate", "drop")
+MAX_TAIL_SAMPLES = 4096
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval such as (0, inf) or [1, 22]; infinite ends are open."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        match = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
+        if match is None:
+            raise ValueError(f"not an interval: {text!r}")
+        return cls(float(match[2]), float(match[3]), match[1] == "[", match[4] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        # Written as 'inside', never 'not outside': NaN fails every comparison and so is refused.
+        above = self.low <= value if self.low_closed else self.low < value
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf and self.low_closed:
+            return f"at least {self.low:g}"
+        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
+
+
+def option(default: Any = MISSING, help: str = "", *, factory: Any = None, choices: tuple[str, ...] = (),
+           within: str | None = None, resumable: bool = False) -> Any:
+    """A config field that is also a command-line option (--name-with-dashes). `factory`: a default computed when
+    the config is built (the CLI's default is then None, meaning 'computed'); `resumable`: may change when a run
+    resumes (it does not change what is computed)."""
+    meta = {"help": help, "choices": choices, "within": Range.parse(within) if within else None, "resumable": resumable}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def default_compute_precision() -> str:
+    """bf16 where it is fast (CUDA), fp32 elsewhere."""
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def options_of(config: Any) -> list[Field]:
+    """The fields of a config class or instance that are options (not the console)."""
+    return [f for f in fields(config) if "help" in f.metadata]
+
+
+def check_fields(cfg: Any) -> None:
+    """Each option's declared choices and range, before anything is loaded or written."""
+    for f in options_of(cfg):
+        value, choices, within = getattr(cfg, f.name), f.metadata["choices"], f.metadata["within"]
+        if value is None:
+            continue
+        if choices and value not in choices:
+            raise UserError(f"{flag(f.name)} must be one of {', '.join(choices)}, not {value!r}")
+        if within is not None and value not in within:
+            raise UserError(f"{flag(f.name)} must be {within}, not {value}")
+
+
+def to_json(cfg: Any) -> dict[str, Any]:
+    """The options as JSON values (paths as strings)."""
+    return {f.name: str(v) if isinstance(v := getattr(cfg, f.name), Path) else v for f in options_of(cfg)}
+
+
+def from_json(cls: type, values: dict[str, Any]) -> Any:
+    """`to_json`'s inverse: paths come back as Path."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - {f.name for f in options_of(cls)})
+    if unknown:
+        raise UserError(f"unknown options {', '.join(unknown)} in a {cls.__name__}")
+    return cls(**{k: Path(v) if v is not None and hints[k] in (Path, Optional[Path]) else v for k, v in values.items()})
+
+
+def read_config(cls: type, path: Path) -> Any:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the config {path}: {exc}") from None
+    try:
+        return from_json(cls, values)
+    except (UserError, TypeError) as exc:  # TypeError: a required option missing
+        raise UserError(f"config {path}: {exc}") from None
+
+
+@dataclass
+class DumpConfig:
+    """`taid-cache dump-teacher`: run the teacher over a dataset once and store its top-k next-token log-probs."""
+
+    model: str = option(help="Teacher: a local model folder or a hub id.")
+    data: list[str] = option(help="Local jsonl/json/parquet/csv files (repeatable) or a hub dataset name.")
+    output: Path = option(help="Cache folder (created; shared by all workers).")
+    split: str = option("train", "Dataset split (hub datasets).")
+    input_kind: str = option("auto", "Row kind: chat (messages), text, tokens (input_ids), or auto.", choices=KINDS)
+    engine: str = option("auto", "Teacher engine: vllm, hf (transformers), or auto (vLLM when it imports).", choices=ENGINES)
+    top_k: int = option(64, "Top-k next-token log-probs stored per position.", within="[0, inf)")
+    top_p: Optional[float] = option(None, "Keep only the fewest entries (1..k) whose mass reaches p.", within="(0, 1]")
+    tail_samples: int = option(0, "Also draw N tokens per position from the teacher off the top-k (stored as distinct ids, "
+                               "counts and log-probs): an unbiased sampled tail. hf engine.", within=f"[0, {MAX_TAIL_SAMPLES}]")
+    seed: int = option(0, "Seed of the --tail-samples draws.", within="[0, inf)")
+    precision: str = option("compact", "Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact).",
+                            choices=STORAGE_PRECISIONS)
+    tensor_parallel_size: int = option(1, "vLLM tensor-parallel size.", within="[1, inf)")
+    max_length: Optional[int] = option(None, "Longest sequence in tokens [default: the teacher's context - 1].", within="[2, inf)")
+    overlong: str = option("truncate", "Longer rows: truncate or drop.", choices=OVERLONG)
+    dtype: str = option("auto", "Teacher dtype: auto (as saved), float32, bfloat16, float16.")
+    num_workers: int = option(1, "Independent processes sharing the dataset.", within="[1, inf)")
+    worker_index: int = option(0, "This process's slice, 0..num_workers-1.", within="[0, inf)")
+    batch_tokens: int = option(16384, "Tokens per engine call.", within="[1, inf)")
+    shard_size_mb: float = option(256.0, "Roll to a new shard past this size.", within="(0, inf)")
+    zstd_level: int = option(3, "zstd level of the Arrow IPC buffers.", within="[1, 22]")
+    lm_head_chunk: int = option(1024, "hf engine: positions per LM-head chunk (bounds the float32 [chunk, vocab] logits).",
+                                within="[1, inf)")
+    progress: bool = option(True, "Show a progress bar.")
+    console: Console = field(default_factory=stderr_console)
+
+
+@dataclass
+class TrainConfig:
+    """`taid-cache train-student`: train a student from a cache with TAID or a baseline loss (one process, or
+    torchrun for FSDP2)."""
+
+    student: str = option(help="Student model folder (its initialisation).", resumable=True)
+    cache: Path = option(help="Cache from dump-teacher.", resumable=True)
+    output: Path = option(help="Run folder: checkpoints, metrics.jsonl, the final student.", resumable=True)
+    loss: str = option("taid", "Distillation loss (sft: cross-entropy on the data only).", choices=LOSSES)
+    max_steps: Optional[int] = option(None, "Optimizer steps (or give --epochs).", within="[1, inf)")
+    epochs: Optional[float] = option(None, "Passes over the cache (or give --max-steps).", within="(0, inf)")
+    batch_size: int = option(8, "Sequences per micro-batch per rank.", within="[1, inf)")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", within="[1, inf)")
+    lr: float = option(1e-4, "Peak learning rate (AdamW, cosine decay).", within="(0, inf)")
+    warmup_steps: int = option(0, "Linear warm-up steps.", within="[0, inf)")
+    weight_decay: float = option(0.0, "AdamW weight decay.", within="[0, inf)")
+    grad_clip: float = option(1.0, "Clip the gradient's global norm to this.", within="(0, inf)")
+    seed: int = option(0, "Seed of the data order and initial RNG.", within="[0, inf)")
+    max_length: int = option(2048, "Longest sequence; longer ones are cut.", within="[2, inf)")
+    pack: bool = option(False, "Pack each micro-batch's sequences into rows of --max-length tokens (attention stays "
+                        "within each sequence) instead of padding each to the longest.")
+    tail: str = option("student", "Where the teacher mass off the top-k goes: spread like the student's, uniformly, "
+                       "or nowhere (renorm).", choices=TAILS)
+    distil_ratio: float = option(1.0, "r: train on r * distillation + (1 - r) * CE.", within="[0, 1]")
+    beta: float = option(0.1, "β of skew-fkl / skew-rkl / js.", within="(0, 1)")
+    mu: float = option(0.5, "μ of adaptive-kl.", within="(0, 1)")
+    taid_t_start: float = option(0.4, "TAID's first t.", within="[0, 1)")
+    taid_t_end: float = option(1.0, "TAID's last t.", within="(0, 1]")
+    taid_alpha: float = option(5e-4, "TAID's adaptive step size α.", within="[0, 1]")
+    taid_beta: float = option(0.99, "TAID's momentum β.", within="[0, 1)")
+    taid_disable_adaptive: bool = option(False, "Linear t schedule only.")
+    save_every: int = option(0, "Checkpoint every N optimizer steps (0: none).", within="[0, inf)", resumable=True)
+    resume: bool = option(False, "Continue from the newest checkpoint in --output.", resumable=True)
+    teacher_model: Optional[str] = option(None, "Online mode: run this teacher in-process instead of the cached log-probs.",
+                                          resumable=True)
+    eval_cache: Optional[Path] = option(None, "Held-out cache for CE / KL / top-1.", resumable=True)
+    eval_every: int = option(0, "Evaluate every N steps (and at the end).", within="[0, inf)", resumable=True)
+    shuffle_buffer: int = option(1024, "Sequences in the shuffle buffer.", within="[1, inf)")
+    num_workers: int = option(0, "DataLoader worker processes per rank.", within="[0, inf)", resumable=True)
+    loss_chunk: int = option(1024, "Positions per LM-head/loss chunk.", within="[1, inf)")
+    precision: str = option(help="fp32, or bf16 (bf16 compute, fp32 master weights, optimizer state and gradient "
+                            "reduction) [default: bf16 on CUDA, fp32 on CPU].", factory=default_compute_precision,
+                            choices=COMPUTE_PRECISIONS)
+    activation_checkpointing: bool = option(False, "Recompute activations in the backward pass.")
+    tensorboard: bool = option(False, "Also log to OUTPUT/tensorboard.", resumable=True)
+    progress: bool = option(True, "Show a progress bar.", resumable=True)
+    console: Console = field(default_factory=stderr_console)
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues. Paths are not settings: the run records what
+        they held (the cache's identity, the models' hashes), so a moved folder resumes and a rebuilt cache at the
+        same path does not."""
+        resumable = {f.name for f in options_of(self) if f.metadata["resumable"]}
+        return {k: v for k, v in to_json(self).items() if k not in resumable}

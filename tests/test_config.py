@@ -1,0 +1,103 @@
+"""The options are declared once (taid_cache/config.py): the commands, the JSON form and the checks follow it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from taid_cache.cli import app
+from taid_cache.config import DumpConfig, Range, TrainConfig, check_fields, from_json, options_of, to_json
+from taid_cache.errors import UserError
+
+
+@pytest.mark.parametrize("name,config", [("dump-teacher", DumpConfig), ("train-student", TrainConfig)])
+def test_command_options_are_the_config_fields(name, config) -> None:
+    command = typer.main.get_command(app).commands[name]
+    params = {p.name: p for p in command.params}
+    assert set(params) == {f.name for f in options_of(config)}
+    assert "console" not in params
+    for f in options_of(config):
+        param = params[f.name]
+        assert param.opts[0] == "--" + f.name.replace("_", "-")
+        assert param.required == (f.default is MISSING and f.default_factory is MISSING), f.name
+        if f.default is not MISSING:
+            assert param.default == f.default, f.name
+        elif f.default_factory is not MISSING:
+            assert param.default is None, f.name  # computed when the config is built
+        for choice in f.metadata["choices"]:
+            assert choice in param.help, (f.name, choice)
+
+
+def test_train_student_defaults_reach_the_config(monkeypatch, tmp_path) -> None:
+    """Only the required flags on the command line: the pipeline receives TrainConfig's own defaults."""
+    seen = []
+    monkeypatch.setattr("taid_cache.pipelines.train_student.train_student", seen.append)
+    result = CliRunner().invoke(app, ["train-student", "--student", "s", "--cache", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    expected = TrainConfig(student="s", cache=tmp_path, output=tmp_path / "o")
+    assert to_json(seen[0]) == to_json(expected)
+
+
+def test_json_round_trip() -> None:
+    cfg = TrainConfig(student="s", cache=Path("/c"), output=Path("o"), eval_cache=Path("e"), epochs=1.5, loss="fkl", pack=True)
+    back = from_json(TrainConfig, json.loads(json.dumps(to_json(cfg))))
+    assert to_json(back) == to_json(cfg)
+    assert isinstance(back.cache, Path) and isinstance(back.eval_cache, Path) and back.teacher_model is None
+    dump = DumpConfig(model="m", data=["a.jsonl", "b.jsonl"], output=Path("out"), top_p=0.9)
+    assert to_json(from_json(DumpConfig, to_json(dump))) == to_json(dump)
+
+
+def test_resumable_settings() -> None:
+    """What a resumed run may change: the paths (recorded by content instead) and what does not change the maths."""
+    cfg = TrainConfig(student="s", cache=Path("c"), output=Path("o"), max_steps=3)
+    resumable = {f.name for f in fields(TrainConfig) if f.name not in cfg.settings()} - {"console"}
+    assert resumable == {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "tensorboard",
+                         "output", "cache", "student", "teacher_model"}
+    assert cfg.settings()["max_steps"] == 3 and cfg.settings()["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("text,inside,outside", [
+    ("(0, inf)", [1e-9, 5.0], [0.0, -1.0, math.inf, math.nan]),
+    ("[0, 1)", [0.0, 0.999], [1.0, -1e-9, math.nan]),
+    ("[1, 22]", [1, 22], [0, 23]),
+])
+def test_range(text, inside, outside) -> None:
+    r = Range.parse(text)
+    assert all(v in r for v in inside) and not any(v in r for v in outside)
+    assert str(r) == ("at least 1" if text == "[1, inf)" else f"in {text}")
+    assert str(Range.parse("[2, inf)")) == "at least 2"
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"lr": 0.0}, "--lr must be in (0, inf), not 0.0"),
+    ({"lr": math.nan}, "--lr must be in (0, inf), not nan"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, not 0"),
+    ({"tail": "zero"}, "--tail must be one of student, uniform, renorm, not 'zero'"),
+    ({"max_steps": None, "epochs": -1.0}, "--epochs must be in (0, inf), not -1.0"),
+])
+def test_check_fields_names_the_option(change, words) -> None:
+    cfg = TrainConfig(**{"student": "s", "cache": Path("c"), "output": Path("o"), "max_steps": 1, **change})
+    with pytest.raises(UserError) as err:
+        check_fields(cfg)
+    assert str(err.value) == words
+
+
+def test_config_file_entry_point_reports_one_line(tmp_path) -> None:
+    """The entry torchrun starts for `make reproduce` (a saved TrainConfig) fails on a bad file like the CLI does."""
+    bad = tmp_path / "run.json"
+    bad.write_text(json.dumps({"student": "s", "cache": "c", "output": str(tmp_path / "o"), "loss": "kl-magic", "max_steps": 1}))
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.pipelines.train_student", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: --loss must be one of " + ", ".join(
+        ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")) + ", not 'kl-magic'"], proc.stderr
+    bad.write_text(json.dumps({"student": "s", "unknown_option": 1}))
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.pipelines.train_student", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "unknown_option" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
