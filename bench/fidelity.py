@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from taid_cache.errors import UserError
-from taid_cache.losses import rebuild_teacher, sampled_tail_loss, sampled_tail_teacher, taid
+from taid_cache.losses import LossConfig, SampledTeacher, TopKTeacher, distillation, taid
 from taid_cache.reproduce.config import ReproduceConfig, load_config
 from taid_cache.reproduce.evaluate import evaluate_students
 from taid_cache.reproduce.pipeline import dump_cache, train_method
@@ -66,16 +66,12 @@ def parse_variants(ks: list[int], sampled: list[str]) -> list[Variant]:
     return variants
 
 
-def distillation(variant: Variant, logits: torch.Tensor, rec: dict, targets: torch.Tensor, t: float, valid: int) -> torch.Tensor:
+def cache_loss(variant: Variant, logits: torch.Tensor, rec: dict, targets: torch.Tensor, t: float, valid: int) -> torch.Tensor:
     """The trainer's per-position loss against this cache's teacher at the record's loss positions (summed)."""
     keys = ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids", "sample_draws", "sample_logprobs")
-    pick = {key: torch.from_numpy(rec[key][: len(targets)])[targets] for key in keys if key in rec}
-    if variant.sampled:
-        sparse = sampled_tail_teacher(pick["topk_ids"], pick["topk_logprobs"], pick["tail_logmass"], pick["sample_ids"],
-                                      pick["sample_draws"], pick["sample_logprobs"])
-        return sampled_tail_loss("taid" if t < 1 else "fkl", logits, *sparse, t, valid, variant.top_k).sum()
-    teacher = rebuild_teacher(logits, pick["topk_ids"], pick["topk_logprobs"], "student", valid, pick["tail_logmass"])
-    return taid(logits, teacher, t).sum()
+    pick = [torch.from_numpy(rec[key][: len(targets)])[targets] for key in keys if key in rec]
+    teacher = SampledTeacher(*pick, valid) if variant.sampled else TopKTeacher(*pick, valid)
+    return distillation(LossConfig("taid"), teacher, logits, t).sum()
 
 
 def gradient_angles(teacher_dir: Path, student_dir: Path, caches: dict[str, Path], variants: list[Variant], valid: int,
@@ -99,7 +95,7 @@ def gradient_angles(teacher_dir: Path, student_dir: Path, caches: dict[str, Path
         for t in ANGLE_T:
             for variant, rec in [(None, None), *zip(variants, records)]:
                 logits = student(ids[None]).logits[0, :-1][targets].float()
-                loss = taid(logits, full, t).sum() if variant is None else distillation(variant, logits, rec, targets, t, valid)
+                loss = taid(logits, full, t).sum() if variant is None else cache_loss(variant, logits, rec, targets, t, valid)
                 grads[("full" if variant is None else variant.name, t)] += torch.cat(
                     [g.flatten().double() for g in torch.autograd.grad(loss, params)])
     out: dict[str, dict[str, float]] = {}

@@ -26,9 +26,10 @@ import torch
 
 from taid_cache.heads import check_head
 from taid_cache.losses import LossConfig
-from taid_cache.config import DumpConfig, TrainConfig
+from taid_cache.config import DumpConfig
 from taid_cache.pipelines.dump_teacher import dump_teacher
-from taid_cache.pipelines.train_student import Teacher, micro_batch_loss
+from taid_cache.pipelines.train_student import micro_batch_loss
+from taid_cache.training.teacher import TeacherSource
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.provenance import machine
 from taid_cache.shards.manifest import load_manifest
@@ -70,8 +71,8 @@ def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, va
         torch.manual_seed(0)
         lm = AutoModelForCausalLM.from_pretrained(student_dir)
         model = LossModel(lm, 1024, check_head(lm, "student"))
-        cfg = TrainConfig(student=str(student_dir), cache=cache, output=Path("unused"), teacher_model=str(teacher_dir) if online else None)
-        teacher = Teacher(cfg, settings, model.lm.get_output_embeddings().weight.shape[0], env)
+        teacher = TeacherSource(settings, "student", model.lm.get_output_embeddings().weight.shape[0], env,
+                                str(teacher_dir) if online else None)
         runners[name] = (model, teacher, LossConfig(loss), torch.optim.AdamW(model.parameters(), lr=1e-4))
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(steps + 2):
@@ -91,7 +92,7 @@ def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, va
 
 MEMORY_CHILD = r"""
 import json, sys, torch
-from taid_cache.losses import chunked_lm_loss, per_position_fn, rebuild_teacher, LossConfig
+from taid_cache.losses import ChunkLoss, chunked_lm_loss, per_position_fn, rebuild_teacher, LossConfig
 mode, n, v, h, k = sys.argv[1], *map(int, sys.argv[2:6])
 torch.manual_seed(0)
 hidden = torch.randn(n, h).requires_grad_()
@@ -105,7 +106,7 @@ def per_position(logits, sl):
 if mode == "naive":
     loss = per_position(hidden @ weight.t(), slice(None)).sum() / n
 else:
-    loss = chunked_lm_loss(hidden, weight, lambda lg, sl: (per_position(lg, sl).sum(),) * 2, 1024)[0] / n
+    loss = chunked_lm_loss(hidden, weight, lambda lg, sl: ChunkLoss(per_position(lg, sl).sum(), per_position(lg, sl).sum()), 1024)[0] / n
 loss.backward()
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 torch.save({"loss": loss.detach(), "gh": hidden.grad, "gw": weight.grad}, sys.argv[6])

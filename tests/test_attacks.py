@@ -25,7 +25,7 @@ from taid_cache.cli import app
 from taid_cache.errors import UserError
 from taid_cache.fingerprints import model_hash
 from taid_cache.config import LOSSES, TAILS
-from taid_cache.losses import LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse_student_tail
+from taid_cache.losses import LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse, TopKTeacher
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
 from taid_cache.shards.manifest import WorkerPart, save_part
@@ -525,7 +525,7 @@ def test_heads_summing_past_one_give_no_nan_negative_kl_or_negative_tail(tail: s
             continue
         value = per_position_fn(LossConfig(name))(logits, dense, 0.5)
         assert torch.isfinite(value).all() and value.ge(-1e-5).all(), name
-    value, grad = taid_sparse_student_tail(logits, ids, lps, 0.5, vocab)
+    value, grad = taid_sparse(logits, TopKTeacher(ids, lps, None, vocab), 0.5)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all() and value.ge(-1e-5).all()
 
 

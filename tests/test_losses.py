@@ -176,7 +176,7 @@ def test_chunked_equals_unchunked(name: str, tail: str) -> None:
     dense.backward()
     gh, gw = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    total, reported = L.chunked_lm_loss(hidden, weight, lambda lg, sl: (per_position(lg, sl).sum(),) * 2, chunk=8)
+    total, reported = L.chunked_lm_loss(hidden, weight, lambda lg, sl: L.ChunkLoss(per_position(lg, sl).sum(), per_position(lg, sl).sum()), chunk=8)
     total.backward()
     assert total.item() == pytest.approx(dense.item(), rel=1e-5) and reported.item() == pytest.approx(dense.item(), rel=1e-5)
     torch.testing.assert_close(hidden.grad, gh, atol=1e-5, rtol=1e-4)
@@ -269,7 +269,7 @@ def test_taid_student_tail_closed_form_equals_the_general_path(t: float, valid: 
     general = s.clone().requires_grad_()
     loss = L.taid(general, L.rebuild_teacher(general, ids, lps, "student", valid, log_m), t)
     loss.sum().backward()
-    fast, grad = L.taid_sparse_student_tail(s, ids, lps, t, valid, log_m)
+    fast, grad = L.taid_sparse(s, L.TopKTeacher(ids, lps, log_m, valid), t)
     if t > 0:
         torch.testing.assert_close(fast, loss.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, general.grad, atol=1e-6, rtol=1e-5)
@@ -289,11 +289,86 @@ def test_chunked_loss_with_an_analytic_gradient() -> None:
     hidden.grad = weight.grad = None
 
     def fn(logits: torch.Tensor, sl: slice):
-        loss, grad = L.taid_sparse_student_tail(logits, ids[sl], lps[sl], 0.6, vocab)
-        return loss.sum(), loss.sum(), grad
+        loss, grad = L.taid_sparse(logits, L.TopKTeacher(ids[sl], lps[sl], None, vocab), 0.6)
+        return L.ChunkLoss(loss.sum(), loss.sum(), grad)
 
     total, _ = L.chunked_lm_loss(hidden, weight, fn, chunk=6)
     total.backward()
     assert total.item() == pytest.approx(dense.item(), rel=1e-5)
     torch.testing.assert_close(hidden.grad, gh, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(weight.grad, gw, atol=1e-5, rtol=1e-4)
+
+
+def sampled_teacher(n: int, vocab: int, valid: int, k: int, draws: int, seed: int) -> L.SampledTeacher:
+    """A head of k and up to `draws` distinct draws per position off it (counts ≥ 1), some ids past `valid`."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = torch.log_softmax(torch.randn(n, vocab, generator=gen) * 2, -1)
+    head_lps, head_ids = logp.topk(k, -1)
+    off = logp.scatter(-1, head_ids, -math.inf)
+    log_m = off.logsumexp(-1)
+    picks = torch.multinomial(off.exp(), draws, replacement=True, generator=gen)
+    ids = torch.full((n, draws), -1)
+    counts = torch.zeros(n, draws, dtype=torch.int64)
+    for row in range(n):
+        unique, c = picks[row].unique(return_counts=True)
+        ids[row, : len(unique)], counts[row, : len(unique)] = unique, c
+    lps = torch.where(ids >= 0, logp.gather(1, ids.clamp(min=0)), -math.inf)
+    return L.SampledTeacher(head_ids, head_lps, log_m, ids, counts, lps, valid)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.4, 1.0])
+def test_sampled_taid_closed_form_against_a_dense_target(t: float) -> None:
+    """The target built densely in float64 from its definition: p_t ∝ q^(1−t) p^t on the head, the bucket
+    m^t Q^(1−t) filled (1−t)·q/Q + t·r̂ (r̂ the draws' counts, normalised); loss −Σ target log q."""
+    n, vocab, valid, k = 9, 40, 36, 4
+    teacher = sampled_teacher(n, vocab, valid, k, 12, 0)
+    s = torch.randn(n, vocab, generator=torch.Generator().manual_seed(1)) * 2
+    q = torch.softmax(s.double(), -1)
+    ids, lps = teacher.ids, teacher.logprobs.double()
+    usable = ids < valid
+    head_p = lps.exp() * (1 - teacher.tail_logmass.double().exp())[:, None] / lps.exp().sum(-1, keepdim=True)  # rescaled to 1 − m
+    m = teacher.tail_logmass.double().exp() + torch.where(usable, 0.0, head_p).sum(-1)  # head entries past valid join the tail
+    in_head = torch.zeros(n, vocab, dtype=torch.bool).scatter(1, torch.where(usable, ids, 0), usable)
+    off = ~in_head & (torch.arange(vocab) < valid)
+    big_q = torch.where(off, q, 0.0).sum(-1)
+    head_w = torch.where(usable, q.gather(1, ids) ** (1 - t) * head_p ** t, 0.0)
+    bucket = m ** t * big_q ** (1 - t)
+    z = head_w.sum(-1) + bucket
+    drawn = (teacher.sample_ids >= 0) & (teacher.sample_ids < valid)
+    counts = torch.where(drawn, teacher.sample_draws.double(), 0.0)
+    r_hat = torch.zeros(n, vocab, dtype=torch.float64).scatter_add(1, teacher.sample_ids.clamp(min=0), counts / counts.sum(-1, keepdim=True))
+    target = torch.zeros(n, vocab, dtype=torch.float64).scatter_add(1, torch.where(usable, ids, 0), head_w / z[:, None])
+    target += (bucket / z)[:, None] * ((1 - t) * torch.where(off, q, 0.0) / big_q[:, None] + t * r_hat)
+    expected_loss = -(target * torch.log_softmax(s.double(), -1)).sum(-1)
+    loss, grad = L.taid_sparse(s, teacher, t)
+    torch.testing.assert_close(loss.double(), expected_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), q - target, atol=1e-6, rtol=1e-4)
+    logits = s.clone().requires_grad_()  # the same through autograd (`distillation`)
+    L.distillation(L.LossConfig("taid"), teacher, logits, t).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), q - target, atol=1e-6, rtol=1e-4)
+
+
+def test_chunk_loss_takes_the_closed_form_exactly_where_it_holds() -> None:
+    n, vocab, k = 7, 30, 5
+    s = torch.randn(n, vocab, generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(3))
+    lps, ids = torch.log_softmax(torch.randn(n, vocab, generator=torch.Generator().manual_seed(4)) * 3, -1).topk(k, -1)
+    top_k = L.TopKTeacher(ids, lps, None, vocab)
+    sampled = sampled_teacher(n, vocab, vocab, k, 8, 5)
+    dense = L.DenseTeacher(torch.log_softmax(torch.randn(n, vocab), -1))
+    cases = [("taid", top_k, 1.0, True), ("taid", sampled, 1.0, True), ("taid", L.TopKTeacher(ids, lps, None, vocab, "uniform"), 1.0, False),
+             ("taid", dense, 1.0, False), ("taid", top_k, 0.5, False), ("taid", sampled, 0.5, False), ("fkl", top_k, 1.0, False)]
+    for name, teacher, ratio, closed in cases:
+        cfg = L.LossConfig(name, distil_ratio=ratio)
+        out = L.chunk_loss(cfg, teacher, s, labels, 0.6)
+        assert (out.grad is not None) == closed, (name, teacher, ratio)
+        logits = s.clone().requires_grad_()  # independent: autograd through the definition r·d + (1 − r)·CE
+        d = L.distillation(cfg, teacher, logits, 0.6)
+        combined = (ratio * d + (1 - ratio) * L.cross_entropy(logits, labels)).sum()
+        combined.backward()
+        torch.testing.assert_close(out.train, combined.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.report, d.sum().detach(), atol=1e-5, rtol=1e-5)
+        if closed:
+            torch.testing.assert_close(out.grad, logits.grad, atol=1e-6, rtol=1e-4)
+    sft = L.chunk_loss(L.LossConfig("sft"), None, s, labels, 0.6)
+    assert sft.train.item() == pytest.approx(L.cross_entropy(s, labels).sum().item()) and sft.grad is None

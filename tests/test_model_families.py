@@ -19,7 +19,7 @@ from taid_cache.errors import UserError
 from taid_cache.heads import PLAIN, check_head, head_logits
 from taid_cache.config import DumpConfig
 from taid_cache.pipelines.dump_teacher import dump_teacher
-from taid_cache.losses import fkl, rebuild_teacher, taid, taid_sparse_student_tail
+from taid_cache.losses import ChunkLoss, TopKTeacher, fkl, rebuild_teacher, taid, taid_sparse
 from taid_cache.shards import read_cache
 from taid_cache.training.student import LossModel
 
@@ -110,9 +110,9 @@ def test_trainer_loss_and_gradients_equal_autograd_through_model_logits(family_d
         def fn(logits: torch.Tensor, sl: slice):
             if kind == "fkl":
                 value = fkl(logits, rebuild_teacher(logits, top_ids[sl], top_lps[sl], "uniform", vocab)).sum()
-                return value, value
-            value, grad = taid_sparse_student_tail(logits, top_ids[sl], top_lps[sl], 0.5, vocab)
-            return value.sum(), value.sum(), grad
+                return ChunkLoss(value, value)
+            value, grad = taid_sparse(logits, TopKTeacher(top_ids[sl], top_lps[sl], None, vocab), 0.5)
+            return ChunkLoss(value.sum(), value.sum(), grad)
 
         ours, _ = loss_model({"input_ids": ids, "use_cache": False}, targets, fn)
         ours.backward()

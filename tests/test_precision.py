@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from taid_cache.config import LOSSES, TrainConfig
-from taid_cache.losses import chunked_lm_loss, taid_sparse_student_tail
+from taid_cache.losses import ChunkLoss, TopKTeacher, chunked_lm_loss, taid_sparse
 from taid_cache.pipelines.train_student import train_student
 
 # bf16 keeps 8 bits of mantissa: one rounding is 2^-9 relative; sums of many such errors partly cancel.
@@ -22,8 +22,8 @@ BF16_LOSS_REL = 1e-3
 
 def closed_form(ids: torch.Tensor, lps: torch.Tensor, vocab: int):
     def fn(logits: torch.Tensor, sl: slice):
-        value, grad = taid_sparse_student_tail(logits, ids[sl], lps[sl], 0.6, vocab)
-        return value.sum(), value.sum(), grad
+        value, grad = taid_sparse(logits, TopKTeacher(ids[sl], lps[sl], None, vocab), 0.6)
+        return ChunkLoss(value.sum(), value.sum(), grad)
 
     return fn
 

@@ -22,10 +22,11 @@ from transformers import AutoModelForCausalLM
 from conftest import run_cli
 from taid_cache.engines.hf_engine import tail_and_entropy
 from taid_cache.engines.tail_sampling import distinct_draws, draw_off_head, sequence_uniforms
-from taid_cache.losses import rebuild_teacher, sampled_tail_loss, sampled_tail_teacher, split_teacher, taid
+from taid_cache.losses import LossConfig, SampledTeacher, distillation, rebuild_teacher, taid
 from taid_cache.config import TrainConfig
 from taid_cache.pipelines.train_student import train_student
 from taid_cache.shards import read_cache
+from taid_cache.shards.manifest import load_manifest
 from taid_cache.shards.codec import LOGPROB_STEP, ragged_grid
 from test_dump_teacher import reference_logprobs
 
@@ -48,18 +49,18 @@ class Teacher:
         """The off-head weights the engine hands to the draws (from its own tail pass)."""
         return tail_and_entropy(self.logp.float(), self.head_ids, torch.zeros(P, dtype=torch.bool))[2]
 
-    def estimate(self, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One sparse estimate (ids, log ŵ, ℓ) as a cache would hold it, from the dump's own sampling code."""
+    def estimate(self, draws: int, seed: int) -> SampledTeacher:
+        """The head and `draws` draws as a cache would hold them, from the dump's own sampling code."""
         uniforms = torch.rand(P, draws, generator=torch.Generator().manual_seed(seed))
         ids, lps = draw_off_head(self.weights(), self.logp.float(), self.log_m.float(), uniforms)
         s = distinct_draws(ids.numpy(), lps.numpy())
         grid = [torch.from_numpy(ragged_grid(x, s.counts, draws, fill))
                 for x, fill in ((s.ids.astype(np.int64), -1), (s.draws.astype(np.int64), 0), (s.logprobs, -np.inf))]
-        return sampled_tail_teacher(self.head_ids, self.head_lps.float(), self.log_m.float(), *grid)
+        return SampledTeacher(self.head_ids, self.head_lps.float(), self.log_m.float(), *grid, V)
 
-    def gradient(self, name: str, estimate: tuple[torch.Tensor, ...], t: float) -> torch.Tensor:
+    def gradient(self, name: str, estimate: SampledTeacher, t: float) -> torch.Tensor:
         logits = self.student.clone().requires_grad_(True)
-        sampled_tail_loss(name, logits, *estimate, t, V, K).sum().backward()
+        distillation(LossConfig(name), estimate, logits, t).sum().backward()
         return logits.grad.double()
 
     def full_gradient(self, t: float) -> torch.Tensor:
@@ -67,14 +68,12 @@ class Teacher:
         taid(logits, self.logp.float(), t).sum().backward()  # at t = 1 this is FKL's gradient q − p
         return logits.grad.double()
 
-    def expected_estimate(self, tail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What the draws average to: every off-head token as an entry with ŵ = m r_v (`tail`: another shape r)."""
+    def expected_estimate(self, tail: torch.Tensor | None = None) -> SampledTeacher:
+        """What the draws average to: every off-head token drawn r_v times of 1, so ŵ = m r_v (`tail`: another shape r)."""
         r = self.r if tail is None else tail
         off_ids = torch.arange(V).expand(P, V)
-        log_w = torch.where(r > 0, self.log_m[:, None] + r.log(), -math.inf).float()
-        ell = torch.cat([self.head_lps.float(), (self.log_m[:, None] + r.log()).float()], -1)
-        head_w = split_teacher(self.head_lps.float(), self.head_ids >= 0, self.log_m.float())[0]
-        return torch.cat([self.head_ids, off_ids], -1), torch.cat([head_w, log_w], -1), ell
+        return SampledTeacher(self.head_ids, self.head_lps.float(), self.log_m.float(), off_ids, r.float(),
+                              (self.log_m[:, None] + r.log()).float(), V)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +120,7 @@ def test_estimate_is_unbiased_and_sums_to_one(teacher: Teacher) -> None:
     draws, repeats = 32, 300
     total = torch.zeros(P, V, dtype=torch.float64)
     for seed in range(repeats):
-        ids, log_w, _ = teacher.estimate(draws, seed)
+        ids, log_w, _ = teacher.estimate(draws, seed).estimate()
         dense = torch.zeros(P, V + 1, dtype=torch.float64).scatter_add_(1, ids.clamp(min=-1) % (V + 1), log_w.double().exp())
         torch.testing.assert_close(dense[:, :V].sum(-1), torch.ones(P, dtype=torch.float64), atol=1e-5, rtol=0)
         total += dense[:, :V]
@@ -260,6 +259,6 @@ def test_a_head_of_zero_entries(teacher_dir, data_dir, tmp_path) -> None:
             "--tail-samples", "8", "--max-length", "256", "--no-progress", "--output", str(tmp_path / "c"))
     rec = next(iter(read_cache(tmp_path / "c")))
     assert rec["topk_ids"].shape[1] == 0 and np.allclose(rec["tail_logmass"], 0.0, atol=1e-6)
-    ids, log_w, _ = sampled_tail_teacher(*(torch.from_numpy(rec[k]) for k in ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids",
-                                                                            "sample_draws", "sample_logprobs")))
+    keys = ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids", "sample_draws", "sample_logprobs")
+    ids, log_w, _ = SampledTeacher(*(torch.from_numpy(rec[k]) for k in keys), load_manifest(tmp_path / "c")["settings"]["tokenizer_size"]).estimate()
     torch.testing.assert_close(log_w.exp().sum(-1), torch.ones(len(ids)), atol=1e-5, rtol=0)

@@ -18,19 +18,14 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import TrainConfig, check_fields, read_config
 from ..atomic import check_writable_folder, write_text
 from ..errors import UserError, first_line, user_errors
 from ..fingerprints import model_hash, resolve_model
-from ..heads import check_head, head_logits
+from ..heads import check_head
 from ..settings import describe_differences
-from ..losses import (
-    SAMPLED_LOSSES, LossConfig, TaidSchedule, cross_entropy, fkl, per_position_fn, rebuild_teacher,
-    sampled_tail_loss, sampled_tail_teacher, taid_sparse_student_tail,
-)
-from ..packing import keeps_sequences_apart
+from ..losses import SAMPLED_LOSSES, ChunkLoss, LossConfig, TaidSchedule, chunk_loss, cross_entropy, distillation
 from ..progress import step_bar
 from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
@@ -38,9 +33,10 @@ from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint
 from ..training.data import CacheStream, MicroBatch, collate, micro_batches
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
+from ..training.teacher import TeacherSource, cached_teacher
 from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
 from ..training.student import (
-    LossModel, attention_implementation, check_vocabulary, load_causal_lm, save_student, shard_model,
+    LossModel, attention_implementation, check_packing, check_vocabulary, load_causal_lm, save_student, shard_model,
 )
 
 def check_options(cfg: TrainConfig) -> None:
@@ -57,11 +53,6 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)")
 
 
-def check_packing(model, pack: bool, what: str) -> None:
-    if pack and not keeps_sequences_apart(model.get_decoder(), torch.device("cpu")):
-        raise UserError(f"--pack: the {what}'s attention does not keep packed sequences apart in this transformers version; train without --pack")
-
-
 def cosine_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
@@ -71,78 +62,12 @@ def cosine_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_schedu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Teacher:
-    """Where the step's teacher distribution comes from: the cache's top-k, or a model run in-process."""
-
-    def __init__(self, cfg: TrainConfig, settings: dict, vocab_rows: int, env: Dist) -> None:
-        self.tail, self.valid, self.rows, self.top_k = cfg.tail, settings["tokenizer_size"], vocab_rows, settings["top_k"]
-        self.sampled = bool(settings.get("tail_samples")) and not cfg.teacher_model
-        self.model = None
-        if cfg.teacher_model:
-            model, tokenizer = load_causal_lm(cfg.teacher_model, "teacher", torch.float32, attention_implementation())
-            check_vocabulary(model, tokenizer, settings, "teacher")
-            check_packing(model, cfg.pack, "teacher")
-            self.model = model.to(env.device).eval().requires_grad_(False)
-            self.head = self.model.get_output_embeddings()
-            self.mapping = check_head(self.model, "teacher")
-
-    def prepare(self, mb: MicroBatch, env: Dist) -> Any:
-        """Per micro-batch: the teacher's hidden states (online) or the selected top-k rows (cached)."""
-        if self.model is not None:
-            with torch.no_grad():
-                out = self.model.get_decoder()(**mb.model_inputs(env.device))
-            return out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
-        return selected_top_k(mb, env)
-
-    def distillation(self, loss: LossConfig, prepared: Any, sl: slice, student_logits: torch.Tensor, t: float) -> torch.Tensor:
-        """The distillation term per position: against the sparse estimate of a sampled-tail cache, else against
-        the dense teacher (online, or rebuilt from the top-k with the tail mode)."""
-        if self.sampled:
-            ids, log_w, ell = (x[sl] for x in prepared)
-            return sampled_tail_loss(loss.name, student_logits, ids, log_w, ell, t, self.valid, self.top_k)
-        return per_position_fn(loss)(student_logits, self.logprobs(prepared, sl, student_logits), t)
-
-    def logprobs(self, prepared: Any, sl: slice, student_logits: torch.Tensor) -> torch.Tensor:
-        if self.model is not None:
-            logits = head_logits(prepared[sl], self.head.weight, self.head.bias, self.mapping)[:, : self.valid]
-            return F.pad(F.log_softmax(logits, -1), (0, self.rows - self.valid), value=-math.inf)
-        ids, lps, tails = prepared
-        return rebuild_teacher(student_logits, ids[sl], lps[sl], self.tail, self.valid, tails[sl])
-
-
-def selected_top_k(mb: MicroBatch, env: Dist) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cached teacher at the micro-batch's target positions: top-k ids, log-probs and log tail mass; for a
-    sampled-tail cache, its sparse estimate (ids, log ŵ, ℓ) from `sampled_tail_teacher` instead."""
-    head = tuple(x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass))
-    if mb.samples is None:
-        return head
-    return sampled_tail_teacher(*head, *(x[mb.targets].to(env.device) for x in mb.samples))
-
-
-def micro_batch_loss(model: LossModel, teacher: Teacher, mb: MicroBatch, loss: LossConfig, t: float, env: Dist):
+def micro_batch_loss(model: LossModel, teacher: TeacherSource, mb: MicroBatch, loss: LossConfig, t: float, env: Dist):
     """Summed (training loss, reported loss) over the micro-batch's target positions."""
-    distil = loss.name != "sft"
     labels = mb.labels[mb.targets].to(env.device)
-    prepared = teacher.prepare(mb, env) if distil else None
-
-    if loss.name == "taid" and teacher.model is None and not teacher.sampled and teacher.tail == "student" and loss.distil_ratio == 1:
-        ids, lps, tails = prepared
-
-        def closed_form(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            value, grad = taid_sparse_student_tail(logits, ids[sl], lps[sl], t, teacher.valid, tails[sl])
-            return value.sum(), value.sum(), grad
-
-        return model(mb.model_inputs(env.device), mb.targets.to(env.device), closed_form)
-
-    def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        ce = cross_entropy(logits, labels[sl]) if (not distil or loss.distil_ratio < 1) else None
-        if not distil:
-            return ce.sum(), ce.sum()
-        d = teacher.distillation(loss, prepared, sl, logits, t)
-        combined = d if ce is None else loss.distil_ratio * d + (1 - loss.distil_ratio) * ce
-        return combined.sum(), d.sum()
-
-    return model(mb.model_inputs(env.device), mb.targets.to(env.device), fn)
+    batch_teacher = teacher.for_batch(mb, env) if loss.name != "sft" else None
+    return model(mb.model_inputs(env.device), mb.targets.to(env.device),
+                 lambda logits, sl: chunk_loss(loss, None if batch_teacher is None else batch_teacher[sl], logits, labels[sl], t))
 
 
 @torch.no_grad()
@@ -156,22 +81,17 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, env: Dist) -> d
     sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
     model.eval()
     settings = manifest["settings"]  # the held-out cache's own (its k, its kind of tail)
-    valid, sampled = settings["tokenizer_size"], bool(settings.get("tail_samples"))
+    kl = LossConfig("fkl")  # against a sampled tail: Σ ŵ (ℓ − log q), an unbiased estimate of the KL
     for mb in itertools.islice(itertools.chain(data, itertools.repeat(empty_micro_batch(settings))), busiest):
-        ids, lps, tails = selected_top_k(mb, env)  # a sampled cache: ids, log ŵ, ℓ
+        teacher = cached_teacher(mb, settings, cfg.tail, env)
         labels = mb.labels[mb.targets].to(env.device)
 
-        def fn(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            if sampled:  # Σ ŵ (ℓ − log q): an unbiased estimate of the KL
-                sums[1] += sampled_tail_loss("fkl", logits, ids[sl], lps[sl], tails[sl], 1.0, valid, settings["top_k"]).sum()
-            else:
-                sums[1] += fkl(logits, rebuild_teacher(logits, ids[sl], lps[sl], cfg.tail, valid, tails[sl])).sum()
+        def fn(logits: torch.Tensor, sl: slice) -> ChunkLoss:
             sums[0] += cross_entropy(logits, labels[sl]).sum()
-            # The teacher's top-1: the head's first entry (a head of 0 entries: the most drawn token).
-            top1 = ids[sl].gather(1, lps[sl].argmax(-1, keepdim=True))[:, 0] if sampled else ids[sl, 0]
-            sums[2] += (logits.argmax(-1) == top1).sum()
+            sums[1] += distillation(kl, teacher[sl], logits, 1.0).sum()
+            sums[2] += (logits.argmax(-1) == teacher[sl].top1()).sum()
             sums[3] += logits.shape[0]
-            return logits.new_zeros(()), logits.new_zeros(())
+            return ChunkLoss(logits.new_zeros(()), logits.new_zeros(()))
 
         model(mb.model_inputs(env.device), mb.targets.to(env.device), fn)
     model.train()
@@ -342,7 +262,7 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     check_vocabulary(lm, tokenizer, settings, "student")
     check_packing(lm, cfg.pack, "student")
     rows = lm.get_output_embeddings().weight.shape[0]
-    teacher = Teacher(cfg, settings, rows, env)
+    teacher = TeacherSource(settings, cfg.tail, rows, env, cfg.teacher_model, cfg.pack)
     model = shard_model(LossModel(lm, cfg.loss_chunk, check_head(lm, "student")), env, cfg.precision, cfg.activation_checkpointing)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest["records"] / global_batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

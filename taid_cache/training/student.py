@@ -1,10 +1,9 @@
-"""The student (and the online teacher) as modules: loading, vocabulary checks, the loss forward, FSDP2 sharding
-and saving. The process group and its collectives are in distributed.py."""
+"""The student (and the online teacher) as modules: loading, vocabulary and packing checks, the loss forward,
+FSDP2 sharding and saving. The process group and its collectives are in distributed.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -12,7 +11,8 @@ from torch import nn
 from ..errors import UserError, first_line
 from ..fingerprints import resolve_model, tokenizer_hash
 from ..heads import LogitMap
-from ..losses import chunked_lm_loss
+from ..losses import ChunkFn, chunked_lm_loss
+from ..packing import keeps_sequences_apart
 from .distributed import Dist
 from .run_folder import staged_student
 
@@ -38,6 +38,11 @@ def check_vocabulary(model, tokenizer, settings: dict, what: str) -> None:
         raise UserError(f"the {what} has {rows} vocabulary rows, fewer than the tokenizer's {settings['tokenizer_size']} tokens")
 
 
+def check_packing(model, pack: bool, what: str) -> None:
+    if pack and not keeps_sequences_apart(model.get_decoder(), torch.device("cpu")):
+        raise UserError(f"--pack: the {what}'s attention does not keep packed sequences apart in this transformers version; train without --pack")
+
+
 def attention_implementation() -> str:
     """flash-attn when installed on a GPU, else PyTorch SDPA."""
     import importlib.util
@@ -54,8 +59,7 @@ class LossModel(nn.Module):
         super().__init__()
         self.lm, self.chunk, self.mapping = lm, chunk, mapping
 
-    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
-                fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor, fn: ChunkFn) -> tuple[torch.Tensor, torch.Tensor]:
         """`inputs`: the decoder's keyword arguments (`MicroBatch.model_inputs`); `targets`: [B, T-1] bool."""
         h = self.lm.get_decoder()(**inputs).last_hidden_state[:, :-1][targets]
         head = self.lm.get_output_embeddings()

@@ -1,0 +1,64 @@
+"""The teacher of a training step: read from the cache's records (top-k, or head + sampled tail), or a model run
+in-process (online mode, the original set-up, for comparison). Either way it comes out as one of the loss
+layer's teacher types (losses/sparse.py), sliced chunk by chunk by the chunked loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..heads import LogitMap, check_head, head_logits
+from ..losses import DenseTeacher, SampledTeacher, TopKTeacher
+from .data import MicroBatch
+from .distributed import Dist
+from .student import attention_implementation, check_packing, check_vocabulary, load_causal_lm
+
+
+def cached_teacher(mb: MicroBatch, settings: dict, tail: str, env: Dist) -> Union[TopKTeacher, SampledTeacher]:
+    """The cache's teacher at the micro-batch's target positions. `settings`: the cache's manifest settings."""
+    head = [x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass)]
+    if mb.samples is None:
+        return TopKTeacher(*head, settings["tokenizer_size"], tail)
+    return SampledTeacher(*head, *(x[mb.targets].to(env.device) for x in mb.samples), settings["tokenizer_size"])
+
+
+@dataclass
+class OnlineTeacher:
+    """A teacher model's last hidden states at N target positions; a slice of them becomes dense log-probs
+    through its LM head (one chunk of [positions, V] at a time, like the student's)."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    mapping: LogitMap
+    valid_vocab: int
+    student_rows: int
+
+    def __getitem__(self, rows: slice) -> DenseTeacher:
+        logits = head_logits(self.hidden[rows], self.head.weight, self.head.bias, self.mapping)[:, : self.valid_vocab]
+        return DenseTeacher(F.pad(F.log_softmax(logits, -1), (0, self.student_rows - self.valid_vocab), value=-math.inf))
+
+
+class TeacherSource:
+    """Where a run's teacher comes from: the training cache, or `--teacher-model` loaded once, checked against the
+    cache's tokenizer and its own logits, and frozen."""
+
+    def __init__(self, settings: dict, tail: str, student_rows: int, env: Dist, model: Optional[str] = None, pack: bool = False) -> None:
+        self.settings, self.tail, self.student_rows, self.model = settings, tail, student_rows, None
+        if model is not None:
+            lm, tokenizer = load_causal_lm(model, "teacher", torch.float32, attention_implementation())
+            check_vocabulary(lm, tokenizer, settings, "teacher")
+            check_packing(lm, pack, "teacher")
+            self.model = lm.to(env.device).eval().requires_grad_(False)
+            self.mapping = check_head(self.model, "teacher")
+
+    def for_batch(self, mb: MicroBatch, env: Dist) -> Union[TopKTeacher, SampledTeacher, OnlineTeacher]:
+        if self.model is None:
+            return cached_teacher(mb, self.settings, self.tail, env)
+        with torch.no_grad():
+            out = self.model.get_decoder()(**mb.model_inputs(env.device))
+        hidden = out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
+        return OnlineTeacher(hidden, self.model.get_output_embeddings(), self.mapping, self.settings["tokenizer_size"], self.student_rows)
