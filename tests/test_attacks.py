@@ -32,6 +32,7 @@ from taid_cache.shards.manifest import WorkerPart, save_part
 from taid_cache.engines.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
 from taid_cache.pipelines.train_student import step_batches
+from taid_cache.training.metrics import read_metrics
 from taid_cache.training.data import CacheStream, micro_batches
 from taid_cache.training.distributed import Dist
 
@@ -87,7 +88,7 @@ def torch_load_dcp(folder: Path) -> dict:
 
 
 def losses_of(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    return [r for r in read_metrics(out) if "loss" in r]
 
 
 # ---------------------------------------------------------------- silent wrong results
@@ -433,7 +434,7 @@ def test_train_typos_leave_nothing_that_blocks_the_corrected_command(student_dir
 def test_eval_cache_without_eval_every_evaluates_at_the_end(student_dir, caches, tmp_path) -> None:
     out = tmp_path / "o"
     assert train(student_dir, caches["top16"], out, "--eval-cache", str(caches["top16"])).exit_code == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     evals = [r for r in records if "eval_kl_cache" in r]
     assert [r["step"] for r in evals] == [3] and evals[0]["eval_kl_cache"] > 0
 

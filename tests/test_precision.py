@@ -3,7 +3,6 @@ bf16 per-step losses track fp32's."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from taid_cache.config import LOSSES, TrainConfig
 from taid_cache.losses import ChunkLoss, TopKTeacher, chunked_lm_loss, taid_sparse
 from taid_cache.pipelines.train_student import train_student
+from taid_cache.training.metrics import read_metrics
 
 # bf16 keeps 8 bits of mantissa: one rounding is 2^-9 relative; sums of many such errors partly cancel.
 BF16_GRAD_REL = 2e-2
@@ -52,7 +52,7 @@ def test_chunked_closed_form_taid_in_bf16_matches_fp32(chunk: int) -> None:
 def run(student: Path, cache: Path, out: Path, **kw) -> list[dict]:
     train_student(TrainConfig(student=str(student), cache=cache, output=out, progress=False, batch_size=4,
                               max_length=128, **kw))
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -25,6 +25,7 @@ from taid_cache.engines.tail_sampling import distinct_draws, draw_off_head, sequ
 from taid_cache.losses import LossConfig, SampledTeacher, distillation, rebuild_teacher, taid
 from taid_cache.config import TrainConfig
 from taid_cache.pipelines.train_student import train_student
+from taid_cache.training.metrics import read_metrics
 from taid_cache.shards import read_cache
 from taid_cache.shards.manifest import load_manifest
 from taid_cache.shards.codec import LOGPROB_STEP, ragged_grid
@@ -211,7 +212,7 @@ def test_sampled_cache_trains_fkl_and_taid_and_refuses_the_rest(teacher_dir, stu
     records = list(read_cache(tmp_path / "cache"))
     train_student(TrainConfig(student=str(student_dir), cache=tmp_path / "cache", output=tmp_path / "fkl", loss="fkl",
                               max_steps=2, batch_size=len(records), lr=1e-3, max_length=256, shuffle_buffer=1, progress=False))
-    first = next(m for m in map(json.loads, (tmp_path / "fkl" / "metrics.jsonl").read_text().splitlines()) if m.get("step") == 1)
+    first = next(m for m in read_metrics(tmp_path / "fkl") if m.get("step") == 1)
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     total = positions = 0.0
     for rec in records:

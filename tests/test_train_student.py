@@ -23,14 +23,14 @@ from conftest import ROOT, STUDENT, run_cli, write_jsonl
 from taid_cache.cli import app
 from taid_cache.config import LOSSES, TrainConfig
 from taid_cache.pipelines.train_student import train_student
+from taid_cache.training.metrics import read_metrics
 from taid_cache.reproduce.models import new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
 from taid_cache.packing import keeps_sequences_apart, pack_rows
 from taid_cache.training.data import collate
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def steps(out: Path) -> list[dict]:

@@ -9,35 +9,35 @@ loss -> log, evaluate, checkpoint -> save the student with save_pretrained.
 from __future__ import annotations
 
 import importlib.util
-import itertools
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
+from ..atomic import check_writable_folder
 from ..config import TrainConfig, check_fields, read_config
-from ..atomic import check_writable_folder, write_text
 from ..errors import UserError, first_line, user_errors
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head
-from ..settings import describe_differences
-from ..losses import SAMPLED_LOSSES, ChunkLoss, LossConfig, TaidSchedule, chunk_loss, cross_entropy, distillation
+from ..losses import SAMPLED_LOSSES, LossConfig, TaidSchedule, chunk_loss
 from ..progress import step_bar
+from ..settings import describe_differences
 from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
 from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint
-from ..training.data import CacheStream, MicroBatch, collate, micro_batches
-from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
-from ..training.teacher import TeacherSource, cached_teacher
+from ..training.data import CacheStream, MicroBatch, micro_batches
 from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
+from ..training.evaluate import evaluate
+from ..training.metrics import MetricsLog
+from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
+from ..training.teacher import TeacherSource
 from ..training.student import (
     LossModel, attention_implementation, check_packing, check_vocabulary, load_causal_lm, save_student, shard_model,
 )
+
 
 def check_options(cfg: TrainConfig) -> None:
     """Every option in range before anything is loaded or written: each field's declared range (config.py), then
@@ -68,84 +68,6 @@ def micro_batch_loss(model: LossModel, teacher: TeacherSource, mb: MicroBatch, l
     batch_teacher = teacher.for_batch(mb, env) if loss.name != "sft" else None
     return model(mb.model_inputs(env.device), mb.targets.to(env.device),
                  lambda logits, sl: chunk_loss(loss, None if batch_teacher is None else batch_teacher[sl], logits, labels[sl], t))
-
-
-@torch.no_grad()
-def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, env: Dist) -> dict[str, float]:
-    """Held-out CE on the data, KL(teacher‖student) against the rebuilt teacher, top-1 agreement. Never touches t.
-    `manifest`: the eval cache's, verified at the start of the run."""
-    data = CacheStream(cfg.eval_cache, cfg.batch_size, env.rank, env.world, cfg.max_length, 0, 1, False, limit=manifest["records"], pack=cfg.pack)
-    # Every rank must run as many forwards as the busiest one (FSDP all-gathers in each): ranks with fewer
-    # records finish with forwards over an empty micro-batch that selects no position.
-    busiest = math.ceil(math.ceil(manifest["records"] / env.world) / cfg.batch_size)
-    sums = torch.zeros(4, device=env.device)  # ce, kl, top1, count
-    model.eval()
-    settings = manifest["settings"]  # the held-out cache's own (its k, its kind of tail)
-    kl = LossConfig("fkl")  # against a sampled tail: Σ ŵ (ℓ − log q), an unbiased estimate of the KL
-    for mb in itertools.islice(itertools.chain(data, itertools.repeat(empty_micro_batch(settings))), busiest):
-        teacher = cached_teacher(mb, settings, cfg.tail, env)
-        labels = mb.labels[mb.targets].to(env.device)
-
-        def fn(logits: torch.Tensor, sl: slice) -> ChunkLoss:
-            sums[0] += cross_entropy(logits, labels[sl]).sum()
-            sums[1] += distillation(kl, teacher[sl], logits, 1.0).sum()
-            sums[2] += (logits.argmax(-1) == teacher[sl].top1()).sum()
-            sums[3] += logits.shape[0]
-            return ChunkLoss(logits.new_zeros(()), logits.new_zeros(()))
-
-        model(mb.model_inputs(env.device), mb.targets.to(env.device), fn)
-    model.train()
-    sums = all_reduce_sum(sums, env)
-    n = max(sums[3].item(), 1.0)
-    return {"eval_ce": sums[0].item() / n, "eval_kl_cache": sums[1].item() / n, "eval_top1": sums[2].item() / n}
-
-
-def empty_micro_batch(settings: dict) -> MicroBatch:
-    """One two-token row with no target: a forward that contributes nothing."""
-    def unused(width: int) -> dict[str, np.ndarray]:
-        return {"ids": np.full((1, width), -1, np.int64), "logprobs": np.full((1, width), -np.inf, np.float32)}
-
-    head, drawn = unused(settings["top_k"]), unused(settings.get("tail_samples", 0))
-    record = {"input_ids": np.zeros(2, np.int64), "loss_mask": np.zeros(2, bool), "topk_ids": head["ids"],
-              "topk_logprobs": head["logprobs"], "tail_logmass": np.zeros(1, np.float32)}
-    if settings.get("tail_samples"):
-        record.update(sample_ids=drawn["ids"], sample_logprobs=drawn["logprobs"], sample_draws=np.zeros_like(drawn["ids"]))
-    return collate([record], 2)
-
-
-def parse_line(line: str) -> dict | None:
-    """One metrics record; None for a line torn by a kill in mid-write."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-class MetricsLog:
-    """OUTPUT/metrics.jsonl, written by rank 0; a resumed run first drops lines past its checkpoint."""
-
-    def __init__(self, output: Path, env: Dist, resumed_step: int, tensorboard: bool) -> None:
-        self.path, self.enabled = output / "metrics.jsonl", env.rank == 0
-        self.board = None
-        if self.enabled:
-            lines = self.path.read_text().splitlines() if self.path.exists() else []
-            kept = [line for line in lines if (record := parse_line(line)) is not None and record.get("step", math.inf) <= resumed_step]
-            write_text(self.path, "".join(line + "\n" for line in kept))
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(str(output / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, record["step"])
 
 
 def verified(cache: Path, env: Dist) -> dict:

@@ -62,6 +62,10 @@ def embedded_data(cfg: ReproduceConfig, data: Path) -> None:
     write_jsonl(data / "chat-heldout-raw.jsonl", [{"messages": c} for c in pairs["heldout"]])
 
 
+def pretrain_texts(out: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
+
+
 def config_data(cfg: ReproduceConfig, data: Path) -> None:
     """A config's chat data (local files or a hub dataset with a `messages` column), unfiltered."""
     from ..inputs import load_rows
@@ -108,8 +112,7 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
         return folder
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     model = new_llama(cfg.teacher_size, len(tokenizer), tokenizer, seed=cfg.seed)
-    texts = [json.loads(line)["text"] for line in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
-    blocks = pack_blocks([tokenizer(t)["input_ids"] for t in texts], 256)
+    blocks = pack_blocks([tokenizer(t)["input_ids"] for t in pretrain_texts(out)], 256)
     losses = pretrain(model, blocks, PretrainConfig(steps=cfg.pretrain_steps, seed=cfg.seed), console=console)
     tmp = out / ".teacher.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -211,8 +214,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
         if not (out / "tokenizer" / "tokenizer.json").exists():
             from .tokenizer import train_tokenizer
 
-            texts = [json.loads(line)["text"] for line in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
-            train_tokenizer(texts, cfg.vocab_size, out / "tokenizer")
+            train_tokenizer(pretrain_texts(out), cfg.vocab_size, out / "tokenizer")
         teacher = build_teacher(cfg, out, console)
     elif is_gguf_source(cfg.teacher):
         teacher = out / "teacher"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +9,13 @@ from rich.console import Console
 
 from ..atomic import write_json
 from ..provenance import commit, machine
+from ..training.metrics import read_metrics
 from .config import ReproduceConfig
 
 
-def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def split_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    """A run's training steps and its evaluations."""
+    rows = read_metrics(run)
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_ce" in r]
 
 
@@ -26,14 +27,14 @@ def plots(out: Path, runs: dict[str, Path], results: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, run in runs.items():
-        steps, _ = read_metrics(run)
+        steps, _ = split_metrics(run)
         ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=method)
     ax.set_xlabel("optimizer step"), ax.set_ylabel("training loss (each method's own)"), ax.set_yscale("log")
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=120), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, run in runs.items():
-        steps, _ = read_metrics(run)
+        steps, _ = split_metrics(run)
         if "t" in steps[0]:
             ax.plot([s["step"] for s in steps], [s["t"] for s in steps], label=method)
     ax.set_xlabel("optimizer step"), ax.set_ylabel("TAID t"), ax.legend(fontsize=7)
@@ -54,7 +55,7 @@ def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluat
     sampled tail cache's, when a `*-sampled` method ran."""
     results = []
     for method, run in runs.items():
-        steps, _ = read_metrics(run)
+        steps, _ = split_metrics(run)
         results.append({"method": method, **evaluation[method], "wall_s": steps[-1]["elapsed_s"], "steps": steps[-1]["step"],
                         "final_train_loss": steps[-1]["loss"], **({"final_t": steps[-1]["t"]} if "t" in steps[-1] else {})})
     report = {"runs": results, "teacher": evaluation["teacher"], "machine": machine(), "commit": commit(),
