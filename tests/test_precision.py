@@ -29,12 +29,14 @@ def closed_form(ids: torch.Tensor, lps: torch.Tensor, vocab: int):
 
 
 @pytest.mark.parametrize("chunk", [7, 64])
-def test_chunked_closed_form_taid_in_bf16_matches_fp32(chunk: int) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+def test_chunked_closed_form_taid_in_bf16_matches_fp32(chunk: int, device: str) -> None:
     torch.manual_seed(0)
     n, hidden, vocab, k = 50, 32, 300, 8
-    h32 = torch.randn(n, hidden)
-    w32 = torch.randn(vocab, hidden) * 0.3
-    lps, ids = torch.log_softmax(torch.randn(n, vocab) * 4, -1).topk(k, -1)
+    h32 = torch.randn(n, hidden).to(device)
+    w32 = (torch.randn(vocab, hidden) * 0.3).to(device)
+    lps, ids = (x.to(device) for x in torch.log_softmax(torch.randn(n, vocab) * 4, -1).topk(k, -1))
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
         h = h32.to(dtype).clone().requires_grad_()
