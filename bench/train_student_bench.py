@@ -106,7 +106,10 @@ def per_position(logits, sl):
 if mode == "naive":
     loss = per_position(hidden @ weight.t(), slice(None)).sum() / n
 else:
-    loss = chunked_lm_loss(hidden, weight, lambda lg, sl: ChunkLoss(per_position(lg, sl).sum(), per_position(lg, sl).sum()), 1024)[0] / n
+    def summed(logits, sl):
+        value = per_position(logits, sl).sum()
+        return ChunkLoss(value, value)
+    loss = chunked_lm_loss(hidden, weight, summed, 1024)[0] / n
 loss.backward()
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 torch.save({"loss": loss.detach(), "gh": hidden.grad, "gw": weight.grad}, sys.argv[6])

@@ -49,10 +49,18 @@ def atomic_path(final: Path) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, final)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        remove(tmp)
+
+
+def remove(path: Path) -> None:
+    """A file or a folder, gone."""
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def remove_temporaries(final: Path) -> None:
+    """What a killed process left of `atomic_path(final)` (a kill skips its clean-up): never read, so removed."""
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        remove(tmp)
 
 
 def write_text(final: Path, text: str) -> None:

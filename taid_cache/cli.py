@@ -1,4 +1,5 @@
-"""The `taid-cache` command line: options are parsed here into config dataclasses; the work is in pipelines/."""
+"""The `taid-cache` command line: dump-teacher and train-student are derived from their config dataclasses
+(config.py); inspect, verify and convert-gguf are small enough to declare here. The work is in pipelines/."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from .config import DumpConfig, TrainConfig, options_of
 from .errors import UserError, user_errors
+from .progress import only_our_bars
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pay for the teacher once: cache its top-k log-probs, then distil from the cache.")
@@ -23,9 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def setup() -> None:
     """Runs before every command."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars are the ones to watch
+    only_our_bars()
 
 
 def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:

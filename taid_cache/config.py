@@ -105,13 +105,34 @@ def to_json(cfg: Any) -> dict[str, Any]:
     return {f.name: str(v) if isinstance(v := getattr(cfg, f.name), Path) else v for f in options_of(cfg)}
 
 
-def from_json(cls: type, values: dict[str, Any]) -> Any:
-    """`to_json`'s inverse: paths come back as Path."""
+def json_value(name: str, value: Any, hint: Any) -> Any:
+    """A JSON value as the option's type (a path from a string, a float from an integer); else a UserError."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    if (hint is float and number) or (hint is int and number and isinstance(value, int)):
+        return hint(value)
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    if typing.get_origin(hint) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {value!r}")
+
+
+def from_json(cls: type, values: Any) -> Any:
+    """`to_json`'s inverse, each value checked against its option's type."""
+    if not isinstance(values, dict):
+        raise UserError(f"a {cls.__name__} is a JSON object of options, not {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - {f.name for f in options_of(cls)})
     if unknown:
         raise UserError(f"unknown options {', '.join(unknown)} in a {cls.__name__}")
-    return cls(**{k: Path(v) if v is not None and hints[k] in (Path, Optional[Path]) else v for k, v in values.items()})
+    return cls(**{k: json_value(k, v, hints[k]) for k, v in values.items()})
 
 
 def read_config(cls: type, path: Path) -> Any:
@@ -135,7 +156,7 @@ class DumpConfig:
     split: str = option("train", "Dataset split (hub datasets).")
     input_kind: str = option("auto", "Row kind: chat (messages), text, tokens (input_ids), or auto.", choices=KINDS)
     engine: str = option("auto", "Teacher engine: vllm, hf (transformers), or auto (vLLM when it imports).", choices=ENGINES)
-    top_k: int = option(64, "Top-k next-token log-probs stored per position.", within="[0, inf)")
+    top_k: int = option(64, "Top-k next-token log-probs stored per position (0 only with --tail-samples).")
     top_p: Optional[float] = option(None, "Keep only the fewest entries (1..k) whose mass reaches p.", within="(0, 1]")
     tail_samples: int = option(0, "Also draw N tokens per position from the teacher off the top-k (stored as distinct ids, "
                                "counts and log-probs): an unbiased sampled tail. hf engine.", within=f"[0, {MAX_TAIL_SAMPLES}]")
@@ -150,7 +171,7 @@ class DumpConfig:
     worker_index: int = option(0, "This process's slice, 0..num_workers-1.", within="[0, inf)")
     batch_tokens: int = option(16384, "Tokens per engine call.", within="[1, inf)")
     shard_size_mb: float = option(256.0, "Roll to a new shard past this size.", within="(0, inf)")
-    zstd_level: int = option(3, "zstd level of the Arrow IPC buffers.", within="[1, 22]")
+    zstd_level: int = option(3, "zstd level of the Arrow IPC buffers.", within="[-131072, 22]")
     lm_head_chunk: int = option(1024, "hf engine: positions per LM-head chunk (bounds the float32 [chunk, vocab] logits).",
                                 within="[1, inf)")
     progress: bool = option(True, "Show a progress bar.")

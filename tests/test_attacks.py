@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from conftest import run_process, write_jsonl
-from taid_cache.atomic import exclusive_lock, temporary_name
+from taid_cache.atomic import atomic_path, exclusive_lock, remove_temporaries, temporary_name
 from taid_cache.cli import app
 from taid_cache.errors import UserError
 from taid_cache.fingerprints import model_hash
@@ -437,6 +437,25 @@ def test_eval_cache_without_eval_every_evaluates_at_the_end(student_dir, caches,
     records = read_metrics(out)
     evals = [r for r in records if "eval_kl_cache" in r]
     assert [r["step"] for r in evals] == [3] and evals[0]["eval_kl_cache"] > 0
+
+
+def test_a_killed_atomic_install_leaves_nothing_the_next_run_keeps(tmp_path) -> None:
+    """A kill inside atomic_path leaves its uniquely named temporary; the next attempt removes it (and only it)."""
+    final = tmp_path / "teacher"
+    for name in (temporary_name(final), temporary_name(final)):
+        (name / "sub").mkdir(parents=True)
+        (name / "sub" / "weights").write_bytes(b"x" * 100)
+    stray_file = temporary_name(final)
+    stray_file.write_text("partial")
+    others = [temporary_name(tmp_path / "teacherish"), tmp_path / "teacher.tmp-kept"]
+    for other in others:
+        other.write_text("not ours")
+    remove_temporaries(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+    assert (final / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == sorted(["teacher", *(p.name for p in others)])
 
 
 # ---------------------------------------------------------------- messages

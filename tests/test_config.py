@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from taid_cache.cli import app
 from taid_cache.config import DumpConfig, Range, TrainConfig, check_fields, from_json, options_of, to_json
 from taid_cache.errors import UserError
+from taid_cache.pipelines.train_student import main
 
 
 @pytest.mark.parametrize("name,config", [("dump-teacher", DumpConfig), ("train-student", TrainConfig)])
@@ -90,14 +91,57 @@ def test_check_fields_names_the_option(change, words) -> None:
     assert str(err.value) == words
 
 
-def test_config_file_entry_point_reports_one_line(tmp_path) -> None:
+def test_config_file_entry_point_reports_one_line(tmp_path, capsys) -> None:
     """The entry torchrun starts for `make reproduce` (a saved TrainConfig) fails on a bad file like the CLI does."""
     bad = tmp_path / "run.json"
-    bad.write_text(json.dumps({"student": "s", "cache": "c", "output": str(tmp_path / "o"), "loss": "kl-magic", "max_steps": 1}))
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.pipelines.train_student", str(bad)], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: --loss must be one of " + ", ".join(
-        ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")) + ", not 'kl-magic'"], proc.stderr
-    bad.write_text(json.dumps({"student": "s", "unknown_option": 1}))
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.pipelines.train_student", str(bad)], capture_output=True, text=True)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "unknown_option" in proc.stderr, proc.stderr
+    good = {"student": "s", "cache": "c", "output": str(tmp_path / "o"), "max_steps": 1}
+    cases = [
+        ({**good, "loss": "kl-magic"}, "--loss must be one of " + ", ".join(
+            ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")) + ", not 'kl-magic'"),
+        ({"student": "s", "unknown_option": 1}, "unknown_option"),
+        ({**good, "max_steps": "5"}, "max_steps must be int, not '5'"),
+        ({**good, "loss": None}, "loss must be str, not None"),
+        ({**good, "lr": True}, "lr must be float, not True"),
+        ({"student": "s"}, "cache"),  # a required option missing
+        ([1, 2], "a TrainConfig is a JSON object of options, not list"),
+    ]
+    usage = "usage: python -m taid_cache.pipelines.train_student CONFIG.json (a TrainConfig saved with config.to_json)"
+    for values, words in [*cases, (None, usage)]:
+        bad.write_text(json.dumps(values))
+        with pytest.raises(SystemExit) as code:
+            main([str(bad)] if values is not None else [str(bad), "extra"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (values, lines)
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.pipelines.train_student"], capture_output=True, text=True)  # as torchrun starts it
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {usage}"], proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_json_values_take_the_option_types() -> None:
+    cfg = from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "lr": 1, "epochs": 2, "eval_cache": None})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and isinstance(cfg.epochs, float) and cfg.eval_cache is None
+    assert cfg.cache == Path("c") and cfg.output == Path("o")
+    with pytest.raises(UserError, match="max_steps must be int, not 1.5"):
+        from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "max_steps": 1.5})
+    with pytest.raises(UserError, match="data must be list"):
+        from_json(DumpConfig, {"model": "m", "data": "a.jsonl", "output": "o"})
+
+
+def test_reproduce_hands_several_ranks_the_config_it_would_train_with(monkeypatch, tmp_path) -> None:
+    """nproc_per_node > 1: torchrun starts the JSON entry on a file holding exactly the one-process TrainConfig."""
+    from taid_cache.reproduce import pipeline
+    from taid_cache.reproduce.config import ReproduceConfig
+
+    launched, trained = [], []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, check: launched.append(cmd))
+    monkeypatch.setattr(pipeline, "train_student", trained.append)
+    paths = [tmp_path / name for name in ("student", "teacher", "cache", "heldout")]
+    for nproc, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        pipeline.train_method(ReproduceConfig(nproc_per_node=nproc), "taid-online", out, *paths, console=None)
+    assert len(trained) == 1 and len(launched) == 1
+    cmd = launched[0]
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"] and cmd[6] == "taid_cache.pipelines.train_student"
+    saved = json.loads(Path(cmd[7]).read_text())
+    expected = to_json(trained[0])
+    assert saved == {**expected, "output": str(tmp_path / "two" / "runs" / "taid-online")}
+    assert saved["teacher_model"] == str(paths[1]) and saved["loss"] == "taid" and saved["max_steps"] == 600

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, STUDENT, run_cli, write_jsonl
 from taid_cache.cli import app
-from taid_cache.config import LOSSES, TrainConfig
+from taid_cache.config import LOSSES, TrainConfig, to_json
 from taid_cache.pipelines.train_student import train_student
 from taid_cache.training.metrics import read_metrics
 from taid_cache.reproduce.models import new_llama
@@ -93,10 +93,14 @@ def test_two_gloo_ranks_equal_one_rank(student_dir, caches, tmp_path, precision:
                    "--resume", check=False)
     assert proc.returncode == 2 and "world_size" in proc.stderr, proc.stderr
     if precision == "fp32":  # two ranks resume their own shards (torch.distributed.checkpoint) exactly
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "taid_cache.cli",
-                               "train-student", *args, "--output", str(tmp_path / "two"), "--batch-size", "2", "--save-every", "2",
-                               "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # ... started the way make reproduce starts ranks: a saved TrainConfig, whose settings must equal the CLI's
+        config = TrainConfig(student=str(student_dir), cache=caches["top16"], output=tmp_path / "two", max_steps=4, lr=3e-3,
+                             max_length=256, taid_alpha=0.2, progress=False, precision=precision, batch_size=2, save_every=2,
+                             resume=True)
+        (tmp_path / "run.json").write_text(json.dumps(to_json(config)))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                               "taid_cache.pipelines.train_student", str(tmp_path / "run.json")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         resumed = steps(tmp_path / "two")
         assert [m["step"] for m in resumed] == [1, 2, 3, 4]

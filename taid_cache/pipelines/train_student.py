@@ -22,7 +22,7 @@ from ..errors import UserError, first_line, user_errors
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head
 from ..losses import SAMPLED_LOSSES, LossConfig, TaidSchedule, chunk_loss
-from ..progress import step_bar
+from ..progress import only_our_bars, step_bar
 from ..settings import describe_differences
 from ..shards.manifest import cache_identity, load_manifest
 from ..shards.reader import read_cache
@@ -260,13 +260,16 @@ def require_finite(model, env: Dist, step: int) -> None:
 
 
 @user_errors
-def main(config_file: Path) -> None:
+def main(argv: list[str]) -> None:
     """`torchrun ... -m taid_cache.pipelines.train_student CONFIG.json`: a TrainConfig saved with config.to_json
     (how `make reproduce` starts several ranks)."""
-    train_student(read_config(TrainConfig, config_file))
+    if len(argv) != 1:
+        raise UserError("usage: python -m taid_cache.pipelines.train_student CONFIG.json (a TrainConfig saved with config.to_json)")
+    only_our_bars()
+    train_student(read_config(TrainConfig, Path(argv[0])))
 
 
 if __name__ == "__main__":
     import sys
 
-    main(Path(sys.argv[1]))
+    main(sys.argv[1:])

@@ -17,12 +17,11 @@ def main(
     config: Optional[Path] = typer.Option(None, help="YAML config (configs/*.yaml) instead of the embedded default."),
 ) -> None:
     """Run the whole pipeline end to end and write results.json, results.md and plots."""
-    from transformers.utils import logging as hf_logging
-
+    from ..progress import only_our_bars
     from .config import ReproduceConfig, load_config, quick as quick_config
     from .pipeline import run_reproduce
 
-    hf_logging.disable_progress_bar()
+    only_our_bars()
     cfg = load_config(config) if config else quick_config() if quick else ReproduceConfig()
     run_reproduce(cfg, out or Path("runs") / ("reproduce-quick" if quick else "reproduce"))
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from ..atomic import read_json, write_json, write_text
+from ..atomic import atomic_path, read_json, remove_temporaries, write_json, write_text
 from ..errors import UserError
 from ..gguf import convert_gguf, is_gguf_source, locate
 from ..config import DumpConfig, TrainConfig, to_json
@@ -114,12 +114,11 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
     model = new_llama(cfg.teacher_size, len(tokenizer), tokenizer, seed=cfg.seed)
     blocks = pack_blocks([tokenizer(t)["input_ids"] for t in pretrain_texts(out)], 256)
     losses = pretrain(model, blocks, PretrainConfig(steps=cfg.pretrain_steps, seed=cfg.seed), console=console)
-    tmp = out / ".teacher.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "pretrain.json", {"steps": len(losses), "losses": losses})
-    tmp.rename(folder)
+    remove_temporaries(folder)
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "pretrain.json", {"steps": len(losses), "losses": losses})
     return folder
 
 
@@ -145,17 +144,16 @@ def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
     if (folder / "model.safetensors").exists() or any(folder.glob("model*.safetensors")):
         return folder
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    tmp = out / ".student-init.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.student is None:
-        new_llama(cfg.student_size, len(tokenizer), tokenizer, seed=cfg.seed + 1, out=tmp)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.student)
-        if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
+    remove_temporaries(folder)
+    with atomic_path(folder) as tmp:
+        if cfg.student is None:
+            new_llama(cfg.student_size, len(tokenizer), tokenizer, seed=cfg.seed + 1, out=tmp)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.student)
+            if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
+                model.resize_token_embeddings(len(tokenizer))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return folder
 
 
@@ -177,6 +175,7 @@ def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, te
                         eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
     if cfg.nproc_per_node > 1:  # the ranks read the same config from a file
         config_file = out / "runs" / f"{method}.json"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(config_file, to_json(train))
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc_per_node),
                         "-m", "taid_cache.pipelines.train_student", str(config_file)], check=True)

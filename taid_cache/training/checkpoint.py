@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..atomic import fsync_path, read_json, temporary_name, write_json
+from ..atomic import fsync_path, read_json, remove, temporary_name, write_json
 from ..errors import UserError, first_line
 from .distributed import Dist, all_reduce_max, broadcast_object
 
@@ -117,4 +117,4 @@ def load_state(path: Path, model, optimizer, scheduler) -> None:
 def remove_interrupted_saves(output: Path) -> None:
     """Temporary folders of saves a kill interrupted (each can be checkpoint-sized): never read, so removed."""
     for tmp in [*(output / "checkpoints").glob(".step-*.tmp-*"), *output.glob(".*.tmp-*")]:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove(tmp)
