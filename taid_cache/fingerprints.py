@@ -37,11 +37,8 @@ def file_xxh3(path: Path) -> str:
     """xxh3-128 of a file's whole content (xxhash releases the GIL, so files hash in parallel threads)."""
     import xxhash
 
-    digest = xxhash.xxh3_128()
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, xxhash.xxh3_128).hexdigest()
 
 
 def model_hash(folder: Path) -> str:

@@ -109,11 +109,10 @@ def dataset_fingerprint(data: list[str], rows) -> str:
     if not all(p.is_file() for p in paths):
         return rows._fingerprint
     digest = hashlib.sha256()
-    for p in paths:
+    for p in paths:  # one running hash over (name, content) of each file in turn
         digest.update(p.name.encode())
         with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
+            hashlib.file_digest(fh, lambda: digest)
     return digest.hexdigest()
 
 
