@@ -34,9 +34,10 @@ def evaluate(model: LossModel, cfg: TrainConfig, manifest: dict, env: Dist) -> d
         labels = mb.labels[mb.targets].to(env.device)
 
         def fn(logits: torch.Tensor, sl: slice) -> ChunkLoss:
+            chunk = teacher[sl]
             sums[0] += cross_entropy(logits, labels[sl]).sum()
-            sums[1] += distillation(kl, teacher[sl], logits, 1.0).sum()
-            sums[2] += (logits.argmax(-1) == teacher[sl].top1()).sum()
+            sums[1] += distillation(kl, chunk, logits, 1.0).sum()
+            sums[2] += (logits.argmax(-1) == chunk.top1()).sum()
             sums[3] += logits.shape[0]
             return ChunkLoss(logits.new_zeros(()), logits.new_zeros(()))
 
