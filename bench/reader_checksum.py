@@ -16,7 +16,7 @@ import pyarrow as pa
 from publish import publish
 from taid_cache.shards.integrity import batch_crc32
 from taid_cache.shards.reader import decode_batch
-from taid_cache.engines.record import TeacherRecord
+from taid_cache.shards.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
 
 VOCAB, K, T, SEQS, PER_BATCH = 49152, 64, 512, 256, 16
@@ -28,7 +28,8 @@ def records(rng: np.random.Generator, n: int) -> list[TeacherRecord]:
         ids = np.stack([rng.choice(VOCAB, K, replace=False) for _ in range(T - 1)])
         lps = np.sort(np.log(rng.dirichlet(np.full(VOCAB // 256, 0.1), size=T - 1)[:, :K] + 1e-9), axis=1)[:, ::-1].astype(np.float32)
         tail = np.log1p(-np.exp(lps.astype(np.float64)).sum(1)).astype(np.float32)
-        out.append(TeacherRecord(f"s{i}", rng.integers(0, VOCAB, T), np.ones(T, bool), ids, np.ascontiguousarray(lps), tail))
+        entropy = np.full(T - 1, 2.0, np.float32)  # any finite value: the fidelity sums are not what this measures
+        out.append(TeacherRecord(f"s{i}", rng.integers(0, VOCAB, T), np.ones(T, bool), ids, np.ascontiguousarray(lps), tail, entropy))
     return out
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         entries = []
-        writer = ShardWriter(Path(tmp), "shard-w00000", 0, VOCAB, K, None, "compact", 1 << 40, 3, entries.append)
+        writer = ShardWriter(Path(tmp), "shard-w00000", 0, VOCAB, K, "compact", 1 << 40, 3, entries.append)
         for start in range(0, SEQS, PER_BATCH):
             writer.write(records(rng, PER_BATCH), {"next_row": start + PER_BATCH})
         writer.commit()

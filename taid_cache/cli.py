@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import DumpConfig, TrainConfig, options_of
-from .errors import UserError, user_errors
+from .errors import UserError, run_and_exit, user_errors
 from .progress import only_our_bars
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -118,7 +118,7 @@ def convert_gguf_cmd(
 
 
 def main() -> None:
-    app()
+    run_and_exit(app)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from rich.console import Console
 
-from .engines import ENGINES
+from .engines import DISTRIBUTED_BACKENDS, ENGINES
 from .errors import UserError
 from .inputs import KINDS
 from .shards.codec import PRECISIONS as STORAGE_PRECISIONS
@@ -27,23 +27,29 @@ TAILS = ("student", "uniform", "renorm")
 COMPUTE_PRECISIONS = ("fp32", "bf16")
 OVERLONG = ("truncate", "drop")
 MAX_TAIL_SAMPLES = 4096
+SEEDS = "[0, 2^64)"  # what numpy and torch.manual_seed both take
 
 
 @dataclass(frozen=True)
 class Range:
-    """An interval such as (0, inf) or [1, 22]; infinite ends are open."""
+    """An interval such as (0, inf), [1, 22] or [0, 2^64); infinite ends are open."""
 
     low: float
     high: float
     low_closed: bool
     high_closed: bool
+    text: str  # as written, for messages
 
     @classmethod
     def parse(cls, text: str) -> Range:
         match = re.fullmatch(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])", text)
         if match is None:
             raise ValueError(f"not an interval: {text!r}")
-        return cls(float(match[2]), float(match[3]), match[1] == "[", match[4] == "]")
+
+        def number(token: str) -> float:  # 2^N exactly (an int: a 64-bit seed compares exactly against it)
+            return 2 ** int(token[2:]) if token.startswith("2^") else float(token)
+
+        return cls(number(match[2]), number(match[3]), match[1] == "[", match[4] == "]", text)
 
     def __contains__(self, value: float) -> bool:
         # Written as 'inside', never 'not outside': NaN fails every comparison and so is refused.
@@ -54,7 +60,7 @@ class Range:
     def __str__(self) -> str:
         if self.high == math.inf and self.low_closed:
             return f"at least {self.low:g}"
-        return f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
+        return f"in {self.text}"
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = None, choices: tuple[str, ...] = (),
@@ -159,12 +165,18 @@ class DumpConfig:
     top_k: int = option(64, "Top-k next-token log-probs stored per position (0 only with --tail-samples).")
     top_p: Optional[float] = option(None, "Keep only the fewest entries (1..k) whose mass reaches p.", within="(0, 1]")
     tail_samples: int = option(0, "Also draw N tokens per position from the teacher off the top-k (stored as distinct ids, "
-                               "counts and log-probs): an unbiased sampled tail. hf engine.", within=f"[0, {MAX_TAIL_SAMPLES}]")
-    seed: int = option(0, "Seed of the --tail-samples draws.", within="[0, inf)")
+                               "counts and log-probs): an unbiased sampled tail.", within=f"[0, {MAX_TAIL_SAMPLES}]")
+    seed: int = option(0, "Seed of the --tail-samples draws.", within=SEEDS)
     precision: str = option("compact", "Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact).",
                             choices=STORAGE_PRECISIONS)
-    tensor_parallel_size: int = option(1, "vLLM tensor-parallel size.", within="[1, inf)")
-    max_length: Optional[int] = option(None, "Longest sequence in tokens [default: the teacher's context - 1].", within="[2, inf)")
+    tensor_parallel_size: int = option(1, "vLLM: devices each layer is split over.", within="[1, inf)")
+    pipeline_parallel_size: int = option(1, "vLLM: stages the layers are split over (across nodes with --distributed-backend "
+                                         "ray).", within="[1, inf)")
+    distributed_backend: str = option("mp", "vLLM's executor for several devices: mp (one node) or ray (a Ray cluster, "
+                                      "several nodes).", choices=DISTRIBUTED_BACKENDS)
+    vllm_args: Optional[str] = option(None, "vLLM: more keyword arguments of vllm.LLM, as a JSON object (e.g. "
+                                      "'{\"enforce_eager\": true, \"quantization\": \"fp8\"}').")
+    max_length: Optional[int] = option(None, "Longest sequence in tokens [default: the teacher's context].", within="[2, inf)")
     overlong: str = option("truncate", "Longer rows: truncate or drop.", choices=OVERLONG)
     dtype: str = option("auto", "Teacher dtype: auto (as saved), float32, bfloat16, float16.")
     num_workers: int = option(1, "Independent processes sharing the dataset.", within="[1, inf)")
@@ -172,8 +184,8 @@ class DumpConfig:
     batch_tokens: int = option(16384, "Tokens per engine call.", within="[1, inf)")
     shard_size_mb: float = option(256.0, "Roll to a new shard past this size.", within="(0, inf)")
     zstd_level: int = option(3, "zstd level of the Arrow IPC buffers.", within="[-131072, 22]")
-    lm_head_chunk: int = option(1024, "hf engine: positions per LM-head chunk (bounds the float32 [chunk, vocab] logits).",
-                                within="[1, inf)")
+    lm_head_chunk: Optional[int] = option(None, "Positions per LM-head chunk, bounding the float32 [chunk, vocab] buffers "
+                                          "[default: as many as keep each within 128 MiB].", within="[1, inf)")
     progress: bool = option(True, "Show a progress bar.")
     console: Console = field(default_factory=stderr_console)
 
@@ -195,7 +207,7 @@ class TrainConfig:
     warmup_steps: int = option(0, "Linear warm-up steps.", within="[0, inf)")
     weight_decay: float = option(0.0, "AdamW weight decay.", within="[0, inf)")
     grad_clip: float = option(1.0, "Clip the gradient's global norm to this.", within="(0, inf)")
-    seed: int = option(0, "Seed of the data order and initial RNG.", within="[0, inf)")
+    seed: int = option(0, "Seed of the data order and initial RNG.", within=SEEDS)
     max_length: int = option(2048, "Longest sequence; longer ones are cut.", within="[2, inf)")
     pack: bool = option(False, "Pack each micro-batch's sequences into rows of --max-length tokens (attention stays "
                         "within each sequence) instead of padding each to the longest.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Callable
 
 import typer
@@ -29,3 +31,22 @@ def user_errors(fn: Callable) -> Callable:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def run_and_exit(entry: Callable[[], object]) -> None:
+    """A console entry point: run it, then end the process with its exit status. Once vLLM has run in this
+    process, the interpreter's teardown is skipped (os._exit after flushing): vLLM leaves daemon threads
+    blocked in native calls, and one that wakes during teardown aborts the finished process (seen as
+    "terminate called without an active exception", exit 134, after a complete dump)."""
+    try:
+        entry()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    if "vllm" not in sys.modules:
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

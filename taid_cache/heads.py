@@ -1,17 +1,20 @@
 """Output heads that are not a plain `hidden @ Wᵀ`: an LM-head bias (Phi, GPT-J), a logit multiplier (Cohere's
 `logit_scale`), a divisor (Granite's `logits_scaling`) and tanh soft-capping (Gemma 2's
-`final_logit_softcapping`). The engine, the trainer and the online teacher apply the head themselves, chunk by
+`final_logit_softcapping`). The engines, the trainer and the online teacher apply the head themselves, chunk by
 chunk, so each must reproduce `model(...).logits`; `check_head` proves it on a probe at start-up and refuses,
-in one line naming the model type, a model whose logits come out otherwise."""
+in one line naming the model type, a model whose logits come out otherwise. An engine whose decoder runs in
+another process (vLLM) proves it on a one-layer copy of the architecture instead (`check_architecture_head`)."""
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,26 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return mapping(F.linear(hidden, weight, bias))
 
 
+@dataclass
+class LmHead:
+    """An LM head as taid-cache applies it: weight [V, H], optional bias [V], and the map to logits."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mapping: LogitMap
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of hidden states in any float dtype (cast to the weight's, as the model itself computes)."""
+        return head_logits(hidden.to(self.weight.dtype), self.weight, self.bias, self.mapping)
+
+
+def model_head(model, what: str) -> LmHead:
+    """The head of a loaded transformers model, its map checked on a probe."""
+    mapping = check_head(model, what)
+    head = model.get_output_embeddings()
+    return LmHead(head.weight, head.bias, mapping)
+
+
 @torch.no_grad()
 def check_head(model, what: str) -> LogitMap:
     """The map that makes decoder output + LM head equal `model(...).logits`, checked on a probe."""
@@ -72,3 +95,40 @@ def check_head(model, what: str) -> LogitMap:
         raise UserError(f"the {what} ({kind}) computes its logits in a way taid-cache cannot reproduce from its decoder "
                         f"and LM head (largest gap {gap:.3g} on a probe): {kind} is not supported yet")
     return mapping
+
+
+PROBE_VOCAB = 64
+
+
+@torch.no_grad()
+def check_architecture_head(config, what: str) -> LogitMap:
+    """`check_head` for a model whose decoder runs elsewhere: the map from decoder output to logits belongs to the
+    model type and its config, not to the weights, so it is proved on a randomly initialised copy of the
+    architecture with one layer, a 64-token vocabulary and a narrow MLP (cheap for any teacher size). Its head is
+    drawn large (logits of tens of nats, a random bias) so that a missed soft-cap, scale or bias shows."""
+    from transformers import AutoModelForCausalLM
+
+    probe = copy.deepcopy(config)
+    text = probe.get_text_config()
+    layers = getattr(text, "num_hidden_layers", 1)
+    for key, value in list(vars(text).items()):  # per-layer lists (layer types, windows) follow the layer count
+        if isinstance(value, list) and len(value) == layers > 1:
+            setattr(text, key, value[:1])
+    text.num_hidden_layers = 1
+    text.vocab_size = PROBE_VOCAB
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(text, key, None), int) and getattr(text, key) >= PROBE_VOCAB:
+            setattr(text, key, None)
+    if isinstance(getattr(text, "intermediate_size", None), int):
+        text.intermediate_size = min(text.intermediate_size, 256)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(probe, dtype=torch.float32)
+    except Exception as exc:
+        raise UserError(f"cannot build a probe of the {what}'s architecture ({config.model_type}) to check its LM head: "
+                        f"{first_line(exc)}") from None
+    head = model.get_output_embeddings()
+    head.weight.normal_(0.0, 30.0 / math.sqrt(head.weight.shape[1]))
+    if head.bias is not None:
+        head.bias.normal_(0.0, 3.0)
+    return check_head(model, what)

@@ -29,7 +29,7 @@ from taid_cache.losses import LossConfig, fkl, per_position_fn, rebuild_teacher,
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
 from taid_cache.shards.manifest import WorkerPart, save_part
-from taid_cache.engines.record import TeacherRecord
+from taid_cache.shards.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
 from taid_cache.pipelines.train_student import step_batches
 from taid_cache.training.metrics import read_metrics
@@ -509,11 +509,11 @@ def test_compact_codec_round_trips_empty_and_leading_empty_positions(counts) -> 
 
 @pytest.mark.parametrize("bad,where", [(np.nan, "head"), (np.inf, "head"), (-np.inf, "head"), (np.nan, "tail"), (np.inf, "tail")])
 def test_non_finite_teacher_log_probs_are_refused_and_not_stored(tmp_path, bad, where) -> None:
-    writer = ShardWriter(tmp_path, "shard-w00000", 0, 512, 4, None, "compact", 1 << 20, 3, lambda entry: None)
+    writer = ShardWriter(tmp_path, "shard-w00000", 0, 512, 4, "compact", 1 << 20, 3, lambda entry: None)
     lps = np.log(np.full((2, 4), 0.2, dtype=np.float32))
     tail = np.log(np.full(2, 0.2, dtype=np.float32))
     (lps[1:, 2] if where == "head" else tail[1:])[0] = bad
-    record = TeacherRecord("s0", np.arange(3), np.ones(3, bool), np.tile(np.arange(4), (2, 1)), lps, tail)
+    record = TeacherRecord("s0", np.arange(3), np.ones(3, bool), np.tile(np.arange(4), (2, 1)), lps, tail, np.ones(2, np.float32))
     with pytest.raises(UserError, match="non-finite"):
         writer.write([record], {"next_row": 1})
     writer.commit()

@@ -1,4 +1,4 @@
-"""The storage codec against independent expectations: error bounds, round trips, the top-p rule."""
+"""The storage codec against independent expectations: error bounds and round trips."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from taid_cache.shards.codec import (
-    LOGPROB_STEP, MAX_CODE, decode_logprobs, encode_logprobs, id_dtype, max_logprob_error, pack_ragged, tail_beyond, tail_from_head,
-    top_p_counts, unpack_ragged,
+    LOGPROB_STEP, MAX_CODE, decode_logprobs, encode_logprobs, id_dtype, max_logprob_error, pack_ragged, unpack_ragged,
 )
 
 
@@ -73,22 +72,6 @@ def test_id_dtype_is_narrowest(vocab: int, expected) -> None:
     assert id_dtype(vocab) == np.dtype(expected)
 
 
-def test_top_p_counts_match_a_direct_scan() -> None:
-    rng = np.random.default_rng(1)
-    lp = sorted_logprobs(rng, 200, 16, vocab=40)
-    for p in (0.3, 0.9, 0.99, 1.0):
-        got = top_p_counts(lp, p)
-        for row, n in zip(lp, got):
-            total, expected = 0.0, len(row)
-            for i, v in enumerate(row):
-                total += float(np.exp(np.float64(v)))
-                if total >= p:
-                    expected = i + 1
-                    break
-            assert n == expected
-    assert (top_p_counts(lp, None) == 16).all()
-
-
 def test_ragged_pack_unpack_round_trip() -> None:
     rng = np.random.default_rng(2)
     ids = rng.integers(0, 500, size=(50, 8))
@@ -100,25 +83,3 @@ def test_ragged_pack_unpack_round_trip() -> None:
     for i, n in enumerate(counts):
         assert (back_ids[i, :n] == ids[i, :n]).all() and (back_lp[i, :n] == lp[i, :n]).all()
         assert (back_ids[i, n:] == -1).all() and np.isneginf(back_lp[i, n:]).all()
-
-
-def test_tail_beyond_adds_the_entries_top_p_drops() -> None:
-    rng = np.random.default_rng(3)
-    logits = rng.normal(scale=4.0, size=(100, 50))
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    order = np.argsort(-p, axis=1)
-    top = np.take_along_axis(p, order[:, :8], axis=1)
-    tail_k = np.log(1 - top.sum(1))  # the engine's tail off all 8
-    counts = rng.integers(1, 9, size=100)
-    got = np.exp(tail_beyond(np.log(top).astype(np.float32), tail_k.astype(np.float32), counts).astype(np.float64))
-    expected = np.array([1 - row[:n].sum() for row, n in zip(top, counts)])
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
-    assert (tail_beyond(np.zeros((2, 1), np.float32), np.array([1e-8, -1e-3], np.float32), np.ones(2, int)) <= 0).all()
-
-
-def test_tail_from_head_is_one_minus_the_head_floored_at_its_rounding() -> None:
-    lp = np.log(np.array([[0.5, 0.25], [0.9, 0.1], [0.99, 0.0099]])).astype(np.float32)
-    got = np.exp(tail_from_head(lp, 2.0**-20).astype(np.float64))
-    np.testing.assert_allclose(got[[0, 2]], [0.25, 1e-4], rtol=1e-4)
-    assert got[1] == pytest.approx(2.0**-20)  # 1 − Σ is zero or rounding: the floor, never a zero tail

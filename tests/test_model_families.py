@@ -16,7 +16,8 @@ from transformers import (
 from conftest import assert_top_k_of, write_jsonl
 from taid_cache import heads
 from taid_cache.errors import UserError
-from taid_cache.heads import PLAIN, check_head, head_logits
+from taid_cache.engines.checkpoint_head import checkpoint_head
+from taid_cache.heads import PLAIN, check_architecture_head, check_head, head_logits
 from taid_cache.config import DumpConfig
 from taid_cache.pipelines.dump_teacher import dump_teacher
 from taid_cache.losses import ChunkLoss, TopKTeacher, fkl, rebuild_teacher, taid, taid_sparse
@@ -77,6 +78,31 @@ def test_a_head_that_cannot_be_reproduced_is_refused_naming_the_model_type(famil
     model = AutoModelForCausalLM.from_pretrained(family_dirs["gemma2-softcap"])
     with pytest.raises(UserError, match="gemma2"):
         check_head(model, "teacher")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_checkpoint_head_reproduces_model_logits(family_dirs, family: str) -> None:
+    """The vLLM engine's head: read from the weight files (tied or not, with its bias), its map proved on a
+    one-layer probe of the architecture; on the decoder's hidden states it gives model(...).logits."""
+    head = checkpoint_head(family_dirs[family], torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
+    assert head.weight.shape == model.get_output_embeddings().weight.shape
+    if family in ("gemma2-softcap", "cohere-scale"):
+        assert model.config.tie_word_embeddings  # so the tied case (the input embedding's name) is covered
+    with torch.no_grad():
+        reference = model(input_ids=probe_ids()).logits[0]
+        hidden = model.get_decoder()(input_ids=probe_ids()).last_hidden_state[0]
+    torch.testing.assert_close(head.logits(hidden), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(NOT_PLAIN - {"phi-head-bias"}))
+def test_the_architecture_probe_refuses_a_head_it_cannot_reproduce(family_dirs, family: str, monkeypatch) -> None:
+    """The probe's logits are large enough that a missed soft-cap, scale or divisor shows."""
+    config = AutoModelForCausalLM.from_pretrained(family_dirs[family]).config
+    assert check_architecture_head(config, "teacher") == heads.logit_map(config)
+    monkeypatch.setattr(heads, "logit_map", lambda config: PLAIN)
+    with pytest.raises(UserError, match=config.model_type):
+        check_architecture_head(config, "teacher")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
-from taid_cache.engines.hf_engine import tail_and_entropy
+from taid_cache.engines.head_path import tail_and_entropy
 from taid_cache.engines.tail_sampling import distinct_draws, draw_off_head, sequence_uniforms
 from taid_cache.losses import LossConfig, SampledTeacher, distillation, rebuild_teacher, taid
 from taid_cache.config import TrainConfig
@@ -242,13 +242,11 @@ def test_sampled_cache_trains_fkl_and_taid_and_refuses_the_rest(teacher_dir, stu
 @pytest.mark.parametrize("extra, words", [
     (["--tail-samples", "-1"], "--tail-samples must be in"),
     (["--tail-samples", "8", "--top-p", "0.9"], "cannot be combined with --top-p"),
-    (["--tail-samples", "8", "--engine", "vllm"], "--engine hf"),
     (["--top-k", "0"], "--top-k must be at least 1"),
 ])
 def test_bad_sampling_options(teacher_dir, data_dir, tmp_path, extra: list[str], words: str) -> None:
-    engine = [] if "--engine" in extra else ["--engine", "hf"]
     args = ["dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", str(tmp_path / "o"),
-            *engine, "--no-progress", *extra]
+            "--engine", "hf", "--no-progress", *extra]
     result = run_cli(*args, check=False)
     assert result.returncode == 2 and words in result.stderr, result.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))

@@ -14,7 +14,7 @@ import hashlib
 import numpy as np
 import torch
 
-from .record import TailSamples
+from ..shards.record import TailSamples
 
 
 def sequence_uniforms(seed: int, sample_id: str, positions: int, draws: int) -> np.ndarray:

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 
 from ..config import DumpConfig, check_fields
-from ..engines import EngineConfig, make_engine, resolve_engine
+from ..engines.base import Engine, EngineConfig, check_parallelism, open_engine, parse_engine_args, resolve_engine
+from ..engines.head_path import HeadSettings, teacher_batch
 from ..errors import UserError, first_line
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..atomic import check_writable_folder, exclusive_lock
@@ -23,7 +24,7 @@ from ..shards.codec import LOGPROB_STEP, id_dtype
 from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
 from ..shards.schema import FORMAT_VERSION
 from ..progress import step_bar
-from ..engines.record import TeacherRecord
+from ..shards.record import TeacherRecord
 from ..shards.writer import BackgroundWriter, ShardWriter
 
 
@@ -36,6 +37,7 @@ def check_options(cfg: DumpConfig) -> None:
         raise UserError("--tail-samples draws off the whole top-k: it cannot be combined with --top-p")
     if cfg.worker_index >= cfg.num_workers:
         raise UserError(f"--worker-index must be in [0, --num-workers); got {cfg.worker_index} of {cfg.num_workers}")
+    parse_engine_args(cfg.vllm_args, "--vllm-args")
 
 
 @dataclass
@@ -92,14 +94,14 @@ def batches(rows, part: WorkerPart, to_sequence: RowTokenizer, batch_tokens: int
     yield batch, dict(cursor)
 
 
-def drive(engine, batch_stream: Iterable[tuple[list[Sequence], dict[str, int]]], background: BackgroundWriter,
-          cursor: dict[str, int]) -> dict[str, int]:
-    """The hot loop: the engine computes batch i+1 while the writer thread encodes and writes batch i.
-    Returns the cursor after the last batch."""
+def drive(engine: Engine, settings: HeadSettings, batch_stream: Iterable[tuple[list[Sequence], dict[str, int]]],
+          background: BackgroundWriter, cursor: dict[str, int]) -> dict[str, int]:
+    """The hot loop: the engine and the head path compute batch i+1 while the writer thread encodes and writes
+    batch i. Returns the cursor after the last batch."""
     try:
         for sequences, cursor in batch_stream:
             if sequences:
-                background.put(engine.submit(sequences, cursor))
+                background.put(teacher_batch(engine, sequences, settings), cursor)
     finally:
         background.close()
     return dict(cursor)
@@ -110,7 +112,12 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
                     TextColumn("{task.fields[rate]:,.0f} tok/s"))
 
 
-def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_sequence: RowTokenizer, vocab_size: int) -> dict[str, int]:
+def head_settings(cfg: DumpConfig) -> HeadSettings:
+    return HeadSettings(cfg.top_k, cfg.top_p, cfg.tail_samples, cfg.seed, cfg.lm_head_chunk)
+
+
+def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine: Engine, rows, to_sequence: RowTokenizer,
+               vocab_size: int) -> dict[str, int]:
     """The hot loop: the engine's batches through the background writer, each committed shard recorded in the
     worker's part file. Returns the final cursor."""
 
@@ -119,8 +126,8 @@ def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_
         part.cursor = dict(entry.cursor)
         save_part(cache, part)
 
-    writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.top_p,
-                         cfg.precision, int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit, cfg.tail_samples)
+    writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.precision,
+                         int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit, cfg.tail_samples)
     with progress_bar(cfg.console, cfg.progress) as progress:
         task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
         done = {"rows": part.cursor["next_row"] - part.row_start, "tokens": 0}
@@ -131,27 +138,31 @@ def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine, rows, to_
             elapsed = progress.tasks[task].elapsed or 1e-9
             progress.update(task, advance=len(records), tokens=done["tokens"], rate=done["tokens"] / elapsed)
 
-        return drive(engine, batches(rows, part, to_sequence, cfg.batch_tokens), BackgroundWriter(writer, on_written), part.cursor)
+        return drive(engine, head_settings(cfg), batches(rows, part, to_sequence, cfg.batch_tokens),
+                     BackgroundWriter(writer, on_written), part.cursor)
 
 
-def dump_teacher(cfg: DumpConfig) -> dict:
-    """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds."""
+def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
+    """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds.
+
+    `engine`: one already open on this teacher with the settings this dump needs (`engine_config`), to dump
+    several caches (top-k and sampled, train and held-out) for one start-up; the caller closes it. Without it,
+    the engine is opened here and closed at the end."""
     check_options(cfg)
     engine_name = resolve_engine(cfg.engine)
-    if cfg.tail_samples and engine_name == "vllm":
-        raise UserError("--tail-samples needs the full distribution at every position, which vLLM does not hand out: "
-                        "use --engine hf")
     check_writable_folder(cfg.output, "--output")
     folder = resolve_model(cfg.model)
     teacher = teacher_facts(folder)
     tokenizer, vocab_size = teacher.tokenizer, teacher.vocab_size
     if cfg.top_k > vocab_size:
         raise UserError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size} tokens)")
-    # vLLM samples one token after the prompt, so the longest prompt is one below the model's context.
-    if teacher.context is not None and cfg.max_length is not None and cfg.max_length >= teacher.context:
-        raise UserError(f"--max-length {cfg.max_length} must be below the teacher's context of {teacher.context} positions")
-    max_length = cfg.max_length or (teacher.context - 1 if teacher.context else 2048)
-    dtype = teacher.dtype if cfg.dtype == "auto" else cfg.dtype
+    if teacher.context is not None and cfg.max_length is not None and cfg.max_length > teacher.context:
+        raise UserError(f"--max-length {cfg.max_length} is beyond the teacher's context of {teacher.context} positions")
+    max_length = cfg.max_length or teacher.context or 2048
+    wanted = engine_config(cfg, folder, teacher, max_length)
+    check_parallelism(engine_name, wanted)
+    if engine is not None and (engine.name, engine.config) != (engine_name, wanted):
+        raise UserError(f"the open {engine.name} engine runs {engine.config}; this dump needs {engine_name} with {wanted}")
     rows = load_rows(cfg.data, cfg.split)
     if len(rows) == 0:
         raise UserError(f"the dataset {', '.join(cfg.data)} (split {cfg.split}) has no rows")
@@ -166,25 +177,33 @@ def dump_teacher(cfg: DumpConfig) -> dict:
         "logprob_step": LOGPROB_STEP if cfg.precision == "compact" else None, "id_dtype": id_dtype(vocab_size).name,
         "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(cfg.data, rows),
         "dataset_rows": len(rows), "input_kind": kind, "max_length": max_length, "overlong": cfg.overlong,
-        "engine": engine_name, "dtype": dtype, "num_workers": cfg.num_workers,
+        "engine": engine_name, "dtype": wanted.dtype, "engine_args": wanted.engine_args, "num_workers": cfg.num_workers,
     }
 
     cache = cfg.output
     check_compatible(cache, settings)
     # Everything that can fail on a typo or a bad model fails here, before this worker writes anything.
-    engine = make_engine(engine_name, EngineConfig(str(folder), cfg.top_k, max_length, dtype, cfg.tensor_parallel_size,
-                                                   cfg.lm_head_chunk, cfg.tail_samples, cfg.seed))
+    owned = engine is None
+    engine = open_engine(engine_name, wanted) if owned else engine
     try:
-        if cfg.top_k > engine.max_top_k:
-            raise UserError(f"--top-k {cfg.top_k} is above the {engine.name} engine's limit of {engine.max_top_k}")
+        rows_of_head = engine.head.weight.shape[0]
+        if cfg.top_k > rows_of_head:
+            raise UserError(f"--top-k {cfg.top_k} is above the teacher's LM head of {rows_of_head} rows")
         with exclusive_lock(cache / PARTS_DIR / f"worker-{cfg.worker_index:05d}.lock",
                             f"worker {cfg.worker_index} of {cfg.num_workers} in {cache}"):
             return finish_worker(cfg, cache, settings, engine, rows, to_sequence, vocab_size, max_length)
     finally:
-        engine.close()
+        if owned:
+            engine.close()
 
 
-def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine, rows, to_sequence: RowTokenizer,
+def engine_config(cfg: DumpConfig, folder: Path, teacher: TeacherFacts, max_length: int) -> EngineConfig:
+    """The backbone a dump needs: `--dtype auto` is the dtype the teacher was saved in."""
+    return EngineConfig(str(folder), max_length, teacher.dtype if cfg.dtype == "auto" else cfg.dtype, cfg.tensor_parallel_size,
+                        cfg.pipeline_parallel_size, cfg.distributed_backend, parse_engine_args(cfg.vllm_args, "--vllm-args"))
+
+
+def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine: Engine, rows, to_sequence: RowTokenizer,
                   vocab_size: int, max_length: int) -> dict:
     """This worker's share, under its lock: start or resume its part, run the engine, mark it done."""
     check_compatible(cache, settings)  # again, under the lock: another process may have committed meanwhile

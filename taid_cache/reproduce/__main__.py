@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import user_errors
+from ..errors import run_and_exit, user_errors
 
 
 @user_errors
@@ -27,4 +27,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    run_and_exit(lambda: typer.run(main))

@@ -7,8 +7,6 @@ the student trainings resume from their own checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import random
 import shutil
@@ -22,9 +20,11 @@ from rich.console import Console
 
 from ..atomic import atomic_path, read_json, remove_temporaries, write_json, write_text
 from ..errors import UserError
+from ..fingerprints import resolve_model
 from ..gguf import convert_gguf, is_gguf_source, locate
 from ..config import DumpConfig, TrainConfig, to_json
-from ..pipelines.dump_teacher import dump_teacher
+from ..engines.base import open_engine, resolve_engine
+from ..pipelines.dump_teacher import dump_teacher, engine_config, teacher_facts
 from ..pipelines.train_student import train_student
 from ..shards.inspect import cache_stats, plot_captured_mass
 from .config import METHODS, ReproduceConfig, method_cache
@@ -122,15 +122,23 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
     return folder
 
 
-def dump_cache(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, console: Console,
-               tail_samples: int = 0) -> Path:
-    """Stage one on one chat file with the reproduction's settings; a finished cache (manifest written) is
-    reused, an interrupted one resumes."""
-    if not (output / "manifest.json").exists():
-        dump_teacher(DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k,
-                                tail_samples=tail_samples, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
-                                max_length=cfg.max_length, console=console))
-    return output
+def dump_caches(cfg: ReproduceConfig, teacher: Path, caches: dict[str, tuple[Path, Path, int, int]], console: Console) -> dict[str, Path]:
+    """Stage one for every cache (name -> data, output, top-k, draws) with the reproduction's settings, through one
+    engine start for all of them; a finished cache (manifest written) is reused, an interrupted one resumes."""
+    dumps = {name: DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k,
+                              tail_samples=tail_samples, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                              max_length=cfg.max_length, console=console)
+             for name, (data, output, top_k, tail_samples) in caches.items()}
+    missing = [d for d in dumps.values() if not (d.output / "manifest.json").exists()]
+    if missing:
+        folder = resolve_model(str(teacher))
+        engine = open_engine(resolve_engine(cfg.engine), engine_config(missing[0], folder, teacher_facts(folder), cfg.max_length))
+        try:
+            for dump in missing:
+                dump_teacher(dump, engine)
+        finally:
+            engine.close()
+    return {name: d.output for name, d in dumps.items()}
 
 
 def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
@@ -223,12 +231,11 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
         teacher = Path(cfg.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     train_file, heldout_file = filtered(cfg, out / "data", tokenizer)
-    stage(3, "dump-teacher: the teacher's top-k into the cache")
-    caches = {split: dump_cache(cfg, teacher, path, out / f"cache-{split}", cfg.top_k, console)
-              for split, path in (("train", train_file), ("heldout", heldout_file))}
-    if any(method_cache(cfg, m) == "sampled" for m in cfg.methods):  # the sampled tail needs the full distribution: hf
-        caches["sampled"] = dump_cache(dataclasses.replace(cfg, engine="hf"), teacher, train_file, out / "cache-train-sampled",
-                                       cfg.sampled_top_k, console, cfg.tail_samples)
+    stage(3, "dump-teacher: the teacher's top-k (and head + sampled tail) into the caches")
+    wanted = {"train": (train_file, out / "cache-train", cfg.top_k, 0), "heldout": (heldout_file, out / "cache-heldout", cfg.top_k, 0)}
+    if any(method_cache(cfg, m) == "sampled" for m in cfg.methods):
+        wanted["sampled"] = (train_file, out / "cache-train-sampled", cfg.sampled_top_k, cfg.tail_samples)
+    caches = dump_caches(cfg, teacher, wanted, console)
     stats, captured = cache_stats(caches["train"])
     plot_captured_mass(captured, stats, out / "cache-mass.png")
     write_json(out / "inspect.json", stats)

@@ -66,31 +66,6 @@ def decode_logprobs(stored: np.ndarray, counts: np.ndarray, precision: str) -> n
     return (-codes * LOGPROB_STEP).astype(np.float32)
 
 
-def top_p_counts(logprobs: np.ndarray, top_p: float | None) -> np.ndarray:
-    """For [P, k] log-probs sorted descending: the fewest entries per row whose probability reaches top_p."""
-    positions, k = logprobs.shape
-    if top_p is None:
-        return np.full(positions, k, dtype=np.int64)
-    cum = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=1)
-    # Number of entries strictly below p, plus the one that reaches it; rows that never reach p keep all k.
-    return np.minimum((cum < top_p).sum(axis=1) + 1, k)
-
-
-def tail_beyond(logprobs: np.ndarray, tail_logmass: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """log of the mass off each row's first counts[i] entries: the engine's tail off all k, plus the entries
-    --top-p drops, summed in float64 from their un-quantised values (at most 0: a mass is at most 1)."""
-    dropped = np.where(np.arange(logprobs.shape[1])[None, :] >= counts[:, None], logprobs.astype(np.float64), -np.inf)
-    tail = np.logaddexp(tail_logmass.astype(np.float64), np.logaddexp.reduce(dropped, axis=1))
-    return np.minimum(tail, 0.0).astype(np.float32)
-
-
-def tail_from_head(logprobs: np.ndarray, floor: float) -> np.ndarray:
-    """log(1 − Σ exp) over each row of float32 log-probs, in float64, for an engine that returns only the top-k:
-    exact up to the log-probs' own rounding, so the mass is floored at `floor` (that rounding's size)."""
-    captured = np.exp(np.logaddexp.reduce(logprobs.astype(np.float64), axis=1))
-    return np.log(np.maximum(1.0 - captured, floor)).astype(np.float32)
-
-
 def pack_ragged(ids: np.ndarray, logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[P, k] arrays and per-row counts -> the flat concatenation of each row's first counts[i] entries."""
     keep = np.arange(ids.shape[1])[None, :] < counts[:, None]

@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..atomic import fsync_path, temporary_name
-from ..engines.record import TeacherRecord
 from ..errors import UserError
 from . import fidelity
-from .codec import decode_logprobs, encode_logprobs, id_dtype, pack_ragged, tail_beyond, top_p_counts, unpack_ragged
+from .codec import decode_logprobs, encode_logprobs, id_dtype, pack_ragged, unpack_ragged
 from .integrity import batch_crc32, file_sha256
+from .record import TeacherRecord
 from .schema import list_array, shard_schema
 
 
@@ -52,7 +52,6 @@ class ShardWriter:
         first_index: int,
         vocab_size: int,
         top_k: int,
-        top_p: float | None,
         precision: str,
         shard_bytes: int,
         zstd_level: int,
@@ -63,7 +62,6 @@ class ShardWriter:
         self.name_prefix = name_prefix
         self.next_index = first_index
         self.schema = shard_schema(vocab_size, top_k, precision, tail_samples)
-        self.top_p = top_p
         self.precision = precision
         self.shard_bytes = shard_bytes
         self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
@@ -86,16 +84,17 @@ class ShardWriter:
         sampled: dict[str, list[np.ndarray]] = {"sample_counts": [], "sample_ids": [], "sample_draws": [], "sample_logprobs": []}
         for rec in records:
             samples = rec.samples
-            if (not np.isfinite(rec.topk_logprobs).all() or np.isnan(rec.tail_logmass).any() or np.isposinf(rec.tail_logmass).any()
+            used = rec.topk_ids >= 0  # --top-p leaves id −1, log-prob −inf past what it keeps
+            if (not np.isfinite(rec.topk_logprobs[used]).all() or np.isnan(rec.tail_logmass).any() or np.isposinf(rec.tail_logmass).any()
                     or (samples is not None and not np.isfinite(samples.logprobs).all())):
                 raise UserError(f"the teacher gave non-finite log-probs (NaN or ±inf) for {rec.sample_id}: nothing of it was "
                                 "stored; check the model's weights, or try --dtype float32")
-            n = top_p_counts(rec.topk_logprobs, self.top_p)
+            n = used.sum(axis=1)
             flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
             counts.append(n)
             ids.append(flat_ids.astype(self._ids))
             stored.append(encode_logprobs(flat_lps, n, self.precision))
-            tails.append(tail_beyond(rec.topk_logprobs, rec.tail_logmass, n))
+            tails.append(np.minimum(rec.tail_logmass, 0.0))  # a mass is at most 1, whatever the float sum gave
             if self.sampled:
                 sampled["sample_counts"].append(samples.counts)
                 sampled["sample_ids"].append(samples.ids.astype(self._ids))
@@ -156,9 +155,7 @@ class ShardWriter:
 
 
 class PendingBatch(Protocol):
-    """An engine's output for one batch, turned into records off the engine's critical path."""
-
-    cursor: dict[str, int]
+    """One batch of teacher output, turned into records off the engine's critical path."""
 
     def materialize(self) -> list[TeacherRecord]: ...
 
@@ -172,7 +169,7 @@ class BackgroundWriter:
     def __init__(self, writer: ShardWriter, on_written: Callable[[list[TeacherRecord]], None], depth: int = 4) -> None:
         self.writer = writer
         self.on_written = on_written
-        self._queue: queue.Queue[PendingBatch | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[PendingBatch, dict[str, int]] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="taid-cache-writer", daemon=True)
         self._thread.start()
@@ -182,15 +179,17 @@ class BackgroundWriter:
             if self._error is not None:
                 continue  # drain after a failure so the producer never blocks
             try:
-                records = item.materialize()
-                self.writer.write(records, item.cursor)
+                pending, cursor = item
+                records = pending.materialize()
+                self.writer.write(records, cursor)
                 self.on_written(records)
             except BaseException as exc:  # re-raised in the producer's thread
                 self._error = exc
 
-    def put(self, item: PendingBatch) -> None:
+    def put(self, pending: PendingBatch, cursor: dict[str, int]) -> None:
+        """Queue a batch; `cursor` says where the source stands once it is written (the writer's resume point)."""
         self._raise_if_failed()
-        self._queue.put(item)
+        self._queue.put((pending, dict(cursor)))
 
     def close(self) -> None:
         """Wait for every queued batch, then commit the last shard."""

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..heads import LogitMap, check_head, head_logits
+from ..heads import LmHead, model_head
 from ..losses import DenseTeacher, SampledTeacher, TopKTeacher
 from .data import MicroBatch
 from .distributed import Dist
@@ -32,13 +32,12 @@ class OnlineTeacher:
     through its LM head (one chunk of [positions, V] at a time, like the student's)."""
 
     hidden: torch.Tensor
-    head: torch.nn.Module
-    mapping: LogitMap
+    head: LmHead
     valid_vocab: int
     student_rows: int
 
     def __getitem__(self, rows: slice) -> DenseTeacher:
-        logits = head_logits(self.hidden[rows], self.head.weight, self.head.bias, self.mapping)[:, : self.valid_vocab]
+        logits = self.head.logits(self.hidden[rows])[:, : self.valid_vocab]
         return DenseTeacher(F.pad(F.log_softmax(logits, -1), (0, self.student_rows - self.valid_vocab), value=-math.inf))
 
 
@@ -53,7 +52,7 @@ class TeacherSource:
             check_vocabulary(lm, tokenizer, settings, "teacher")
             check_packing(lm, pack, "teacher")
             self.model = lm.to(env.device).eval().requires_grad_(False)
-            self.mapping = check_head(self.model, "teacher")
+            self.head = model_head(self.model, "teacher")
 
     def for_batch(self, mb: MicroBatch, env: Dist) -> Union[TopKTeacher, SampledTeacher, OnlineTeacher]:
         if self.model is None:
@@ -61,4 +60,4 @@ class TeacherSource:
         with torch.no_grad():
             out = self.model.get_decoder()(**mb.model_inputs(env.device))
         hidden = out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
-        return OnlineTeacher(hidden, self.model.get_output_embeddings(), self.mapping, self.settings["tokenizer_size"], self.student_rows)
+        return OnlineTeacher(hidden, self.head, self.settings["tokenizer_size"], self.student_rows)

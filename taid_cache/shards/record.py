@@ -1,4 +1,4 @@
-"""What an engine hands the shard writer: one sequence with its teacher's top-k (and, for a --tail-samples
+"""What the shard writer consumes (an engine's output): one sequence with its teacher's top-k (and, for a --tail-samples
 cache, the draws off it), as numpy arrays."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ class TeacherRecord:
     sample_id: str
     input_ids: np.ndarray  # [T] int
     loss_mask: np.ndarray  # [T] bool
-    topk_ids: np.ndarray  # [T-1, k] int, by descending log-prob
-    topk_logprobs: np.ndarray  # [T-1, k] float32, normalised over the full vocabulary
-    tail_logmass: np.ndarray  # [T-1] float32: log of the mass off the k entries (−inf when they hold it all)
-    entropy: np.ndarray | None = None  # [T-1] the teacher's entropy at loss positions (engines with the full distribution)
+    topk_ids: np.ndarray  # [T-1, k] int, by descending log-prob; −1 past the entries --top-p keeps
+    topk_logprobs: np.ndarray  # [T-1, k] float32, normalised over the full vocabulary; −inf past the kept entries
+    tail_logmass: np.ndarray  # [T-1] float32: log of the mass off the kept entries (−inf when they hold it all)
+    entropy: np.ndarray  # [T-1] the teacher's entropy at loss positions (NaN elsewhere): the fidelity report
     samples: TailSamples | None = None  # the sampled tail of a --tail-samples cache
