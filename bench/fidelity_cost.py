@@ -59,8 +59,8 @@ def extras(engine: HfEngine, batch) -> tuple[float, float]:
     for chunk, chunk_targets in zip(hidden.split(size), targets.split(size)):
         logprobs = torch.log_softmax(engine.head.logits(chunk), dim=-1)
         _, indices = logprobs.topk(TOP_K, dim=-1, sorted=True)
-        tail_only += seconds(lambda: tail_and_entropy(logprobs, indices, torch.zeros_like(chunk_targets)))
-        both += seconds(lambda: tail_and_entropy(logprobs, indices, chunk_targets))
+        tail_only += seconds(lambda: tail_and_entropy(logprobs, logprobs.exp(), indices, torch.zeros_like(chunk_targets)))
+        both += seconds(lambda: tail_and_entropy(logprobs, logprobs.exp(), indices, chunk_targets))
     return both, tail_only
 
 

@@ -59,9 +59,16 @@ class LmHead:
     bias: torch.Tensor | None
     mapping: LogitMap
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits of hidden states in any float dtype (cast to the weight's, as the model itself computes)."""
-        return head_logits(hidden.to(self.weight.dtype), self.weight, self.bias, self.mapping)
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of hidden states in any float dtype (cast to the weight's, as the model itself computes).
+        `out`: a float32 buffer the product of a float32 head is written into (no allocation, and on the CPU no
+        page faults of a fresh [chunk, vocab] block; a plain map then returns it as the logits)."""
+        hidden = hidden.to(self.weight.dtype)
+        if out is None or out.dtype != self.weight.dtype:
+            return head_logits(hidden, self.weight, self.bias, self.mapping)
+        if self.bias is None:
+            return self.mapping(torch.mm(hidden, self.weight.t(), out=out))
+        return self.mapping(torch.addmm(self.bias, hidden, self.weight.t(), out=out))
 
 
 def model_head(model, what: str) -> LmHead:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from taid_cache.engines.head_path import HeadSettings, apply_head, tail_and_entropy, top_p_kept
+from taid_cache.engines.head_path import HeadSettings, apply_head, log_softmax_and_probs, tail_and_entropy, top_p_kept
 from taid_cache.engines.tail_sampling import sequence_uniforms
 from taid_cache.heads import LmHead, LogitMap
 from taid_cache.inputs import Sequence
@@ -27,7 +27,7 @@ def test_tail_and_entropy_against_float64(every_position: bool, top_p: float | N
     targets = torch.ones(12, dtype=torch.bool) if every_position else torch.arange(12) % 3 == 0
     values, indices = reference.topk(8, -1)
     kept = None if top_p is None else top_p_kept(values.float(), top_p)
-    tail, entropy, weights = tail_and_entropy(reference.float(), indices, targets, kept)
+    tail, entropy, weights = tail_and_entropy(reference.float(), reference.float().exp(), indices, targets, kept)
     stored = indices if kept is None else indices.masked_fill(~kept, -1)
     off = reference.clone()
     for row, ids in enumerate(stored.tolist()):
@@ -42,6 +42,17 @@ def test_tail_and_entropy_against_float64(every_position: bool, top_p: float | N
     torch.testing.assert_close((weights / weights.sum(-1, keepdim=True)).double(), expected_r, atol=1e-6, rtol=1e-4)
     if kept is not None:
         assert (~kept).any() and kept[:, 0].all()  # the cut varies and never drops the top entry
+
+
+def test_log_softmax_and_probs_in_place() -> None:
+    logits = torch.randn(5, 40) * 6
+    logits[1, 3] = -torch.inf  # a token the model rules out
+    expected = torch.log_softmax(logits, -1)
+    buffer = torch.empty(5, 40)
+    logprobs, probs = log_softmax_and_probs(logits.clone(), buffer)
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(probs, expected.exp(), atol=1e-7, rtol=1e-6)
+    assert probs.data_ptr() == buffer.data_ptr()  # written into the buffer, not a fresh block
 
 
 def test_top_p_keeps_the_fewest_entries_reaching_p() -> None:

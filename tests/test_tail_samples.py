@@ -48,7 +48,7 @@ class Teacher:
 
     def weights(self) -> torch.Tensor:
         """The off-head weights the engine hands to the draws (from its own tail pass)."""
-        return tail_and_entropy(self.logp.float(), self.head_ids, torch.zeros(P, dtype=torch.bool))[2]
+        return tail_and_entropy(self.logp.float(), self.logp.float().exp(), self.head_ids, torch.zeros(P, dtype=torch.bool))[2]
 
     def estimate(self, draws: int, seed: int) -> SampledTeacher:
         """The head and `draws` draws as a cache would hold them, from the dump's own sampling code."""

@@ -37,10 +37,20 @@ class HeadSettings:
         return self.chunk or max(1, CHUNK_ELEMENTS // vocab)
 
 
-def tail_and_entropy(logprobs: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor,
+def log_softmax_and_probs(logits: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[P, V] logits -> (log-probs, overwriting `logits`; probabilities, into the buffer `probs`): one exp pass
+    for both, and no fresh [P, V] allocation."""
+    top = logits.amax(-1, keepdim=True)
+    probs = torch.sub(logits, top, out=probs).exp_()
+    total = probs.sum(-1, keepdim=True)
+    return logits.sub_(top + total.log()), probs.div_(total)
+
+
+def tail_and_entropy(logprobs: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, targets: torch.Tensor,
                      kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From [P, V] log-probs ℓ and the stored head (`indices` [P, k], of which `kept` [P, k] when --top-p cuts
-    it: the others stay in the tail), one exp pass p = exp(ℓ) serves three things:
+    """From [P, V] log-probs ℓ, their probabilities p (overwritten: they become the draws' weights) and the
+    stored head (`indices` [P, k], of which `kept` [P, k] when --top-p cuts it: the others stay in the tail),
+    three things:
     - the log of the mass m off the stored entries, summed directly over the other ids (1 − Σ head cancels
       catastrophically for a confident teacher); rows where that float32 sum nears underflow (m < 1e-30, where
       the summed terms lose their relative precision) are redone as a log-sum-exp of ℓ;
@@ -48,7 +58,6 @@ def tail_and_entropy(logprobs: torch.Tensor, indices: torch.Tensor, targets: tor
       only, so only they pay for it. A batched BLAS dot: several times faster on CPU than `vecdot`;
     - the off-head weights (p with the stored head zeroed; ∝ p for the underflow rows) that the draws need.
     Returns (log m, entropy, off-head weights); `logprobs` is left as it is."""
-    probs = logprobs.exp()
     every = bool(targets.all())
     picked_p, picked_l = (probs, logprobs) if every else (probs[targets], logprobs[targets])  # text rows: no copy
     picked_entropy = -torch.bmm(picked_p[:, None, :], picked_l[:, :, None]).flatten()
@@ -116,12 +125,16 @@ def apply_head(head: LmHead, hidden: torch.Tensor, sequences: list[Sequence], se
                                                 for s in sequences])) if n else torch.zeros(hidden.shape[0], 0)
     uniforms = uniforms.to(device)
     columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # HeadBatch's tensors, one entry per chunk
-    size = settings.positions_per_chunk(head.weight.shape[0])
+    vocab = head.weight.shape[0]
+    size = settings.positions_per_chunk(vocab)
+    # Two [chunk, V] buffers reused by every chunk of the batch: the logits (then log-probs) and the probabilities.
+    logits_buffer, probs_buffer = (torch.empty(min(size, len(hidden)), vocab, device=device) for _ in range(2))
     for chunk, chunk_targets, chunk_uniforms in zip(hidden.split(size), targets.split(size), uniforms.split(size)):
-        logprobs = torch.log_softmax(head.logits(chunk), dim=-1)
+        n = len(chunk)
+        logprobs, probs = log_softmax_and_probs(head.logits(chunk, logits_buffer[:n]), probs_buffer[:n])
         values, indices = logprobs.topk(settings.top_k, dim=-1, sorted=True)
         kept = None if settings.top_p is None else top_p_kept(values, settings.top_p)
-        tail, entropy, weights = tail_and_entropy(logprobs, indices, chunk_targets, kept)
+        tail, entropy, weights = tail_and_entropy(logprobs, probs, indices, chunk_targets, kept)
         sample_ids, sample_lps = draw_off_head(weights, logprobs, tail, chunk_uniforms) if n else (indices[:, :0], values[:, :0])
         if kept is not None:
             indices, values = indices.masked_fill(~kept, -1), values.masked_fill(~kept, -math.inf)
