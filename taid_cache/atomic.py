@@ -86,15 +86,16 @@ def read_json(path: Path, what: str | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, holder: str) -> Iterator[None]:
+def exclusive_lock(path: Path, holder: str, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if needed) for the block; a second process asking for the
-    same lock is refused at once with a one-line error naming `holder`. The kernel drops the lock when the
-    process dies, so a kill -9 never leaves a stale lock."""
+    same lock is refused at once with a one-line error naming `holder` (with `wait`: it waits its turn, for
+    short critical sections). The kernel drops the lock when the process dies, so a kill -9 never leaves a
+    stale lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another process is already writing {holder} (lock {path}); wait for it or stop it") from None
         yield
@@ -102,9 +103,29 @@ def exclusive_lock(path: Path, holder: str) -> Iterator[None]:
         os.close(fd)
 
 
+def is_locked(path: Path) -> bool:
+    """Whether a live process holds `exclusive_lock(path)` now (a lock of this process's counts too)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def check_writable_folder(folder: Path, flag: str) -> None:
     """`folder` is, or can be made, a folder this process can write into: created (empty) if missing, and a
     probe file written and removed. Checked before any real work, so a bad output fails in one line at once."""
+    try:
+        str(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {ascii(str(folder))} is not a UTF-8 path: the files taid-cache writes (Arrow, safetensors) "
+                        "need UTF-8 names; use another") from None
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder")
     try:

@@ -71,18 +71,31 @@ config_command("dump-teacher", DumpConfig, run_dump)
 config_command("train-student", TrainConfig, run_train)
 
 
+def plot_path(plot: Optional[Path]) -> Optional[Path]:
+    """--plot: a .png file in an existing folder, or an existing folder (its cache-mass.png)."""
+    if plot is None:
+        return None
+    if plot.is_dir():
+        return plot / "cache-mass.png"
+    if plot.suffix.lower() != ".png":
+        raise UserError(f"--plot {plot}: name a .png file (or a folder, for its cache-mass.png)")
+    if not plot.parent.is_dir():
+        raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
+    return plot
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
     cache: Path = typer.Argument(..., help="Cache folder."),
-    plot: Optional[Path] = typer.Option(None, help="Write a histogram of the captured mass to this PNG."),
+    plot: Optional[Path] = typer.Option(None, help="Write a histogram of the captured mass to this .png file (or a folder's "
+                                        "cache-mass.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
     """Sizes, bytes per token and per entry, the teacher mass the top-k captures, and the dump-time fidelity report."""
     from .shards.inspect import cache_stats, plot_captured_mass
 
-    if plot is not None and not plot.parent.is_dir():
-        raise UserError(f"--plot {plot}: the folder {plot.parent} does not exist")
+    plot = plot_path(plot)
     stats, captured = cache_stats(cache)
     if plot is not None:
         plot_captured_mass(captured, stats, plot)

@@ -125,8 +125,10 @@ def json_value(name: str, value: Any, hint: Any) -> Any:
         return hint(value)
     if hint in (str, bool) and isinstance(value, hint):
         return value
-    if typing.get_origin(hint) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
+    if typing.get_origin(hint) is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise UserError(f"{name} must be a list of strings, not {value!r}")
     raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {value!r}")
 
 
@@ -157,7 +159,8 @@ class DumpConfig:
     """`taid-cache dump-teacher`: run the teacher over a dataset once and store its top-k next-token log-probs."""
 
     model: str = option(help="Teacher: a local model folder or a hub id.")
-    data: list[str] = option(help="Local jsonl/json/parquet/csv files (repeatable) or a hub dataset name.")
+    data: list[str] = option(help="Local jsonl/json/parquet/csv files (repeatable; a path that does not exist may be a glob "
+                             "pattern, 'dir/*.jsonl') or a hub dataset name.")
     output: Path = option(help="Cache folder (created; shared by all workers).")
     split: str = option("train", "Dataset split (hub datasets).")
     input_kind: str = option("auto", "Row kind: chat (messages), text, tokens (input_ids), or auto.", choices=KINDS)
@@ -202,7 +205,7 @@ class TrainConfig:
     max_steps: Optional[int] = option(None, "Optimizer steps (or give --epochs).", within="[1, inf)")
     epochs: Optional[float] = option(None, "Passes over the cache (or give --max-steps).", within="(0, inf)")
     batch_size: int = option(8, "Sequences per micro-batch per rank.", within="[1, inf)")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.", within="[1, inf)")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", within="[1, 4096]")
     lr: float = option(1e-4, "Peak learning rate (AdamW, cosine decay).", within="(0, inf)")
     warmup_steps: int = option(0, "Linear warm-up steps.", within="[0, inf)")
     weight_decay: float = option(0.0, "AdamW weight decay.", within="[0, inf)")
@@ -212,7 +215,7 @@ class TrainConfig:
     pack: bool = option(False, "Pack each micro-batch's sequences into rows of --max-length tokens (attention stays "
                         "within each sequence) instead of padding each to the longest.")
     tail: str = option("student", "Where the teacher mass off the top-k goes: spread like the student's, uniformly, "
-                       "or nowhere (renorm).", choices=TAILS)
+                       "or nowhere (renorm). A top-k cache only: a --tail-samples cache's tail is its draws.", choices=TAILS)
     distil_ratio: float = option(1.0, "r: train on r * distillation + (1 - r) * CE.", within="[0, 1]")
     beta: float = option(0.1, "β of skew-fkl / skew-rkl / js.", within="(0, 1)")
     mu: float = option(0.5, "μ of adaptive-kl.", within="(0, 1)")

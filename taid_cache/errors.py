@@ -1,11 +1,17 @@
-"""The one exception type for user mistakes, and the wrapper that prints its message as one line and exits 2."""
+"""The one exception type for user mistakes and the wrapper that prints its message as one line and exits 2;
+interruptions (Ctrl-C, SIGTERM) said in one line too, with how to continue, exit 130."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import shutil
+import signal
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 import typer
 
@@ -14,9 +20,18 @@ class UserError(Exception):
     """Bad input or settings; the message names the problem and is shown without a traceback."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, with a message that says how to continue (`KeyboardInterrupt` turned into words)."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (libraries often add pages of context)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def one_line(text: str) -> str:
+    """A message kept to one line: a newline inside it (a path's, say) shown as \\n."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -27,10 +42,59 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise SystemExit(2) from None
+        except Interrupted as exc:
+            if str(exc):  # empty: a rank that leaves the saying to rank 0
+                typer.echo(str(exc), err=True)
+            raise SystemExit(130) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise SystemExit(130) from None
 
     return wrapper
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler's preemption, torchrun stopping its ranks) arrives like Ctrl-C, so the pipelines stop
+    the same way: committed work kept, one line saying how to continue."""
+
+    def handler(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "Disk quota")
+
+
+def mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_failure(exc: BaseException, folder: Path, rerun: Callable[[], str]) -> UserError | None:
+    """A failure to write under `folder` as one line naming the device or file and how to continue, or None when
+    `exc` is not one. Libraries word a full disk their own way (pyarrow's OSError without an errno, torch's
+    `PytorchStreamWriter failed writing file`, safetensors' `StorageFull`), so the chain of causes is read."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain)
+    codes = {getattr(e, "errno", None) for e in chain}
+    full = errno.ENOSPC in codes or errno.EDQUOT in codes or any(word in text for word in FULL_DISK_WORDS)
+    named = next((e.filename for e in chain if isinstance(getattr(e, "filename", None), str)), None)
+    ours = named is not None and Path(named).resolve().is_relative_to(folder.resolve())
+    if not (full or ours or codes & set(WRITE_ERRNOS)):
+        return None
+    target = named or str(folder)
+    if full or shutil.disk_usage(folder).free < 1 << 20:
+        return UserError(f"no space left on {mount_point(folder)} writing {target}; free space and {rerun()}")
+    return UserError(f"cannot write {target}: {first_line(exc)}; {rerun()}")
 
 
 def run_and_exit(entry: Callable[[], object]) -> None:
@@ -38,6 +102,7 @@ def run_and_exit(entry: Callable[[], object]) -> None:
     process, the interpreter's teardown is skipped (os._exit after flushing): vLLM leaves daemon threads
     blocked in native calls, and one that wakes during teardown aborts the finished process (seen as
     "terminate called without an active exception", exit 134, after a complete dump)."""
+    interrupt_on_sigterm()
     try:
         entry()
         code = 0
@@ -50,3 +115,19 @@ def run_and_exit(entry: Callable[[], object]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+
+@contextlib.contextmanager
+def write_errors(folder: Path, rerun: Callable[[], str]) -> Iterator[None]:
+    """Failures to write under `folder` (a full disk above all) become one line (`write_failure`); what was
+    committed before stays, and `rerun()` says how to continue from it."""
+    try:
+        yield
+    except (UserError, Interrupted, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        failure = write_failure(exc, folder, rerun)
+        if failure is None:
+            raise
+        raise failure from None

@@ -92,6 +92,9 @@ def check_head(model, what: str) -> LogitMap:
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
     ours = head_logits(hidden, head.weight, head.bias, mapping)
     model.train(was_training)
+    if not torch.isfinite(reference).all():
+        raise UserError(f"the {what}'s logits are not finite (NaN or inf) on a probe: its weights hold NaN or inf, "
+                        "or overflow in its dtype")
     # float32: rounding only. bf16 / fp16 models scale or cap in their own dtype and we in float32: a few of
     # their mantissa steps (2^-7 of the logit size for bf16) apart. A missed scale or cap is far larger.
     relative = 1e-4 if head.weight.dtype == torch.float32 else 2.0 ** -5

@@ -123,7 +123,7 @@ def test_json_values_take_the_option_types() -> None:
     assert cfg.cache == Path("c") and cfg.output == Path("o")
     with pytest.raises(UserError, match="max_steps must be int, not 1.5"):
         from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "max_steps": 1.5})
-    with pytest.raises(UserError, match="data must be list"):
+    with pytest.raises(UserError, match="data must be a list of strings"):
         from_json(DumpConfig, {"model": "m", "data": "a.jsonl", "output": "o"})
 
 

@@ -64,6 +64,8 @@ def checkpoint_head(folder: Path, dtype: torch.dtype) -> LmHead:
     bias = next((tensors[n] for n in bias_names if n in tensors), None)
     if bias_names and bias is None:
         raise UserError(f"cannot find the LM head's bias of {folder} in its weight files ({', '.join(bias_names)}); use --engine hf")
+    if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+        raise UserError(f"the LM head of {folder} holds NaN or inf: check the teacher's weights")
     text = config.get_text_config()
     if weight.ndim != 2 or weight.shape[1] != text.hidden_size:
         raise UserError(f"the LM head of {folder} has shape {tuple(weight.shape)}, not [rows, hidden {text.hidden_size}]")

@@ -6,6 +6,7 @@ Three row kinds: `chat` (a `messages` list of role/content turns), `text`, and `
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from pathlib import Path
 
@@ -17,8 +18,27 @@ KIND_COLUMNS = {"chat": "messages", "text": "text", "tokens": "input_ids"}
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
+def resolve_data(data: list[str]) -> list[str]:
+    """--data with its patterns expanded: a value that names an existing path is that path, even when its name
+    holds *, ? or [ ]; only one that names nothing may be a glob pattern, standing for its files, sorted."""
+    out = []
+    for value in data:
+        if Path(value).exists() or not any(c in value for c in "*?["):
+            out.append(value)
+            continue
+        matches = sorted(m for m in glob.glob(value) if Path(m).is_file())
+        if not matches:
+            raise UserError(f"--data {value}: no such file, and no file matches it as a pattern")
+        out += matches
+    return out
+
+
+def kind_of(columns: list[str]) -> str | None:
+    return next((kind for kind, column in KIND_COLUMNS.items() if column in columns), None)
+
+
 def load_rows(data: list[str], split: str):
-    """Local files (by extension) or a dataset name on the hub, read with `datasets`."""
+    """Local files (by extension; `resolve_data`'s list) or a dataset name on the hub, read with `datasets`."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -31,7 +51,11 @@ def load_rows(data: list[str], split: str):
                 raise UserError(f"--data files must all be one of {', '.join(FILE_BUILDERS)}: got {', '.join(map(str, paths))}")
             if all(p.stat().st_size == 0 or not p.open("rb").read(4096).strip() for p in paths):
                 raise UserError(f"the dataset {', '.join(data)} has no rows")
-            return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in paths], split="train")
+            builder = builders.pop()
+            # One file at a time, each name escaped: `datasets` reads data_files as patterns, and a literal
+            # `data[1].jsonl` must not stand for `data1.jsonl`.
+            parts = [datasets.load_dataset(builder, data_files=[glob.escape(str(p))], split="train") for p in paths]
+            return concatenate(parts, paths)
         missing = [str(p) for p in paths if (p.suffix.lower() in FILE_BUILDERS or len(data) > 1) and not p.exists()]
         if missing:
             raise UserError(f"data file not found: {missing[0]}")
@@ -45,6 +69,22 @@ def load_rows(data: list[str], split: str):
         while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own words are the useful ones
             cause = cause.__cause__ or cause.__context__
         raise UserError(f"cannot load dataset {', '.join(data)} (split {split}): {first_line(cause)}") from None
+
+
+def concatenate(parts: list, paths: list[Path]):
+    """Several files' rows in order, when they are rows of one kind with the same columns."""
+    import datasets
+
+    first = parts[0]
+    for part, path in zip(parts[1:], paths[1:]):
+        kinds = kind_of(first.column_names), kind_of(part.column_names)
+        if kinds[0] != kinds[1]:
+            raise UserError(f"--data files hold different row kinds: {paths[0]} has {kinds[0] or 'unusable'} rows, "
+                            f"{path} {kinds[1] or 'unusable'} rows; give files of one kind")
+        if set(part.column_names) != set(first.column_names):
+            raise UserError(f"--data files have different columns: {paths[0]} ({', '.join(first.column_names)}), "
+                            f"{path} ({', '.join(part.column_names)})")
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else first
 
 
 def check_rows(rows, kind: str, vocab_size: int) -> None:

@@ -125,7 +125,11 @@ def split_teacher(topk_logprobs: torch.Tensor, usable: torch.Tensor, tail_logmas
         log_tail = log1mexp(torch.logsumexp(lps, -1).clamp(max=0.0))
     else:
         log_tail = tail_logmass.float()
-        lps = lps - (torch.logsumexp(lps, -1) - log1mexp(log_tail)).nan_to_num(0.0, posinf=0.0, neginf=0.0)[:, None]
+        stored = torch.logsumexp(lps, -1)
+        # Rescale to 1 − m: where m = 1 the shift is +inf and the head holds nothing (never more than 1 in all);
+        # a row with no stored entry has nothing to rescale.
+        shift = torch.where(torch.isfinite(stored), stored - log1mexp(log_tail), torch.zeros_like(stored))
+        lps = lps - shift[:, None]
     dropped = lps.masked_fill(usable, -math.inf)
     log_tail = torch.logaddexp(log_tail, torch.logsumexp(dropped, -1))
     return lps.masked_fill(~usable, -math.inf), log_tail

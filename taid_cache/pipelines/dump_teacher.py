@@ -16,16 +16,24 @@ from rich.progress import Progress, TextColumn
 from ..config import DumpConfig, check_fields
 from ..engines.base import Engine, EngineConfig, check_parallelism, open_engine, parse_engine_args, resolve_engine
 from ..engines.head_path import HeadSettings, teacher_batch
-from ..errors import UserError, first_line
+from ..errors import Interrupted, UserError, first_line, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
-from ..atomic import check_writable_folder, exclusive_lock
-from ..inputs import RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, source_tag, worker_slice
+from ..atomic import check_writable_folder, exclusive_lock, is_locked
+from ..inputs import (
+    RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, resolve_data, source_tag, worker_slice,
+)
 from ..shards.codec import LOGPROB_STEP, id_dtype
-from ..shards.manifest import PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize
+from ..settings import describe_differences
+from ..shards.manifest import (
+    PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize, worker_lock,
+)
 from ..shards.schema import FORMAT_VERSION
 from ..progress import step_bar
 from ..shards.record import TeacherRecord
 from ..shards.writer import BackgroundWriter, ShardWriter
+
+
+RERUN = "rerun the same command to resume"
 
 
 def check_options(cfg: DumpConfig) -> None:
@@ -163,19 +171,20 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     check_parallelism(engine_name, wanted)
     if engine is not None and (engine.name, engine.config) != (engine_name, wanted):
         raise UserError(f"the open {engine.name} engine runs {engine.config}; this dump needs {engine_name} with {wanted}")
-    rows = load_rows(cfg.data, cfg.split)
+    data = resolve_data(cfg.data)
+    rows = load_rows(data, cfg.split)
     if len(rows) == 0:
         raise UserError(f"the dataset {', '.join(cfg.data)} (split {cfg.split}) has no rows")
     kind = detect_kind(rows.column_names, cfg.input_kind)
     check_rows(rows, kind, vocab_size)
-    to_sequence = RowTokenizer(tokenizer, kind, max_length, cfg.overlong, source_tag(cfg.data))
+    to_sequence = RowTokenizer(tokenizer, kind, max_length, cfg.overlong, source_tag(data))
     to_sequence.check_renders(rows, *worker_slice(len(rows), cfg.num_workers, cfg.worker_index))
     settings = {
         "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
         "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
         "top_k": cfg.top_k, "top_p": cfg.top_p, "tail_samples": cfg.tail_samples, "seed": cfg.seed, "precision": cfg.precision,
         "logprob_step": LOGPROB_STEP if cfg.precision == "compact" else None, "id_dtype": id_dtype(vocab_size).name,
-        "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(cfg.data, rows),
+        "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(data, rows),
         "dataset_rows": len(rows), "input_kind": kind, "max_length": max_length, "overlong": cfg.overlong,
         "engine": engine_name, "dtype": wanted.dtype, "engine_args": wanted.engine_args, "num_workers": cfg.num_workers,
     }
@@ -189,9 +198,12 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
         rows_of_head = engine.head.weight.shape[0]
         if cfg.top_k > rows_of_head:
             raise UserError(f"--top-k {cfg.top_k} is above the teacher's LM head of {rows_of_head} rows")
-        with exclusive_lock(cache / PARTS_DIR / f"worker-{cfg.worker_index:05d}.lock",
-                            f"worker {cfg.worker_index} of {cfg.num_workers} in {cache}"):
-            return finish_worker(cfg, cache, settings, engine, rows, to_sequence, vocab_size, max_length)
+        with (exclusive_lock(worker_lock(cache, cfg.worker_index), f"worker {cfg.worker_index} of {cfg.num_workers} in {cache}"),
+              write_errors(cache, lambda: RERUN)):
+            try:
+                return finish_worker(cfg, cache, settings, engine, rows, to_sequence, vocab_size, max_length)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted: the committed shards are kept; {RERUN}") from None
     finally:
         if owned:
             engine.close()
@@ -203,26 +215,40 @@ def engine_config(cfg: DumpConfig, folder: Path, teacher: TeacherFacts, max_leng
                         cfg.pipeline_parallel_size, cfg.distributed_backend, parse_engine_args(cfg.vllm_args, "--vllm-args"))
 
 
+def claim_part(cfg: DumpConfig, cache: Path, settings: dict, num_rows: int) -> WorkerPart:
+    """This worker's part (resumed, or new), once the folder's other parts agree with it."""
+    check_compatible(cache, settings)  # again, under the locks: another process may have committed meanwhile
+    # A part with other settings committed nothing (check_compatible refuses otherwise). If its worker is alive,
+    # the folder belongs to a running dump of other settings (another worker count: whatever the order, the
+    # second refuses). If not, it is left from a run that died before its first shard, holds no data, and would
+    # keep the manifest from ever being written: start over it.
+    for other in (p for p in load_parts(cache) if p.settings != settings):
+        if other.worker_index != cfg.worker_index and is_locked(worker_lock(cache, other.worker_index)):
+            diff = describe_differences(other.settings, settings, "there", "now")
+            raise UserError(f"{cache} is being dumped by another running process with other settings ({diff}): "
+                            "wait for it to finish, or use another --output")
+        part_path(cache, other.worker_index, other.num_workers).unlink(missing_ok=True)
+    part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
+    if part is None:
+        start, end = worker_slice(num_rows, cfg.num_workers, cfg.worker_index)
+        part = WorkerPart(settings, cfg.worker_index, cfg.num_workers, start, end,
+                          cursor={"next_row": start, "dropped": 0, "truncated": 0})
+        save_part(cache, part)
+    return part
+
+
 def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine: Engine, rows, to_sequence: RowTokenizer,
                   vocab_size: int, max_length: int) -> dict:
     """This worker's share, under its lock: start or resume its part, run the engine, mark it done."""
-    check_compatible(cache, settings)  # again, under the lock: another process may have committed meanwhile
-    # A part with other settings committed nothing (check_compatible refuses otherwise): it is left from a run
-    # that died before its first shard (another worker count, say), holds no data, and would keep the manifest
-    # from ever being written. Start over it.
-    for stale in (p for p in load_parts(cache) if p.settings != settings):
-        part_path(cache, stale.worker_index, stale.num_workers).unlink(missing_ok=True)
-    part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
-    if part is not None and part.done:
+    # Which parts the folder holds is decided by one process at a time: two dumps started together with
+    # different settings (another worker count) must not both see an empty folder.
+    with exclusive_lock(cache / PARTS_DIR / "layout.lock", f"the parts of {cache}", wait=True):
+        part = claim_part(cfg, cache, settings, len(rows))
+    if part.done:
         complete = try_finalize(cache)
         cfg.console.print(f"worker {cfg.worker_index} of {cfg.num_workers} already finished in {cache}: nothing to do"
                           + ("" if complete else " (other workers still missing)"))
         return {"complete": complete, "resumed": False, "nothing_to_do": True}
-    if part is None:
-        start, end = worker_slice(len(rows), cfg.num_workers, cfg.worker_index)
-        part = WorkerPart(settings, cfg.worker_index, cfg.num_workers, start, end,
-                          cursor={"next_row": start, "dropped": 0, "truncated": 0})
-        save_part(cache, part)
     resumed = bool(part.shards)
     remove_orphans(cache, part)
     final = run_engine(cfg, cache, part, engine, rows, to_sequence, vocab_size)

@@ -18,7 +18,7 @@ import torch
 
 from ..atomic import check_writable_folder
 from ..config import TrainConfig, check_fields, read_config
-from ..errors import UserError, first_line, user_errors
+from ..errors import Interrupted, UserError, first_line, user_errors, write_errors
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head
 from ..losses import SAMPLED_LOSSES, LossConfig, TaidSchedule, chunk_loss
@@ -32,7 +32,7 @@ from ..training.data import CacheStream, MicroBatch, micro_batches
 from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
 from ..training.evaluate import evaluate
 from ..training.metrics import MetricsLog
-from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty
+from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty, run_lock
 from ..training.teacher import TeacherSource
 from ..training.student import (
     LossModel, attention_implementation, check_packing, check_vocabulary, load_causal_lm, save_student, shard_model,
@@ -158,6 +158,11 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
 
 def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     check_writable_folder(cfg.output, "--output")
+    with run_lock(cfg.output, env), write_errors(cfg.output, lambda: how_to_continue(cfg.output)):
+        return run_locked(cfg, env)
+
+
+def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     if broadcast_object(install_staged(cfg.output) if env.rank == 0 else None, env):
         cfg.console.print(f"finished installing the student an interrupted run had saved in {cfg.output}")
     if env.rank == 0:
@@ -170,9 +175,17 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     if settings.get("tail_samples") and cfg.loss not in SAMPLED_LOSSES and not cfg.teacher_model:
         raise UserError(f"--loss {cfg.loss}: a cache with a sampled tail (--tail-samples) serves {', '.join(SAMPLED_LOSSES)}; "
                         "the other losses need the teacher's log-probs at tokens it never drew")
+    if settings.get("tail_samples") and cfg.tail != "student" and not cfg.teacher_model:
+        raise UserError(f"--tail {cfg.tail}: a cache with a sampled tail (--tail-samples) has its tail in its draws; "
+                        "--tail shapes the tail of a top-k cache only")
+    if cfg.batch_size > manifest["records"]:
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {manifest['records']} sequences of {cfg.cache}")
     eval_manifest = verified(cfg.eval_cache, env) if cfg.eval_cache is not None else None
-    if eval_manifest is not None and eval_manifest["settings"]["tokenizer_hash"] != settings["tokenizer_hash"]:
-        raise UserError("--eval-cache was made with another tokenizer than --cache")
+    if eval_manifest is not None:
+        for key, what in (("tokenizer_hash", "tokenizer"), ("teacher_hash", "teacher")):
+            if eval_manifest["settings"][key] != settings[key]:
+                raise UserError(f"--eval-cache was dumped from another {what} than --cache ({key} differs): its KL would "
+                                "measure the student against the wrong teacher")
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     run_config = run_settings(cfg, manifest, env, global_batch)
     resume = prepare_output(cfg, run_config, env)
@@ -204,52 +217,68 @@ def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     last: dict[str, Any] = {}
     with step_bar("train-student", cfg.console, cfg.progress and env.rank == 0) as bar:
         task = bar.add_task("train", total=total_steps, completed=step, info="")
-        while step < total_steps:
-            micro, counts = step_batches(data, cfg.grad_accum, env)
-            denominator = max(counts[0].item(), 1.0)
-            reported = torch.zeros((), device=env.device)
-            t = schedule.t
-            for mb in micro:
-                combined, rep = micro_batch_loss(model, teacher, mb, loss_cfg, t, env)
-                # FSDP averages gradients over ranks; the world factor turns that into the global-token mean.
-                (combined * (env.world / denominator)).backward()
-                reported += rep / denominator
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            loss_value = all_reduce_sum(reported, env).item()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                raise UserError(f"step {step + 1}: the loss ({loss_value}) or gradient norm ({grad_norm}) is not finite; "
-                                "stopped without saving this step (lower --lr, or check the student and the cache)")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if loss_cfg.name == "taid":
-                schedule.update(loss_value)
-            step += 1
-            tokens += int(counts[1].item())
-            elapsed = elapsed_before + time.monotonic() - start
-            last = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed_s": elapsed, "grad_norm": grad_norm}
-            if loss_cfg.name == "taid":
-                last["t"] = t  # the t this step trained with
-                # max − min of t over ranks after the update: 0 when every rank holds the same t.
-                spread = all_reduce_max(torch.tensor([schedule.t, -schedule.t], dtype=torch.float64), env)
-                last["t_rank_spread"] = float(spread[0] + spread[1])
-            log.write(last)
-            if eval_manifest is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                log.write({"step": step, **evaluate(model, cfg, eval_manifest, env)})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                require_finite(model, env, step)
-                save_checkpoint(cfg.output, step, model, optimizer, scheduler,
-                                {"settings": run_config, "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env)
-            bar.update(task, advance=1, info=f"loss {loss_value:.4f}" + (f"  t {t:.3f}" if loss_cfg.name == "taid" else "")
-                       + f"  {tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        try:
+            while step < total_steps:
+                micro, counts = step_batches(data, cfg.grad_accum, env)
+                denominator = max(counts[0].item(), 1.0)
+                reported = torch.zeros((), device=env.device)
+                t = schedule.t
+                for mb in micro:
+                    combined, rep = micro_batch_loss(model, teacher, mb, loss_cfg, t, env)
+                    # FSDP averages gradients over ranks; the world factor turns that into the global-token mean.
+                    (combined * (env.world / denominator)).backward()
+                    reported += rep / denominator
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                loss_value = all_reduce_sum(reported, env).item()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    raise UserError(f"step {step + 1}: the loss ({loss_value}) or gradient norm ({grad_norm}) is not finite; "
+                                    "stopped without saving this step (lower --lr, or check the student and the cache)")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                if loss_cfg.name == "taid":
+                    schedule.update(loss_value)
+                step += 1
+                tokens += int(counts[1].item())
+                elapsed = elapsed_before + time.monotonic() - start
+                last = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed_s": elapsed, "grad_norm": grad_norm}
+                if loss_cfg.name == "taid":
+                    last["t"] = t  # the t this step trained with
+                    # max − min of t over ranks after the update: 0 when every rank holds the same t.
+                    spread = all_reduce_max(torch.tensor([schedule.t, -schedule.t], dtype=torch.float64), env)
+                    last["t_rank_spread"] = float(spread[0] + spread[1])
+                log.write(last)
+                if eval_manifest is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                    log.write({"step": step, **evaluate(model, cfg, eval_manifest, env)})
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    require_finite(model, env, step)
+                    save_checkpoint(cfg.output, step, model, optimizer, scheduler,
+                                    {"settings": run_config, "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env)
+                bar.update(task, advance=1, info=f"loss {loss_value:.4f}" + (f"  t {t:.3f}" if loss_cfg.name == "taid" else "")
+                           + f"  {tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_at(cfg, step) if env.rank == 0 else "") from None
     require_finite(model, env, step)
     save_student(model, tokenizer, cfg.output, env)
     if env.rank == 0:
         install_staged(cfg.output)
         cfg.console.print(f"trained {step} steps ({cfg.loss}); student saved to {cfg.output}")
     return last
+
+
+def how_to_continue(output: Path) -> str:
+    """After a stop: resume from the newest checkpoint, or, before the first one, start again."""
+    saved = checkpoints(output)
+    if not saved:
+        return "rerun the same command (no checkpoint yet; --save-every N keeps progress)"
+    return f"rerun with --resume (it continues from the checkpoint of step {int(saved[-1].name[5:])})"
+
+
+def interrupted_at(cfg: TrainConfig, step: int) -> str:
+    """Ctrl-C or SIGTERM: where the run stopped and how to continue it."""
+    return f"interrupted at step {step}: {how_to_continue(cfg.output)}"
 
 
 def require_finite(model, env: Dist, step: int) -> None:
@@ -272,4 +301,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     import sys
 
-    main(sys.argv[1:])
+    from ..errors import run_and_exit
+
+    run_and_exit(lambda: main(sys.argv[1:]))

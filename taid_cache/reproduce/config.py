@@ -8,10 +8,12 @@ Each of the three inputs is either given or built here, independently:
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import Range, json_value
 from ..errors import UserError, first_line
 from .models import LlamaSize
 
@@ -111,39 +113,72 @@ def quick() -> ReproduceConfig:
     )
 
 
+# Numeric settings of the reproduction itself (stage options are checked by their own pipelines: `check`).
+RANGES = {"heldout_rows": "[1, inf)", "max_length": "[2, inf)", "max_prompt": "[1, inf)", "max_response": "[1, inf)",
+          "vocab_size": "[16, inf)", "pretrain_steps": "[1, inf)", "train_pairs": "[1, inf)", "heldout_pairs": "[1, inf)",
+          "nproc_per_node": "[1, inf)", "tensor_parallel_size": "[1, inf)", "top_k": "[1, inf)", "sampled_top_k": "[0, inf)",
+          "tail_samples": "[0, inf)"}
+
+
+def typed(name: str, value: Any, hint: Any, where: str) -> Any:
+    """A YAML value as the field's type (the JSON rules of config.py), or a one-line error naming the key."""
+    try:
+        return json_value(name, value, hint)
+    except UserError as exc:
+        raise UserError(f"config {where}: {exc}") from None
+
+
 def load_config(path: Path) -> ReproduceConfig:
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read config {path}: {first_line(exc)}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must be a mapping of keys (key: value lines), not a {type(raw).__name__}")
     known = {f.name for f in fields(ReproduceConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         raise UserError(f"config {path}: unknown keys {', '.join(unknown)}")
-    for key in ("teacher_size", "student_size"):
-        if key in raw:
-            unknown = sorted(set(raw[key] or {}) - {f.name for f in fields(LlamaSize)}) if isinstance(raw[key], dict) else None
+    hints = typing.get_type_hints(ReproduceConfig)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if hints[key] is LlamaSize:
+            sizes = {f.name: f for f in fields(LlamaSize)}
+            unknown = sorted(set(value) - set(sizes)) if isinstance(value, dict) else None
             if unknown is None or unknown:
-                raise UserError(f"config {path}: {key} must map {', '.join(f.name for f in fields(LlamaSize))} to values"
+                raise UserError(f"config {path}: {key} must map {', '.join(sizes)} to values"
                                 + (f"; unknown keys {', '.join(unknown)}" if unknown else ""))
-            raw[key] = LlamaSize(**raw[key])
-    cfg = ReproduceConfig(**raw)
+            size_hints = typing.get_type_hints(LlamaSize)
+            values[key] = LlamaSize(**{k: typed(f"{key}.{k}", v, size_hints[k], str(path)) for k, v in value.items()})
+        else:
+            values[key] = typed(key, value, hints[key], str(path))
+    cfg = ReproduceConfig(**values)
+    check_settings(cfg, f"config {path}")
+    return cfg
+
+
+def check_settings(cfg: ReproduceConfig, where: str) -> None:
+    """The reproduction's own settings: ranges, methods, caches, which inputs go together."""
+    for key, text in RANGES.items():
+        within = Range.parse(text)
+        if getattr(cfg, key) not in within:
+            raise UserError(f"{where}: {key} must be {within}, not {getattr(cfg, key)}")
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad:
-        raise UserError(f"config {path}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
+        raise UserError(f"{where}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
+    if not cfg.methods:
+        raise UserError(f"{where}: methods is empty")
     if cfg.cache not in CACHES:
-        raise UserError(f"config {path}: cache must be one of {', '.join(CACHES)}, not {cfg.cache!r}")
+        raise UserError(f"{where}: cache must be one of {', '.join(CACHES)}, not {cfg.cache!r}")
     if cfg.tail_samples < 1 and any(method_cache(cfg, m) == "sampled" for m in cfg.methods):
-        raise UserError(f"config {path}: tail_samples must be at least 1 for methods on the sampled cache (or set cache: top-k)")
-    if cfg.pretrain_steps < 1:
-        raise UserError(f"config {path}: pretrain_steps must be at least 1, got {cfg.pretrain_steps}")
+        raise UserError(f"{where}: tail_samples must be at least 1 for methods on the sampled cache (or set cache: top-k)")
     if cfg.teacher is None and (cfg.student is not None or cfg.train_data is not None):
-        raise UserError(f"config {path}: a student or train_data needs a teacher (give none of them for the embedded default)")
+        raise UserError(f"{where}: a student or train_data needs a teacher (give none of them for the embedded default)")
     if cfg.train_data is not None and not cfg.train_data:
-        raise UserError(f"config {path}: train_data is empty (leave it out for the standard-library chat pairs)")
-    return cfg
+        raise UserError(f"{where}: train_data is empty (leave it out for the standard-library chat pairs)")
 
 
 def method_cache(cfg: ReproduceConfig, method: str) -> str:

@@ -27,7 +27,7 @@ from ..engines.base import open_engine, resolve_engine
 from ..pipelines.dump_teacher import dump_teacher, engine_config, teacher_facts
 from ..pipelines.train_student import train_student
 from ..shards.inspect import cache_stats, plot_captured_mass
-from .config import METHODS, ReproduceConfig, method_cache
+from .config import METHODS, ReproduceConfig, check_settings, method_cache
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -68,10 +68,10 @@ def pretrain_texts(out: Path) -> list[str]:
 
 def config_data(cfg: ReproduceConfig, data: Path) -> None:
     """A config's chat data (local files or a hub dataset with a `messages` column), unfiltered."""
-    from ..inputs import load_rows
+    from ..inputs import load_rows, resolve_data
 
-    train = load_rows(cfg.train_data, cfg.train_split)
-    heldout = load_rows(cfg.heldout_data or cfg.train_data, cfg.heldout_split)
+    train = load_rows(resolve_data(cfg.train_data), cfg.train_split)
+    heldout = load_rows(resolve_data(cfg.heldout_data or cfg.train_data), cfg.heldout_split)
     order = list(range(len(heldout)))
     random.Random(cfg.heldout_seed).shuffle(order)
     write_jsonl(data / "chat-train-raw.jsonl", [{"messages": r["messages"]} for r in train])
@@ -125,9 +125,7 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
 def dump_caches(cfg: ReproduceConfig, teacher: Path, caches: dict[str, tuple[Path, Path, int, int]], console: Console) -> dict[str, Path]:
     """Stage one for every cache (name -> data, output, top-k, draws) with the reproduction's settings, through one
     engine start for all of them; a finished cache (manifest written) is reused, an interrupted one resumes."""
-    dumps = {name: DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k,
-                              tail_samples=tail_samples, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
-                              max_length=cfg.max_length, console=console)
+    dumps = {name: dump_config(cfg, teacher, data, output, top_k, tail_samples, console)
              for name, (data, output, top_k, tail_samples) in caches.items()}
     missing = [d for d in dumps.values() if not (d.output / "manifest.json").exists()]
     if missing:
@@ -165,22 +163,61 @@ def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
     return folder
 
 
+def method_config(cfg: ReproduceConfig, method: str, run: Path, student: Path, teacher: Path, cache: Path, heldout: Path,
+                  console: Console, resume: bool = False) -> TrainConfig:
+    """train-student's options for one method of the reproduction."""
+    options = dict(METHODS[method])
+    online = options.pop("online", False)
+    options.pop("cache", None)  # which cache: the caller's choice
+    return TrainConfig(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       taid_t_start=cfg.taid_t_start, seed=cfg.seed, max_length=cfg.max_length,
+                       teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
+                       eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
+
+
+def dump_config(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, tail_samples: int,
+                console: Console) -> DumpConfig:
+    """dump-teacher's options for one cache of the reproduction."""
+    return DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k, tail_samples=tail_samples,
+                      seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size, max_length=cfg.max_length, console=console)
+
+
+def check_reproduction(cfg: ReproduceConfig, out: Path, console: Console) -> None:
+    """Everything a later stage would refuse, before the first write: the settings, every stage's options (as
+    dump-teacher and train-student check them), the local data files and the models."""
+    from ..inputs import resolve_data
+    from ..pipelines import dump_teacher as dump_stage, train_student as train_stage
+
+    check_settings(cfg, "the reproduction")
+    placeholder = out / "check"
+    caches = [(cfg.top_k, 0)] + ([(cfg.sampled_top_k, cfg.tail_samples)] if any(method_cache(cfg, m) == "sampled" for m in cfg.methods) else [])
+    try:
+        for top_k, draws in caches:
+            dump_stage.check_options(dump_config(cfg, placeholder, placeholder, placeholder, top_k, draws, console))
+        for method in cfg.methods:
+            train_stage.check_options(method_config(cfg, method, placeholder, placeholder, placeholder, placeholder, placeholder, console))
+    except UserError as exc:
+        raise UserError(f"the reproduction's settings, as its stages would take them: {exc}") from None
+    for data in (cfg.train_data, cfg.heldout_data):
+        for value in resolve_data(data or []):
+            if Path(value).suffix.lower() in (".jsonl", ".json", ".parquet", ".csv", ".arrow") and not Path(value).is_file():
+                raise UserError(f"data file not found: {value}")
+    if cfg.teacher is not None:
+        locate(cfg.teacher) if is_gguf_source(cfg.teacher) else resolve_model(cfg.teacher, "teacher")
+    if cfg.student is not None:
+        resolve_model(cfg.student, "student")
+
+
 def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, teacher: Path, cache: Path, heldout: Path, console: Console) -> Path:
     """One student; a finished one is reused, an interrupted one resumes from its checkpoint."""
     run = out / "runs" / method
     if (run / "model.safetensors").exists():
         return run
-    options = dict(METHODS[method])
-    online = options.pop("online", False)
-    options.pop("cache", None)  # which cache: the caller's choice
     resume = any((run / "checkpoints").glob("step-*"))
     if run.exists() and not resume:
         shutil.rmtree(run)
-    train = TrainConfig(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs,
-                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                        taid_t_start=cfg.taid_t_start, seed=cfg.seed, max_length=cfg.max_length,
-                        teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
-                        eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
+    train = method_config(cfg, method, run, student, teacher, cache, heldout, console, resume)
     if cfg.nproc_per_node > 1:  # the ranks read the same config from a file
         config_file = out / "runs" / f"{method}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -199,14 +236,14 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     from .report import write_report
 
     console = console or Console(stderr=True, soft_wrap=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.teacher is not None and is_gguf_source(cfg.teacher):
-        locate(cfg.teacher)  # before the first write: a typo must not leave an OUT that refuses the corrected config
     settings = out / "settings.json"
     if settings.exists() and read_json(settings) != json.loads(json.dumps(cfg.to_dict())):
         raise UserError(f"{out} holds a reproduction with other settings; use another OUT")
-    write_json(settings, cfg.to_dict())
-    (out / "data").mkdir(exist_ok=True)
+    # Before the first write: a typo must not leave an OUT that refuses the corrected config.
+    check_reproduction(cfg, out, console)
+    if not settings.exists():
+        shutil.rmtree(out / "data", ignore_errors=True)  # left by a first stage that never finished: of unknown settings
+    (out / "data").mkdir(parents=True, exist_ok=True)
     total = 7
     started = time.monotonic()
 
@@ -216,6 +253,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     stage(1, "data")
     if not (out / "data" / "chat-train-raw.jsonl").exists():
         (embedded_data if cfg.builtin_data else config_data)(cfg, out / "data")
+    write_json(settings, cfg.to_dict())  # the first stage committed: OUT now belongs to these settings
     stage(2, "tokenizer and teacher")
     if cfg.builds_teacher:
         if not (out / "tokenizer" / "tokenizer.json").exists():

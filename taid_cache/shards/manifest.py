@@ -41,6 +41,11 @@ def part_path(cache: Path, worker_index: int, num_workers: int) -> Path:
     return cache / PARTS_DIR / f"worker-{worker_index:05d}-of-{num_workers:05d}.json"
 
 
+def worker_lock(cache: Path, worker_index: int) -> Path:
+    """The lock a worker holds for its whole run (any worker count): held means that worker is alive."""
+    return cache / PARTS_DIR / f"worker-{worker_index:05d}.lock"
+
+
 def shard_prefix(worker_index: int) -> str:
     return f"shard-w{worker_index:05d}"
 
@@ -59,9 +64,12 @@ def load_parts(cache: Path) -> list[WorkerPart]:
 def read_part(path: Path) -> WorkerPart:
     record = read_json(path, "a worker's part file")
     try:
-        return WorkerPart(**record)
+        part = WorkerPart(**record)
     except TypeError:
         raise UserError(f"{path} (a worker's part file) is corrupt: not a taid-cache part record") from None
+    for i, shard in enumerate(part.shards):
+        check_shard(shard, f"{path} (a worker's part file, shard {i})")
+    return part
 
 
 def check_compatible(cache: Path, settings: dict[str, Any]) -> None:
@@ -114,15 +122,51 @@ def cache_identity(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+# What the readers use of a manifest, with the types they expect (checked once, on open).
+MANIFEST_FIELDS = {"settings": dict, "num_workers": int, "records": int, "tokens": int, "entries": int, "bytes": int,
+                   "dropped": int, "truncated": int, "fidelity": dict, "shards": list}
+SETTINGS_FIELDS = {"teacher": str, "teacher_hash": str, "tokenizer_hash": str, "vocab_size": int, "tokenizer_size": int,
+                   "top_k": int, "top_p": (float, int, type(None)), "tail_samples": int, "precision": str, "dataset_rows": int,
+                   "engine": str}
+SHARD_FIELDS = {"file": str, "records": int, "tokens": int, "entries": int, "bytes": int, "sha256": str, "batch_rows": list,
+                "batch_crc32": list, "fidelity": dict, "cursor": dict}
+
+
+def check_fields(record: Any, fields: dict[str, Any], where: str) -> None:
+    """Each field present with its type (an int never a bool), or a one-line error naming it."""
+    for name, kind in fields.items():
+        if not isinstance(record, dict) or name not in record:
+            raise UserError(f"{where} is corrupt: it has no {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise UserError(f"{where} is corrupt: {name!r} is {value!r}")
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    check_fields(manifest, MANIFEST_FIELDS, where)
+    check_fields(manifest["settings"], SETTINGS_FIELDS, f"{where} (its settings)")
+    for i, shard in enumerate(manifest["shards"]):
+        check_shard(shard, f"{where} (shard {i})")
+
+
+def check_shard(shard: Any, where: str) -> None:
+    check_fields(shard, SHARD_FIELDS, where)
+    rows, crcs = shard["batch_rows"], shard["batch_crc32"]
+    if len(rows) != len(crcs) or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows + crcs):
+        raise UserError(f"{where} is corrupt: its batch_rows and batch_crc32 are not lists of as many integers")
+
+
 def load_manifest(cache: Path) -> dict[str, Any]:
-    """The finished cache's manifest, or a one-line error saying why there is none."""
+    """The finished cache's manifest, its fields checked, or a one-line error saying why there is none."""
     if (cache / MANIFEST).is_file():
+        where = f"{cache / MANIFEST} (the cache's manifest)"
         manifest = read_json(cache / MANIFEST, "the cache's manifest")
         if not isinstance(manifest, dict) or "settings" not in manifest or "shards" not in manifest:
-            raise UserError(f"{cache / MANIFEST} (the cache's manifest) is corrupt: not a taid-cache manifest")
+            raise UserError(f"{where} is corrupt: not a taid-cache manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{cache} is in cache format {manifest.get('format_version')}; this taid-cache reads format "
                             f"{FORMAT_VERSION} only: dump the teacher again with this version")
+        check_manifest(manifest, where)
         return manifest
     if not cache.is_dir():
         raise UserError(f"no cache at {cache}: no such folder")

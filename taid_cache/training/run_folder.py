@@ -8,14 +8,18 @@ as a model). A kill at any moment leaves either no student, or a complete staged
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, exclusive_lock
 from ..errors import UserError
+from .distributed import Dist, broadcast_object
 
 STAGED = ".student.staged"
+LOCK = ".taid-cache.lock"  # held by the run's rank 0 for the run's life
 # What a run that died before its first checkpoint leaves: nothing a rerun could continue from.
 UNRECOVERABLE = {"metrics.jsonl", "tensorboard", "checkpoints"}
 
@@ -53,9 +57,27 @@ def clear_unrecoverable(output: Path, has_checkpoint: bool) -> bool:
     if not all(e.name in UNRECOVERABLE or e.name.startswith(".") for e in entries):
         return False
     for e in entries:
-        shutil.rmtree(e) if e.is_dir() else e.unlink()
+        if e.name != LOCK:  # this run's own lock: removing it would let a second run take a fresh one
+            shutil.rmtree(e) if e.is_dir() else e.unlink()
     return True
 
 
 def refuse_non_empty(output: Path) -> UserError:
     return UserError(f"{output} is not empty: use --resume to continue a run, or another --output")
+
+
+@contextlib.contextmanager
+def run_lock(output: Path, env: Dist) -> Iterator[None]:
+    """One run per folder: rank 0 holds the folder's lock for the whole run, and every rank of a second run
+    started into it stops with one line before it touches anything (its metrics, checkpoints, student)."""
+    with contextlib.ExitStack() as held:
+        error = None
+        if env.rank == 0:
+            try:
+                held.enter_context(exclusive_lock(output / LOCK, f"the run in {output}"))
+            except UserError as exc:
+                error = str(exc)
+        error = broadcast_object(error, env)
+        if error is not None:
+            raise UserError(error)
+        yield
