@@ -10,7 +10,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1 || echo 0)
 setup: $(STAMP)
 
 # Rebuilt only when the project's dependency list changes, so a second `make setup` returns at once.
-$(STAMP): pyproject.toml scripts/setup_env.sh
+$(STAMP): pyproject.toml scripts/setup_env.sh scripts/constraints.txt
 	bash scripts/setup_env.sh $(PY_BOOT) $(VENV) $(HAS_CUDA)
 	touch $(STAMP)
 

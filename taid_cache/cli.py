@@ -14,29 +14,39 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DumpConfig, TrainConfig, options_of
+from .config import DumpConfig, TrainConfig, flag, options_of, read_options
 from .errors import UserError, run_and_exit, user_errors
 from .progress import only_our_bars
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain click help (rich_markup_mode=None): option names are never cut at 80 columns, and brackets in help
+# text are text, not markup.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Pay for the teacher once: cache its top-k log-probs, then distil from the cache.")
 
 
-@app.callback()
-def setup() -> None:
-    """Runs before every command."""
-    only_our_bars()
+def option_help(f) -> str:
+    """An option's help as --help shows it: its text, its choices, its range."""
+    meta = f.metadata
+    parts = [meta["help"]]
+    if meta["choices"]:
+        parts.append(f"One of: {', '.join(meta['choices'])}.")
+    if meta["within"] is not None:
+        parts.append(f"Must be {meta['within']}.")
+    return " ".join(parts)
 
 
 def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:
     """Register `name` as a command whose options are `config`'s option fields (config.py): the flags, types,
-    defaults and help are read from the dataclass, so each option is declared once."""
+    defaults and help are read from the dataclass, so each option is declared once. `--config FILE` (YAML or
+    JSON, the same option names) supplies any of them; one given on the command line wins."""
     hints = typing.get_type_hints(config)
-    params, computed = [], set()
+    params, computed, required = [], set(), []
     for f in options_of(config):
-        help_text = f.metadata["help"] + (f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else "")
-        if f.default is MISSING and f.default_factory is MISSING:
-            default, annotation = ..., hints[f.name]
+        help_text = option_help(f)
+        if f.default is MISSING and f.default_factory is MISSING:  # required: on the command line or in --config
+            default, annotation = None, Optional[hints[f.name]]
+            required.append(f.name)
+            help_text += " [required]"
         elif f.default is MISSING:  # computed when the config is built: None on the command line means that
             default, annotation = None, Optional[hints[f.name]]
             computed.add(f.name)
@@ -44,9 +54,18 @@ def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:
             default, annotation = f.default, hints[f.name]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, help=help_text),
                                         annotation=annotation))
+    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+    params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--config", help="A YAML or JSON file of these options (their names, as here or with underscores); an option "
+        "given on the command line wins. The same file serves torchrun's ranks.")))
 
-    def command(**options: Any) -> None:
-        run(config(**{k: v for k, v in options.items() if not (k in computed and v is None)}))
+    def command(ctx: typer.Context, config_file: Optional[Path] = None, **options: Any) -> None:
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+        chosen = {**options, **(read_options(config, config_file) if config_file is not None else {}), **given}
+        missing = [flag(k) for k in required if chosen.get(k) is None]
+        if missing:
+            raise UserError(f"missing {', '.join(missing)} (give it on the command line or in --config)")
+        run(config(**{k: v for k, v in chosen.items() if not (k in computed and v is None)}))
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -58,12 +77,14 @@ def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:
 def run_dump(cfg: Any) -> None:
     from .pipelines.dump_teacher import dump_teacher
 
+    only_our_bars()
     dump_teacher(cfg)
 
 
 def run_train(cfg: Any) -> None:
     from .pipelines.train_student import train_student
 
+    only_our_bars()
     train_student(cfg)
 
 
@@ -118,6 +139,66 @@ def verify_cmd(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
     typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['records']} sequences, {manifest['tokens']:,} tokens")
 
 
+@app.command("export")
+@user_errors
+def export_cmd(
+    cache: Path = typer.Argument(..., help="Cache folder."),
+    output: Path = typer.Argument(..., help="A new folder for the Parquet files (one per shard)."),
+    format: str = typer.Option("parquet", help="parquet: this project's columns, decoded (docs/FORMAT.md); axolotl: the "
+                               "columns of axolotl's knowledge-distillation trainer (no tail mass)."),
+) -> None:
+    """Decode a cache into Parquet files that datasets, polars, pyarrow or a peer trainer read as they are."""
+    from .shards.export import export_cache
+
+    typer.echo(f"exported {export_cache(cache, output, format)} sequences to {output}")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    students: list[Path] = typer.Argument(..., help="Student folders (Hugging Face format; several compare in one table)."),
+    data: Path = typer.Option(..., help="Held-out chat rows (a messages column): prompts, references and the data scored."),
+    teacher: Optional[Path] = typer.Option(None, help="The teacher: CE, KL and top-1 against it, and its NLL of the answers."),
+    prompts: int = typer.Option(200, help="Held-out prompts answered. Must be at least 1."),
+    max_new_tokens: int = typer.Option(128, help="Longest answer in tokens. Must be at least 1."),
+    batch_size: int = typer.Option(16, help="Prompts generated together. Must be at least 1."),
+    sample: bool = typer.Option(False, help="Seeded sampling at --sample-temperature instead of greedy answers."),
+    sample_temperature: float = typer.Option(1.0, help="Temperature of --sample. Must be in (0, inf)."),
+    seed: int = typer.Option(0, help="Seed of --sample. Must be in [0, 2^64)."),
+    max_length: int = typer.Option(2048, help="Longest held-out sequence scored against the teacher. Must be at least 2."),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+) -> None:
+    """Judge students by what they generate (ROUGE-L, exact match, the teacher's NLL of their answers) and against
+    the teacher on the held-out data (CE, KL, top-1)."""
+    from .evaluation.entry import evaluate_command
+
+    only_our_bars()
+    results = evaluate_command(students, data, teacher, prompts, max_new_tokens, batch_size, sample, sample_temperature, seed,
+                               max_length, as_json)
+    columns = {"rouge_l": "ROUGE-L", "exact_match": "EM", "teacher_nll": "T-NLL", "ce": "CE", "kl": "KL", "top1": "top-1",
+               "answer_tokens": "tokens", "answers_ended": "ended"}
+    shown = [k for k in columns if any(k in r for r in results.values())]
+    table = Table(title=f"held-out {data}")
+    for column in ["", *(columns[k] for k in shown)]:
+        table.add_column(column, overflow="fold")
+    for name, metrics in results.items():
+        table.add_row(name, *(f"{metrics[k]:.3f}" if k in metrics else "" for k in shown))
+    Console().print(table)
+
+
+@app.command("export-checkpoint")
+@user_errors
+def export_checkpoint_cmd(
+    checkpoint: Path = typer.Argument(..., help="A train-student checkpoint: RUN/checkpoints/step-N."),
+    output: Path = typer.Argument(..., help="A new folder for the student (Hugging Face format)."),
+) -> None:
+    """Turn an intermediate checkpoint into a Hugging Face model folder that from_pretrained loads."""
+    from .training.checkpoint import checkpoint_to_hf
+
+    only_our_bars()
+    typer.echo(f"student of {checkpoint} saved to {checkpoint_to_hf(checkpoint, output)}")
+
+
 @app.command("convert-gguf")
 @user_errors
 def convert_gguf_cmd(
@@ -127,6 +208,7 @@ def convert_gguf_cmd(
     """Convert a GGUF checkpoint once into a Hugging Face folder that --model, --student and --teacher-model read."""
     from .gguf import convert_gguf
 
+    only_our_bars()
     typer.echo(f"converted to {convert_gguf(source, output)}")
 
 

@@ -7,7 +7,6 @@ Light on purpose (no torch): `taid-cache --help` imports it."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import typing
@@ -20,11 +19,13 @@ from rich.console import Console
 from .engines import DISTRIBUTED_BACKENDS, ENGINES
 from .errors import UserError
 from .inputs import KINDS
+from .losses.registry import LOSSES, PARAMS, LossConfig
 from .shards.codec import PRECISIONS as STORAGE_PRECISIONS
 
-LOSSES = ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")
 TAILS = ("student", "uniform", "renorm")
 COMPUTE_PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+REPORT_TO = ("none", "tensorboard", "wandb")
 OVERLONG = ("truncate", "drop")
 MAX_TAIL_SAMPLES = 4096
 SEEDS = "[0, 2^64)"  # what numpy and torch.manual_seed both take
@@ -72,6 +73,12 @@ def option(default: Any = MISSING, help: str = "", *, factory: Any = None, choic
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def loss_option(name: str) -> Any:
+    """An option for a loss parameter, its default, help and range declared in the loss registry."""
+    param = PARAMS[name]
+    return option(param.default, param.help, within=param.within)
 
 
 def stderr_console() -> Console:
@@ -126,32 +133,52 @@ def json_value(name: str, value: Any, hint: Any) -> Any:
     if hint in (str, bool) and isinstance(value, hint):
         return value
     if typing.get_origin(hint) is list:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        item = typing.get_args(hint)[0]
+        if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return value
-        raise UserError(f"{name} must be a list of strings, not {value!r}")
+        raise UserError(f"{name} must be a list of {'strings' if item is str else 'integers'}, not {value!r}")
     raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {value!r}")
+
+
+def checked_options(cls: type, values: Any, where: str) -> dict[str, Any]:
+    """A mapping of option names (underscores or dashes) to JSON-like values, each checked against its option's
+    type: the values of a config file or of `to_json`."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of options, not {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - {f.name for f in options_of(cls)})
+    if unknown:
+        raise UserError(f"{where}: unknown options {', '.join(unknown)}")
+    return {k: json_value(k, v, hints[k]) for k, v in values.items()}
 
 
 def from_json(cls: type, values: Any) -> Any:
     """`to_json`'s inverse, each value checked against its option's type."""
-    if not isinstance(values, dict):
-        raise UserError(f"a {cls.__name__} is a JSON object of options, not {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - {f.name for f in options_of(cls)})
-    if unknown:
-        raise UserError(f"unknown options {', '.join(unknown)} in a {cls.__name__}")
-    return cls(**{k: json_value(k, v, hints[k]) for k, v in values.items()})
+    return cls(**checked_options(cls, values, f"a {cls.__name__}"))
+
+
+def read_options(cls: type, path: Path) -> dict[str, Any]:
+    """A YAML (or JSON) file of options, checked (`checked_options`); a one-line error naming the file."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read the config {path}: {' '.join(str(exc).split())}") from None
+    try:
+        return checked_options(cls, {} if values is None else values, f"config {path}")
+    except UserError as exc:
+        raise UserError(str(exc) if str(exc).startswith(f"config {path}") else f"config {path}: {exc}") from None
 
 
 def read_config(cls: type, path: Path) -> Any:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the config {path}: {exc}") from None
-    try:
-        return from_json(cls, values)
-    except (UserError, TypeError) as exc:  # TypeError: a required option missing
-        raise UserError(f"config {path}: {exc}") from None
+    """A whole config from a file (every required option in it)."""
+    options = read_options(cls, path)
+    missing = [flag(f.name) for f in options_of(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in options]
+    if missing:
+        raise UserError(f"config {path}: missing {', '.join(missing)}")
+    return cls(**options)
 
 
 @dataclass
@@ -201,13 +228,16 @@ class TrainConfig:
     student: str = option(help="Student model folder (its initialisation).", resumable=True)
     cache: Path = option(help="Cache from dump-teacher.", resumable=True)
     output: Path = option(help="Run folder: checkpoints, metrics.jsonl, the final student.", resumable=True)
-    loss: str = option("taid", "Distillation loss (sft: cross-entropy on the data only).", choices=LOSSES)
+    loss: str = option("taid", "Distillation loss (docs/LOSSES.md; sft: cross-entropy on the data only).", choices=LOSSES)
     max_steps: Optional[int] = option(None, "Optimizer steps (or give --epochs).", within="[1, inf)")
     epochs: Optional[float] = option(None, "Passes over the cache (or give --max-steps).", within="(0, inf)")
     batch_size: int = option(8, "Sequences per micro-batch per rank.", within="[1, inf)")
     grad_accum: int = option(1, "Micro-batches per optimizer step.", within="[1, 4096]")
-    lr: float = option(1e-4, "Peak learning rate (AdamW, cosine decay).", within="(0, inf)")
-    warmup_steps: int = option(0, "Linear warm-up steps.", within="[0, inf)")
+    lr: float = option(1e-4, "Peak learning rate (AdamW).", within="(0, inf)")
+    lr_scheduler: str = option("cosine", "How the learning rate falls after the warm-up (transformers' schedulers).",
+                               choices=LR_SCHEDULERS)
+    warmup_steps: int = option(0, "Linear warm-up steps (wins over --warmup-ratio).", within="[0, inf)")
+    warmup_ratio: float = option(0.0, "Linear warm-up over this share of the steps.", within="[0, 1)")
     weight_decay: float = option(0.0, "AdamW weight decay.", within="[0, inf)")
     grad_clip: float = option(1.0, "Clip the gradient's global norm to this.", within="(0, inf)")
     seed: int = option(0, "Seed of the data order and initial RNG.", within=SEEDS)
@@ -217,8 +247,20 @@ class TrainConfig:
     tail: str = option("student", "Where the teacher mass off the top-k goes: spread like the student's, uniformly, "
                        "or nowhere (renorm). A top-k cache only: a --tail-samples cache's tail is its draws.", choices=TAILS)
     distil_ratio: float = option(1.0, "r: train on r * distillation + (1 - r) * CE.", within="[0, 1]")
-    beta: float = option(0.1, "β of skew-fkl / skew-rkl / js.", within="(0, 1)")
-    mu: float = option(0.5, "μ of adaptive-kl.", within="(0, 1)")
+    # The loss parameters (losses/registry.py): each is read by the losses that declare it.
+    temperature: float = loss_option("temperature")
+    skew_beta: float = loss_option("skew_beta")
+    js_beta: float = loss_option("js_beta")
+    adaptive_mu: float = loss_option("adaptive_mu")
+    dkd_alpha: float = loss_option("dkd_alpha")
+    dkd_beta: float = loss_option("dkd_beta")
+    ctkd_t_start: float = loss_option("ctkd_t_start")
+    ctkd_t_end: float = loss_option("ctkd_t_end")
+    ctkd_lambda_max: float = loss_option("ctkd_lambda_max")
+    ctkd_lambda_min: float = loss_option("ctkd_lambda_min")
+    ctkd_loops: float = loss_option("ctkd_loops")
+    beta: Optional[float] = option(None, "Replaced by --skew-beta (skew-fkl, skew-rkl) and --js-beta (js); refused.")
+    mu: Optional[float] = option(None, "Replaced by --adaptive-mu (adaptive-kl); refused.")
     taid_t_start: float = option(0.4, "TAID's first t.", within="[0, 1)")
     taid_t_end: float = option(1.0, "TAID's last t.", within="(0, 1]")
     taid_alpha: float = option(5e-4, "TAID's adaptive step size α.", within="[0, 1]")
@@ -237,9 +279,15 @@ class TrainConfig:
                             "reduction) [default: bf16 on CUDA, fp32 on CPU].", factory=default_compute_precision,
                             choices=COMPUTE_PRECISIONS)
     activation_checkpointing: bool = option(False, "Recompute activations in the backward pass.")
-    tensorboard: bool = option(False, "Also log to OUTPUT/tensorboard.", resumable=True)
+    report_to: str = option("none", "Also log the metrics to tensorboard (OUTPUT/tensorboard) or wandb (OUTPUT/wandb; "
+                            "WANDB_MODE=offline works without an account).", choices=REPORT_TO, resumable=True)
     progress: bool = option(True, "Show a progress bar.", resumable=True)
     console: Console = field(default_factory=stderr_console)
+
+    def loss_config(self) -> LossConfig:
+        """The loss and every loss parameter, by keyword (sft trains on the data alone)."""
+        return LossConfig(name=self.loss, distil_ratio=0.0 if self.loss == "sft" else self.distil_ratio,
+                          **{name: getattr(self, name) for name in PARAMS})
 
     def settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues. Paths are not settings: the run records what

@@ -130,9 +130,10 @@ def test_no_loss_goes_negative_when_all_the_mass_is_off_the_head(head: int) -> N
     logits = torch.randn(n, vocab) * 2
     ids = torch.stack([torch.randperm(vocab)[:head] for _ in range(n)])
     head_lps = torch.log(torch.full((n, head), 0.3 / head))
+    labels, learned = torch.randint(0, vocab, (n,)), torch.tensor([3.0])  # dkd reads the labels, ctkd a temperature
     for name in (loss for loss in LOSSES if loss != "sft"):
         for tail in ("student", "uniform"):
-            value = distillation(LossConfig(name), TopKTeacher(ids, head_lps, torch.zeros(n), vocab, tail), logits, 0.5)
+            value = distillation(LossConfig(name), TopKTeacher(ids, head_lps, torch.zeros(n), vocab, tail), logits, 0.5, labels, learned)
             assert torch.isfinite(value).all() and (value >= -1e-5).all(), (name, tail, value.min().item())
 
 

@@ -60,7 +60,7 @@ def test_resumable_settings() -> None:
     """What a resumed run may change: the paths (recorded by content instead) and what does not change the maths."""
     cfg = TrainConfig(student="s", cache=Path("c"), output=Path("o"), max_steps=3)
     resumable = {f.name for f in fields(TrainConfig) if f.name not in cfg.settings()} - {"console"}
-    assert resumable == {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "tensorboard",
+    assert resumable == {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "report_to",
                          "output", "cache", "student", "teacher_model"}
     assert cfg.settings()["max_steps"] == 3 and cfg.settings()["precision"] == "fp32"
 

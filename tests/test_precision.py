@@ -62,7 +62,10 @@ def test_every_loss_trains_in_bf16(student_dir, caches, tmp_path, loss: str) -> 
     records = run(student_dir, caches["top16"], tmp_path / "o", loss=loss, max_steps=6, lr=3e-3, precision="bf16")
     values = [r["loss"] for r in records]
     assert all(torch.isfinite(torch.tensor(values)))
-    assert values[-1] < values[0], values  # it learns
+    if loss == "ctkd":  # its temperature ascends the loss (the gradient reversal), so the loss need not fall
+        assert records[-1]["temperature"] > records[0]["temperature"]
+    else:
+        assert values[-1] < values[0], values  # it learns
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "o" / "model.safetensors")

@@ -1,19 +1,16 @@
 """Per-position losses against a dense teacher: student logits [..., V] and teacher log-probs [..., V] in, one
-value per position out (float32). `LossConfig` names one of them with its parameters."""
+value per position out (float32). Each is declared, with its parameters, in registry.py."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 LOG_FLOOR = -100.0  # where a loss needs log p of a token the teacher gives no mass (rkl family): e^-100
 
 
-def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Σ p (log p − log q) with 0 · log 0 = 0."""
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
@@ -21,13 +18,13 @@ def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> t
 def fkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """Forward KL(p‖q) per position."""
     log_q = F.log_softmax(student_logits.float(), -1)
-    return _xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, log_q)
+    return xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, log_q)
 
 
 def rkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """Reverse KL(q‖p) per position (teacher log-probs floored at LOG_FLOOR where it has no mass)."""
     log_q = F.log_softmax(student_logits.float(), -1)
-    return _xlogy_ratio(log_q.exp(), log_q, teacher_logprobs.clamp(min=LOG_FLOOR))
+    return xlogy_ratio(log_q.exp(), log_q, teacher_logprobs.clamp(min=LOG_FLOOR))
 
 
 def tvd(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -40,32 +37,33 @@ def _mixture_logprobs(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float)
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a)) if 0 < weight_a < 1 else (log_a if weight_a >= 1 else log_b)
 
 
-def skew_fkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def skew_fkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, skew_beta: float = 0.1) -> torch.Tensor:
     """Skew forward KL (DistiLLM): KL(p ‖ β p + (1−β) q)."""
     log_q = F.log_softmax(student_logits.float(), -1)
-    return _xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, _mixture_logprobs(teacher_logprobs, log_q, beta))
+    return xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, _mixture_logprobs(teacher_logprobs, log_q, skew_beta))
 
 
-def skew_rkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def skew_rkl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, skew_beta: float = 0.1) -> torch.Tensor:
     """Skew reverse KL (DistiLLM): KL(q ‖ β q + (1−β) p)."""
     log_q = F.log_softmax(student_logits.float(), -1)
-    return _xlogy_ratio(log_q.exp(), log_q, _mixture_logprobs(log_q, teacher_logprobs, beta))
+    return xlogy_ratio(log_q.exp(), log_q, _mixture_logprobs(log_q, teacher_logprobs, skew_beta))
 
 
-def js(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+def js(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, js_beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon: β KL(p ‖ m) + (1−β) KL(q ‖ m), m = β p + (1−β) q."""
     log_q = F.log_softmax(student_logits.float(), -1)
-    log_m = _mixture_logprobs(teacher_logprobs, log_q, beta)
-    return beta * _xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, log_m) + (1 - beta) * _xlogy_ratio(log_q.exp(), log_q, log_m)
+    log_m = _mixture_logprobs(teacher_logprobs, log_q, js_beta)
+    return (js_beta * xlogy_ratio(teacher_logprobs.exp(), teacher_logprobs, log_m)
+            + (1 - js_beta) * xlogy_ratio(log_q.exp(), log_q, log_m))
 
 
-def adaptive_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mu: float = 0.5) -> torch.Tensor:
+def adaptive_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, adaptive_mu: float = 0.5) -> torch.Tensor:
     """Adaptive KL: FKL and RKL weighted by the student's gap on the teacher's head (the most probable tokens
     up to cumulative mass μ) and on its tail; the weights carry no gradient."""
     p = teacher_logprobs.exp()
     q = F.softmax(student_logits.float(), -1)
     sorted_p, order = p.sort(-1, descending=True)
-    in_head_sorted = (sorted_p.cumsum(-1) - sorted_p) < mu  # the token that crosses μ belongs to the head
+    in_head_sorted = (sorted_p.cumsum(-1) - sorted_p) < adaptive_mu  # the token that crosses μ belongs to the head
     head = torch.zeros_like(in_head_sorted).scatter(-1, order, in_head_sorted)
     gap = (p - q).abs().detach()
     g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
@@ -98,26 +96,3 @@ def reduce_masked(per_position: torch.Tensor, mask: torch.Tensor | None) -> torc
 def taid_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar TAID loss for dense teacher log-probs [..., V], averaged over mask-true positions."""
     return reduce_masked(taid(student_logits, teacher_logprobs, t), mask)
-
-
-@dataclass
-class LossConfig:
-    name: str = "taid"
-    beta: float = 0.1  # skew-fkl / skew-rkl: β; js: β (0.5 is the symmetric JSD)
-    mu: float = 0.5  # adaptive-kl
-    distil_ratio: float = 1.0  # r·distillation + (1−r)·CE
-
-
-def per_position_fn(cfg: LossConfig) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
-    """The distillation term of `cfg` as f(student_logits, teacher_logprobs, t) -> [positions]."""
-    table: dict[str, Callable] = {
-        "taid": lambda s, tl, t: taid(s, tl, t),
-        "fkl": lambda s, tl, t: fkl(s, tl),
-        "rkl": lambda s, tl, t: rkl(s, tl),
-        "tvd": lambda s, tl, t: tvd(s, tl),
-        "js": lambda s, tl, t: js(s, tl, cfg.beta),
-        "skew-fkl": lambda s, tl, t: skew_fkl(s, tl, cfg.beta),
-        "skew-rkl": lambda s, tl, t: skew_rkl(s, tl, cfg.beta),
-        "adaptive-kl": lambda s, tl, t: adaptive_kl(s, tl, cfg.mu),
-    }
-    return table[cfg.name]

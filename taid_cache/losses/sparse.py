@@ -15,10 +15,6 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-# Losses a sampled tail serves: fkl without bias, taid with the estimator of `taid_sparse` (docs/LOSSES.md).
-SAMPLED_LOSSES = ("taid", "fkl", "sft")
-
-
 def rows_of(teacher, rows: slice):
     """The same teacher at a slice of its positions (every tensor field sliced along its first axis)."""
     return replace(teacher, **{f.name: v[rows] for f in fields(teacher) if isinstance(v := getattr(teacher, f.name), torch.Tensor)})
@@ -75,18 +71,28 @@ class SampledTeacher:
     def __getitem__(self, rows: slice) -> SampledTeacher:
         return rows_of(self, rows)
 
-    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def estimate(self, temperature: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher as one sparse estimate p̂: (ids, log ŵ, ℓ), each [N, k + S].
 
         ŵ: the head's exact p (rescaled to 1 − m, `split_teacher`) and m·c/N for a token drawn c of N times, so
         E[ŵ_v] = p_v for every token and Σ ŵ = 1. ℓ: each entry's exact log p (equal to log ŵ on the head).
-        Unused slots: id −1, −inf."""
+        Unused slots: id −1, −inf.
+
+        At temperature τ, of p_τ ∝ p^(1/τ): the head's p^(1/τ) exactly, and m·c/N · p^(1/τ − 1) at a draw, an
+        unbiased estimate of p_v^(1/τ) (E[c_v] = N p_v / m), so their sum estimates Σ_v p_v^(1/τ) without bias;
+        both are then divided by that sum (ℓ likewise), which is consistent, not unbiased (docs/LOSSES.md)."""
         head, _ = split_teacher(self.logprobs, self.ids >= 0, self.tail_logmass)
         draws = self.sample_draws.float()
         total = draws.sum(-1, keepdim=True).clamp(min=1e-30)
         sampled = torch.where(draws > 0, self.tail_logmass.float()[:, None] + draws.log() - total.log(), -math.inf)
-        return (torch.cat([self.ids.long(), self.sample_ids.long()], -1), torch.cat([head, sampled], -1),
-                torch.cat([head, self.sample_logprobs.float()], -1))
+        ids = torch.cat([self.ids.long(), self.sample_ids.long()], -1)
+        log_w, ell = torch.cat([head, sampled], -1), torch.cat([head, self.sample_logprobs.float()], -1)
+        if isinstance(temperature, (int, float)) and temperature == 1:
+            return ids, log_w, ell
+        inverse = 1.0 / temperature
+        log_w = torch.where(torch.isfinite(log_w), log_w + (inverse - 1.0) * ell.nan_to_num(neginf=0.0), log_w)
+        log_z = log_w.logsumexp(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+        return ids, log_w - log_z, ell * inverse - log_z
 
     def top1(self) -> torch.Tensor:
         """The estimate's largest entry: the head's first (a head of 0 entries: the most drawn token)."""
@@ -237,13 +243,15 @@ def taid_sparse(student_logits: torch.Tensor, teacher: SparseTeacher, t: float) 
     return loss, q
 
 
-def sampled_fkl(student_logits: torch.Tensor, teacher: SampledTeacher) -> torch.Tensor:
-    """Σ ŵ (ℓ − log q) per position: an unbiased estimate of KL(p‖q) whose gradient q − ŵ is unbiased too.
-    Entries at or past `valid_vocab` are dropped (the others' weights renormalised); differentiable."""
-    ids, log_w, ell = teacher.estimate()
-    log_q = F.log_softmax(student_logits.float(), -1)
+def sampled_fkl(student_logits: torch.Tensor, teacher: SampledTeacher, t: float | None = None, labels: torch.Tensor | None = None,
+                temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Σ ŵ (ℓ − log q) per position: an unbiased estimate of KL(p‖q) whose gradient q − ŵ is unbiased too (at
+    τ ≠ 1: of τ²·KL(p_τ‖q_τ), on the importance-weighted estimate). Entries at or past `valid_vocab` are dropped
+    (the others' weights renormalised); differentiable."""
+    ids, log_w, ell = teacher.estimate(temperature)
+    log_q = F.log_softmax(student_logits.float() / temperature, -1)
     usable = (ids >= 0) & (ids < teacher.valid_vocab) & torch.isfinite(log_w)
     log_q_e = log_q.gather(1, ids.clamp(0, log_q.shape[1] - 1))
     has_any = usable.any(-1, keepdim=True)
     w = torch.where(has_any, torch.softmax(torch.where(has_any, log_w.masked_fill(~usable, -math.inf), 0.0), -1), 0.0)
-    return torch.where(usable, w * (ell - log_q_e), 0.0).sum(-1)
+    return torch.where(usable, w * (ell - log_q_e), 0.0).sum(-1) * temperature**2

@@ -17,11 +17,11 @@ from typing import Any, Iterator
 import torch
 
 from ..atomic import check_writable_folder
-from ..config import TrainConfig, check_fields, read_config
+from ..config import TrainConfig, check_fields, flag, read_config
 from ..errors import Interrupted, UserError, first_line, user_errors, write_errors
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head
-from ..losses import SAMPLED_LOSSES, LossConfig, TaidSchedule, chunk_loss
+from ..losses import PARAMS, REGISTRY, SAMPLED_LOSSES, CurriculumTemperature, TaidSchedule
 from ..progress import only_our_bars, step_bar
 from ..settings import describe_differences
 from ..shards.manifest import cache_identity, load_manifest
@@ -31,6 +31,7 @@ from ..training.checkpoint import checkpoints, load_newest, readable_meta, remov
 from ..training.data import CacheStream, MicroBatch, micro_batches
 from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
 from ..training.evaluate import evaluate
+from ..training.loss_step import micro_batch_loss
 from ..training.metrics import MetricsLog
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty, run_lock
 from ..training.teacher import TeacherSource
@@ -43,31 +44,37 @@ def check_options(cfg: TrainConfig) -> None:
     """Every option in range before anything is loaded or written: each field's declared range (config.py), then
     the ones that depend on each other."""
     check_fields(cfg)
+    check_loss_parameters(cfg)
     if (cfg.max_steps is None) == (cfg.epochs is None):
         raise UserError("give exactly one of --max-steps and --epochs")
     if not cfg.taid_t_start < cfg.taid_t_end:
         raise UserError(f"--taid-t-start ({cfg.taid_t_start}) must be below --taid-t-end ({cfg.taid_t_end})")
     if cfg.eval_every and cfg.eval_cache is None:
         raise UserError("--eval-every needs --eval-cache (the held-out cache to evaluate on)")
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package (pip install 'taid-cache[{cfg.report_to}]')")
 
 
-def cosine_schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(total - warmup, 1), 1.0)))
+def check_loss_parameters(cfg: TrainConfig) -> None:
+    """The replaced --beta / --mu, and a loss parameter set for a loss that does not read it, in one line each."""
+    if cfg.beta is not None:
+        raise UserError("--beta is replaced by --skew-beta (skew-fkl, skew-rkl) and --js-beta (js)")
+    if cfg.mu is not None:
+        raise UserError("--mu is replaced by --adaptive-mu (adaptive-kl)")
+    spec = REGISTRY[cfg.loss]
+    for name, param in PARAMS.items():
+        if name not in spec.reads and getattr(cfg, name) != param.default:
+            readers = ", ".join(n for n, s in REGISTRY.items() if name in s.reads)
+            raise UserError(f"{flag(name)} {getattr(cfg, name)}: --loss {cfg.loss} does not read it (it is a parameter of {readers})")
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+def lr_schedule(cfg: TrainConfig, optimizer, total: int):
+    """transformers' scheduler of that name (what a Trainer run with the same arguments uses)."""
+    from transformers import get_scheduler
 
-def micro_batch_loss(model: LossModel, teacher: TeacherSource, mb: MicroBatch, loss: LossConfig, t: float, env: Dist):
-    """Summed (training loss, reported loss) over the micro-batch's target positions."""
-    labels = mb.labels[mb.targets].to(env.device)
-    batch_teacher = teacher.for_batch(mb, env) if loss.name != "sft" else None
-    return model(mb.model_inputs(env.device), mb.targets.to(env.device),
-                 lambda logits, sl: chunk_loss(loss, None if batch_teacher is None else batch_teacher[sl], logits, labels[sl], t))
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def verified(cache: Path, env: Dist) -> dict:
@@ -198,18 +205,22 @@ def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     check_packing(lm, cfg.pack, "student")
     rows = lm.get_output_embeddings().weight.shape[0]
     teacher = TeacherSource(settings, cfg.tail, rows, env, cfg.teacher_model, cfg.pack)
-    model = shard_model(LossModel(lm, cfg.loss_chunk, check_head(lm, "student")), env, cfg.precision, cfg.activation_checkpointing)
+    loss_cfg = cfg.loss_config()
+    temperature = CurriculumTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end) if loss_cfg.spec.learns_temperature else None
+    model = shard_model(LossModel(lm, cfg.loss_chunk, check_head(lm, "student"), temperature), env, cfg.precision,
+                        cfg.activation_checkpointing)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest["records"] / global_batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
+    scheduler = lr_schedule(cfg, optimizer, total_steps)
     schedule = TaidSchedule(cfg.taid_t_start, cfg.taid_t_end, cfg.taid_alpha, cfg.taid_beta, total_steps, not cfg.taid_disable_adaptive)
-    loss_cfg = LossConfig(cfg.loss, cfg.beta, cfg.mu, 0.0 if cfg.loss == "sft" else cfg.distil_ratio)
     step, tokens, elapsed_before = 0, 0, 0.0
     if resume:
         meta = load_newest(cfg.output, model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
         schedule.load_state_dict(meta["taid"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
-    log = MetricsLog(cfg.output, env, step, cfg.tensorboard)
+        if env.rank == 0:
+            cfg.console.print(f"resumed from step {step} of {total_steps} ({cfg.output})")
+    log = MetricsLog(cfg.output, env, step, cfg.report_to, run_config)
     data = micro_batches(CacheStream(cfg.cache, cfg.batch_size, env.rank, env.world, cfg.max_length, cfg.seed,
                                      cfg.shuffle_buffer, True, start=step * global_batch, pack=cfg.pack), cfg.num_workers)
     model.train()
@@ -223,8 +234,9 @@ def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
                 denominator = max(counts[0].item(), 1.0)
                 reported = torch.zeros((), device=env.device)
                 t = schedule.t
+                epoch = 1 + step * global_batch // manifest["records"]  # counted from 1, as ctkd's curriculum counts
                 for mb in micro:
-                    combined, rep = micro_batch_loss(model, teacher, mb, loss_cfg, t, env)
+                    combined, rep = micro_batch_loss(model, teacher, mb, loss_cfg, t, env, epoch)
                     # FSDP averages gradients over ranks; the world factor turns that into the global-token mean.
                     (combined * (env.world / denominator)).backward()
                     reported += rep / denominator
@@ -238,34 +250,49 @@ def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
-                if loss_cfg.name == "taid":
+                if loss_cfg.spec.reads_t:
                     schedule.update(loss_value)
                 step += 1
                 tokens += int(counts[1].item())
                 elapsed = elapsed_before + time.monotonic() - start
                 last = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed_s": elapsed, "grad_norm": grad_norm}
-                if loss_cfg.name == "taid":
+                if temperature is not None:
+                    last["temperature"] = model.temperature.value()
+                if loss_cfg.spec.reads_t:
                     last["t"] = t  # the t this step trained with
                     # max − min of t over ranks after the update: 0 when every rank holds the same t.
                     spread = all_reduce_max(torch.tensor([schedule.t, -schedule.t], dtype=torch.float64), env)
                     last["t_rank_spread"] = float(spread[0] + spread[1])
                 log.write(last)
                 if eval_manifest is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                    log.write({"step": step, **evaluate(model, cfg, eval_manifest, env)})
+                    scores = evaluate(model, cfg, eval_manifest, env)
+                    log.write({"step": step, **scores})
+                    if env.rank == 0:
+                        bar.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     require_finite(model, env, step)
                     save_checkpoint(cfg.output, step, model, optimizer, scheduler,
-                                    {"settings": run_config, "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env)
-                bar.update(task, advance=1, info=f"loss {loss_value:.4f}" + (f"  t {t:.3f}" if loss_cfg.name == "taid" else "")
+                                    {"settings": run_config, "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env,
+                                    lambda folder: describe_student(lm, tokenizer, folder))
+                bar.update(task, advance=1, info=f"loss {loss_value:.4f}" + (f"  t {t:.3f}" if loss_cfg.spec.reads_t else "")
                            + f"  {tokens / max(elapsed, 1e-9):,.0f} tok/s")
         except KeyboardInterrupt:
             raise Interrupted(interrupted_at(cfg, step) if env.rank == 0 else "") from None
+        finally:
+            log.close()
     require_finite(model, env, step)
     save_student(model, tokenizer, cfg.output, env)
     if env.rank == 0:
         install_staged(cfg.output)
         cfg.console.print(f"trained {step} steps ({cfg.loss}); student saved to {cfg.output}")
     return last
+
+
+def describe_student(lm, tokenizer, folder: Path) -> None:
+    """The student's config, generation config and tokenizer: what makes a checkpoint a model folder."""
+    lm.config.save_pretrained(folder)
+    lm.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def how_to_continue(output: Path) -> str:

@@ -15,28 +15,32 @@ from typing import Any, Optional
 
 from ..config import Range, json_value
 from ..errors import UserError, first_line
+from ..losses.registry import LOSSES, SAMPLED_LOSSES
 from .models import LlamaSize
 
-# Method name -> train-student options, and the cache a method must read: "top-k" for the losses that need the
-# teacher's log-probs at every token (a sampled tail serves only taid, fkl and sft) and for the comparison
-# rows; the others read the config's `cache`. `*-online` run the teacher in-process (the original set-up).
-METHODS: dict[str, dict[str, Any]] = {
-    "sft": {"loss": "sft"},
-    "fkl": {"loss": "fkl"},
-    "rkl": {"loss": "rkl", "cache": "top-k"},
-    "tvd": {"loss": "tvd", "cache": "top-k"},
-    "skew-fkl": {"loss": "skew-fkl", "cache": "top-k"},
-    "taid": {"loss": "taid"},
-    "taid-no-adaptive": {"loss": "taid", "taid_disable_adaptive": True},
-    "taid-tail-uniform": {"loss": "taid", "tail": "uniform", "cache": "top-k"},
-    "taid-tail-renorm": {"loss": "taid", "tail": "renorm", "cache": "top-k"},
-    "taid-online": {"loss": "taid", "online": True},
-    "fkl-online": {"loss": "fkl", "online": True},
-    "taid-top-k": {"loss": "taid", "cache": "top-k"},
-    "fkl-top-k": {"loss": "fkl", "cache": "top-k"},
-    "taid-sampled": {"loss": "taid", "cache": "sampled"},
-    "fkl-sampled": {"loss": "fkl", "cache": "sampled"},
-}
+def method_table() -> dict[str, dict[str, Any]]:
+    """Method name -> train-student options: every loss of the registry under its own name, and the variants the
+    comparison needs. `cache`: the train cache a method must read ("top-k" or "sampled"); without it, a loss a
+    sampled tail cannot serve reads the top-k cache and the others the config's `cache`. `*-online` run the
+    teacher in-process (the original set-up)."""
+    methods: dict[str, dict[str, Any]] = {name: {"loss": name} for name in LOSSES}
+    methods.update({
+        "taid-no-adaptive": {"loss": "taid", "taid_disable_adaptive": True},
+        "taid-tail-uniform": {"loss": "taid", "tail": "uniform", "cache": "top-k"},
+        "taid-tail-renorm": {"loss": "taid", "tail": "renorm", "cache": "top-k"},
+        "taid-online": {"loss": "taid", "online": True},
+        "fkl-online": {"loss": "fkl", "online": True},
+        "taid-top-k": {"loss": "taid", "cache": "top-k"},
+        "fkl-top-k": {"loss": "fkl", "cache": "top-k"},
+        "taid-sampled": {"loss": "taid", "cache": "sampled"},
+        "fkl-sampled": {"loss": "fkl", "cache": "sampled"},
+    })
+    return methods
+
+
+METHODS = method_table()
+# Ranked with several seeds by default; the other rows are diagnostics (one seed).
+RANKED = ["sft", "fkl", "taid", "taid-online", "ctkd", "dkd"]
 CACHES = ("sampled", "top-k")
 
 
@@ -77,6 +81,10 @@ class ReproduceConfig:
     cache: str = "sampled"
     # Stage two.
     methods: list[str] = field(default_factory=lambda: [m for m in METHODS if m not in ("taid-sampled", "fkl-sampled")])
+    # Each method in `seeded` runs once per seed (its own student initialisation and data order), the others with
+    # the first seed only; the report gives mean ± standard deviation over a method's seeds.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeded: list[str] = field(default_factory=lambda: list(RANKED))
     max_steps: Optional[int] = 600
     epochs: Optional[float] = None
     batch_size: int = 8
@@ -85,7 +93,10 @@ class ReproduceConfig:
     warmup_steps: int = 0
     taid_t_start: float = 0.4
     nproc_per_node: int = 1
-    seed: int = 0
+    seed: int = 0  # of the data's shuffle and the teacher's pre-training
+    # Evaluation by generation: greedy answers to the first `generation_prompts` held-out prompts.
+    generation_prompts: int = 100
+    max_new_tokens: int = 64
 
     @property
     def builds_teacher(self) -> bool:
@@ -108,8 +119,10 @@ def quick() -> ReproduceConfig:
     return ReproduceConfig(
         name="embedded-quick", vocab_size=1024, teacher_size=LlamaSize(hidden=128, layers=2, heads=2, intermediate=384),
         student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_steps=150, train_pairs=200,
-        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128, methods=["sft", "fkl", "rkl", "taid", "taid-online", "taid-top-k"],
-        max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32, sampled_top_k=8, tail_samples=24,
+        heldout_pairs=40, max_length=256, max_prompt=160, max_response=128,
+        methods=["sft", "fkl", "rkl", "dkd", "ctkd", "taid", "taid-online", "taid-top-k"], seeds=[0, 1], seeded=["fkl", "taid"],
+        max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32, sampled_top_k=8, tail_samples=24, generation_prompts=16,
+        max_new_tokens=24,
     )
 
 
@@ -117,7 +130,7 @@ def quick() -> ReproduceConfig:
 RANGES = {"heldout_rows": "[1, inf)", "max_length": "[2, inf)", "max_prompt": "[1, inf)", "max_response": "[1, inf)",
           "vocab_size": "[16, inf)", "pretrain_steps": "[1, inf)", "train_pairs": "[1, inf)", "heldout_pairs": "[1, inf)",
           "nproc_per_node": "[1, inf)", "tensor_parallel_size": "[1, inf)", "top_k": "[1, inf)", "sampled_top_k": "[0, inf)",
-          "tail_samples": "[0, inf)"}
+          "tail_samples": "[0, inf)", "generation_prompts": "[1, inf)", "max_new_tokens": "[1, inf)"}
 
 
 def typed(name: str, value: Any, hint: Any, where: str) -> Any:
@@ -166,11 +179,14 @@ def check_settings(cfg: ReproduceConfig, where: str) -> None:
         within = Range.parse(text)
         if getattr(cfg, key) not in within:
             raise UserError(f"{where}: {key} must be {within}, not {getattr(cfg, key)}")
-    bad = [m for m in cfg.methods if m not in METHODS]
-    if bad:
-        raise UserError(f"{where}: unknown methods {', '.join(bad)}; known: {', '.join(METHODS)}")
+    for key in ("methods", "seeded"):
+        bad = [m for m in getattr(cfg, key) if m not in METHODS]
+        if bad:
+            raise UserError(f"{where}: unknown methods {', '.join(bad)} in {key}; known: {', '.join(METHODS)}")
     if not cfg.methods:
         raise UserError(f"{where}: methods is empty")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        raise UserError(f"{where}: seeds must be distinct integers of at least 0, not {cfg.seeds}")
     if cfg.cache not in CACHES:
         raise UserError(f"{where}: cache must be one of {', '.join(CACHES)}, not {cfg.cache!r}")
     if cfg.tail_samples < 1 and any(method_cache(cfg, m) == "sampled" for m in cfg.methods):
@@ -182,5 +198,18 @@ def check_settings(cfg: ReproduceConfig, where: str) -> None:
 
 
 def method_cache(cfg: ReproduceConfig, method: str) -> str:
-    """Which train cache a method reads: its own ("top-k" or "sampled"), else the config's `cache`."""
-    return METHODS[method].get("cache", cfg.cache)
+    """Which train cache a method reads: its own ("top-k" or "sampled"); the top-k one for a loss a sampled tail
+    cannot serve; else the config's `cache`."""
+    options = METHODS[method]
+    if "cache" in options:
+        return options["cache"]
+    return cfg.cache if options["loss"] in SAMPLED_LOSSES else "top-k"
+
+
+def method_seeds(cfg: ReproduceConfig, method: str) -> list[int]:
+    return list(cfg.seeds) if method in cfg.seeded else cfg.seeds[:1]
+
+
+def runs_of(cfg: ReproduceConfig) -> list[tuple[str, int]]:
+    """Every (method, seed) the reproduction trains, methods in order."""
+    return [(method, seed) for method in cfg.methods for seed in method_seeds(cfg, method)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-# Each turn: role marker, newline, content, end marker. A generation prompt opens an assistant turn.
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Each turn: role marker, newline, content, end marker. A generation prompt opens an assistant turn. The end
+# marker is the eos token, so generation stops where an assistant turn ends.
 CHAT_TEMPLATE = (
     "{{ '<|bos|>' }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
@@ -26,7 +27,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: Path):
     core.train_from_iterator(texts, trainer)
     bos = core.token_to_id("<|bos|>")
     core.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|bos|>", eos_token="<|eos|>",
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|bos|>", eos_token="<|end|>",
                                         pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)

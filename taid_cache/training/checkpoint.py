@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +47,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(output: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], env: Dist) -> None:
+def save_checkpoint(output: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], env: Dist,
+                    describe: Callable[[Path], None]) -> None:
+    """`describe(folder)` (rank 0) writes what turns the checkpoint into a model folder: the student's config and
+    tokenizer (`checkpoint_to_hf`)."""
     final = output / "checkpoints" / f"step-{step:08d}"
     tmp = None
     if env.rank == 0:
@@ -61,6 +65,7 @@ def save_checkpoint(output: Path, step: int, model, optimizer, scheduler, extra:
     if env.active:
         dist.barrier()
     if env.rank == 0:
+        describe(tmp)
         write_json(tmp / "meta.json", {"step": step, **extra})
         fsync_path(tmp)
         tmp.rename(final)
@@ -118,3 +123,39 @@ def remove_interrupted_saves(output: Path) -> None:
     """Temporary folders of saves a kill interrupted (each can be checkpoint-sized): never read, so removed."""
     for tmp in [*(output / "checkpoints").glob(".step-*.tmp-*"), *output.glob(".*.tmp-*")]:
         remove(tmp)
+
+
+def checkpoint_to_hf(checkpoint: Path, out: Path) -> Path:
+    """A checkpoint's student as a Hugging Face folder (`from_pretrained` loads it): the DCP model state, gathered
+    whole, in the architecture of the config saved beside it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..atomic import atomic_path
+
+    if not (checkpoint / "meta.json").is_file() or not (checkpoint / ".metadata").is_file():
+        raise UserError(f"{checkpoint} is not a train-student checkpoint (no meta.json and .metadata)")
+    if not (checkpoint / "config.json").is_file():
+        raise UserError(f"{checkpoint} has no config.json: it was written by a taid-cache that did not keep the student's "
+                        "config in its checkpoints")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder: write the student into a new one")
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            dcp_to_torch_save(checkpoint, Path(scratch) / "state.pt")
+            state = torch.load(Path(scratch) / "state.pt", weights_only=False)["model"]
+        except UNREADABLE as exc:
+            raise UserError(f"cannot read the checkpoint {checkpoint}: {first_line(exc)}") from None
+    prefix = "lm."  # the trainer's LossModel wraps the student as `.lm`
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    config = AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.tie_weights()
+    if out.is_dir():
+        out.rmdir()
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
+    return out

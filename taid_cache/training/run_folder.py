@@ -21,7 +21,7 @@ from .distributed import Dist, broadcast_object
 STAGED = ".student.staged"
 LOCK = ".taid-cache.lock"  # held by the run's rank 0 for the run's life
 # What a run that died before its first checkpoint leaves: nothing a rerun could continue from.
-UNRECOVERABLE = {"metrics.jsonl", "tensorboard", "checkpoints"}
+UNRECOVERABLE = {"metrics.jsonl", "tensorboard", "wandb", "checkpoints"}
 
 
 def staged_student(output: Path):

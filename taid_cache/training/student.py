@@ -55,15 +55,19 @@ class LossModel(nn.Module):
     LM head and loss applied chunk by chunk (`chunked_lm_loss`). Being the FSDP root, its forward holds the
     unsharded head weight."""
 
-    def __init__(self, lm: nn.Module, chunk: int, mapping: LogitMap) -> None:
+    def __init__(self, lm: nn.Module, chunk: int, mapping: LogitMap, temperature: nn.Module | None = None) -> None:
         super().__init__()
         self.lm, self.chunk, self.mapping = lm, chunk, mapping
+        self.temperature = temperature  # ctkd's learned temperature (CurriculumTemperature), trained with the student
 
-    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor, fn: ChunkFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """`inputs`: the decoder's keyword arguments (`MicroBatch.model_inputs`); `targets`: [B, T-1] bool."""
+    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor, fn: ChunkFn,
+                lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`inputs`: the decoder's keyword arguments (`MicroBatch.model_inputs`); `targets`: [B, T-1] bool; `lam`:
+        the learned temperature's gradient-reversal weight this step (`fn` then also takes the temperature)."""
         h = self.lm.get_decoder()(**inputs).last_hidden_state[:, :-1][targets]
         head = self.lm.get_output_embeddings()
-        return chunked_lm_loss(h, head.weight, fn, self.chunk, head.bias, self.mapping)
+        extra = () if self.temperature is None or lam is None else (self.temperature(lam),)
+        return chunked_lm_loss(h, head.weight, fn, self.chunk, head.bias, self.mapping, extra)
 
 
 def shard_model(model: LossModel, env: Dist, precision: str, checkpointing: bool) -> LossModel:

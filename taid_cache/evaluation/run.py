@@ -1,0 +1,54 @@
+"""Every judgement of a set of students on held-out chat data, each student loaded in turn: against the teacher
+(CE, KL, top-1 on the data's loss positions) and by generation (ROUGE-L, exact match, the teacher's NLL of the
+answers), with the teacher's own generation scores as the reference row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..errors import UserError, first_line
+from .against_teacher import against_teacher
+from .generation import GenerationSettings, generation_scores, prompts_of
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    prompts: int | None = 200  # held-out prompts answered (None: all)
+    max_length: int = 2048  # of the held-out sequences scored against the teacher
+    generation: GenerationSettings = GenerationSettings()
+
+
+def load_model(path: Path, what: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise UserError(f"cannot load {what} {path}: {first_line(exc)}") from None
+
+
+def evaluate_students(students: dict[str, Path], rows: list[dict[str, Any]], sequences: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+                      settings: EvaluationSettings, teacher_dir: Path | None = None,
+                      progress: Callable[[str], None] = lambda name: None) -> dict[str, dict[str, float]]:
+    """name -> metrics for each student, and "teacher" -> its CE and generation scores when a teacher is given.
+    `rows`: chat rows (the prompts and references); `sequences()`: their tokenised (input ids, loss mask) pairs."""
+    prompts = prompts_of(rows, settings.prompts)
+    if not prompts:
+        raise UserError("the held-out data has no conversation with an assistant turn to answer")
+    teacher, tokenizer = load_model(teacher_dir, "teacher") if teacher_dir is not None else (None, None)
+    results: dict[str, dict[str, float]] = {}
+    if teacher is not None:
+        progress("teacher")
+        results["teacher"] = {**against_teacher(teacher, {}, sequences(), settings.max_length)["teacher"],
+                              **generation_scores(teacher, tokenizer, prompts, settings.generation, teacher)}
+    for name, path in students.items():
+        progress(name)
+        model, student_tokenizer = load_model(path, "student")
+        scores = against_teacher(teacher, {name: model}, sequences(), settings.max_length)[name] if teacher is not None else {}
+        results[name] = {**scores, **generation_scores(model, student_tokenizer, prompts, settings.generation, teacher)}
+    return results

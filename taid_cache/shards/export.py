@@ -1,0 +1,115 @@
+"""`taid-cache export`: a finished cache decoded into Parquet files other tools read as they are.
+
+- `parquet`: this project's columns, decoded (docs/FORMAT.md, "Exported Parquet"): per sequence its token ids and
+  loss mask, and per position the stored ids and float log-probs (only the entries kept), the exact tail mass,
+  and for a sampled tail the distinct draws, how often each was drawn and their log-probs.
+- `axolotl`: the columns axolotl's knowledge-distillation trainer reads, aligned as its docs say: row j of
+  `target_token_ids` / `target_logprobs` is the distribution of `input_ids[j + 1]`, `target_mask[j]` is 0 where
+  `labels[j + 1]` is -100, and the last row (and unused slots) are padding with mask 0. It has no tail mass:
+  axolotl renormalises the top-k.
+
+One Parquet file per shard, in the cache's reading order, written into a folder that appears complete or not at
+all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..atomic import atomic_path, check_writable_folder
+from ..errors import UserError
+from .manifest import load_manifest
+from .reader import iter_shard
+
+FORMATS = ("parquet", "axolotl")
+PAD_LOGPROB = -1e9  # axolotl's padding: a large negative log-prob, masked out
+
+
+def nested(rows: list[list[np.ndarray]], value_type: pa.DataType) -> pa.ListArray:
+    """list<list<value>> from, per sequence, one array per position."""
+    inner_lengths = [len(v) for seq in rows for v in seq]
+    inner_offsets = np.concatenate(([0], np.cumsum(inner_lengths, dtype=np.int64))).astype(np.int32)
+    flat = np.concatenate([v for seq in rows for v in seq]) if inner_lengths else np.zeros(0)
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat.astype(value_type.to_pandas_dtype()), value_type))
+    outer_offsets = np.concatenate(([0], np.cumsum([len(seq) for seq in rows], dtype=np.int64))).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)
+
+
+def flat(rows: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    offsets = np.concatenate(([0], np.cumsum([len(r) for r in rows], dtype=np.int64))).astype(np.int32)
+    values = np.concatenate(rows) if rows else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype()), value_type))
+
+
+def kept(ids: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    """Each position's used entries (id >= 0) of a [T-1, k] grid."""
+    return [row[mask] for row, mask in zip(values, ids >= 0)]
+
+
+def decoded_table(records: list[dict[str, Any]]) -> pa.Table:
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array([r["sample_id"] for r in records], pa.string()),
+        "input_ids": flat([r["input_ids"] for r in records], pa.int32()),
+        "loss_mask": flat([r["loss_mask"] for r in records], pa.bool_()),
+        "topk_ids": nested([kept(r["topk_ids"], r["topk_ids"]) for r in records], pa.int32()),
+        "topk_logprobs": nested([kept(r["topk_ids"], r["topk_logprobs"]) for r in records], pa.float32()),
+        "tail_logmass": flat([r["tail_logmass"] for r in records], pa.float32()),
+    }
+    if records and "sample_ids" in records[0]:
+        for key, kind in (("sample_ids", pa.int32()), ("sample_draws", pa.int32()), ("sample_logprobs", pa.float32())):
+            columns[key] = nested([kept(r["sample_ids"], r[key]) for r in records], kind)
+    return pa.table(columns)
+
+
+def axolotl_table(records: list[dict[str, Any]], k: int) -> pa.Table:
+    ids_rows, lp_rows, mask_rows, labels = [], [], [], []
+    for r in records:
+        grid_ids = np.where(r["topk_ids"] >= 0, r["topk_ids"], 0)
+        grid_lps = np.where(r["topk_ids"] >= 0, r["topk_logprobs"], PAD_LOGPROB)
+        target = r["loss_mask"][1:, None] & (r["topk_ids"] >= 0)  # position j predicts token j+1
+        pad = np.zeros((1, k))
+        ids_rows.append(list(np.vstack([grid_ids, pad.astype(np.int64)])))
+        lp_rows.append(list(np.vstack([grid_lps, pad + PAD_LOGPROB])))
+        mask_rows.append(list(np.vstack([target, pad.astype(bool)]).astype(np.int8)))
+        labels.append(np.where(r["loss_mask"], r["input_ids"], -100))
+    return pa.table({
+        "input_ids": flat([r["input_ids"] for r in records], pa.int32()),
+        "attention_mask": flat([np.ones(len(r["input_ids"]), np.int8) for r in records], pa.int8()),
+        "labels": flat(labels, pa.int32()),
+        "target_token_ids": nested(ids_rows, pa.int32()),
+        "target_logprobs": nested(lp_rows, pa.float32()),
+        "target_mask": nested(mask_rows, pa.int8()),
+    })
+
+
+def shard_tables(cache: Path, manifest: dict[str, Any], fmt: str) -> Iterator[pa.Table]:
+    settings = manifest["settings"]
+    for shard in manifest["shards"]:
+        records = list(iter_shard(cache, shard, settings))
+        yield axolotl_table(records, settings["top_k"]) if fmt == "axolotl" else decoded_table(records)
+
+
+def export_cache(cache: Path, out: Path, fmt: str) -> int:
+    """Write `out` (a new folder) with the cache in `fmt`; returns the number of sequences written."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    manifest = load_manifest(cache)
+    if fmt == "axolotl" and manifest["settings"]["top_k"] == 0:
+        raise UserError("--format axolotl needs a top-k head: this cache stores only draws (--top-k 0)")
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder: export into a new one")
+    check_writable_folder(out.parent, "the output's folder")
+    if out.is_dir():
+        out.rmdir()  # empty: the finished export is renamed into its place
+    written = 0
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for i, table in enumerate(shard_tables(cache, manifest, fmt)):
+            pq.write_table(table, tmp / f"data-{i:05d}.parquet", compression="zstd")
+            written += table.num_rows
+    return written
