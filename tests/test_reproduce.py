@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
+from taid_cache.reproduce.config import method_seeds, quick
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.shards.manifest import cache_identity, load_manifest
 
-QUICK_METHODS = ["sft", "fkl", "rkl", "taid", "taid-online", "taid-top-k"]
-FILES = ["results.json", "results.md", "loss_curves.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
+QUICK = quick()
+QUICK_METHODS = QUICK.methods
+FILES = ["results.json", "results.md", "loss_curves.png", "heldout_kl.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
+GENERATION = ["rouge_l", "exact_match", "teacher_nll", "answer_tokens", "answers_ended"]
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +41,34 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
     for png in [f for f in FILES if f.endswith(".png")]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results["runs"]] == QUICK_METHODS
+    # Each seeded method once per seed, the diagnostic rows once, in method order.
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [(m, s) for m in QUICK_METHODS for s in method_seeds(QUICK, m)]
+    assert [m["method"] for m in results["methods"]] == QUICK_METHODS
     for run in results["runs"]:
         assert run["ce"] > 0 and run["kl"] >= 0 and 0 <= run["top1"] <= 1 and run["wall_s"] > 0
+        assert 0 <= run["rouge_l"] <= 100 and 0 <= run["exact_match"] <= 100 and run["teacher_nll"] > 0
+        assert 0 < run["answer_tokens"] <= QUICK.max_new_tokens and 0 <= run["answers_ended"] <= 1
     assert results["teacher"]["ce"] < min(r["ce"] for r in results["runs"])  # the teacher is the stronger model
+    assert all(key in results["teacher"] for key in GENERATION)
+    # The mean and standard deviation are those of the seeds' own numbers.
+    for method in results["methods"]:
+        values = [r["rouge_l"] for r in results["runs"] if r["method"] == method["method"]]
+        assert method["seeds"] == [r["seed"] for r in results["runs"] if r["method"] == method["method"]]
+        assert method["mean"]["rouge_l"] == pytest.approx(statistics.mean(values))
+        assert method["std"]["rouge_l"] == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0)
+    # Seeds differ in their student's initialisation, not only in the data order.
+    inits = [AutoModelForCausalLM.from_pretrained(out / f"student-init-seed{s}").model.embed_tokens.weight for s in QUICK.seeds]
+    assert not torch.equal(inits[0], inits[1])
     assert results["machine"] and results["commit"] and results["settings"]["methods"] == QUICK_METHODS
     assert json.loads((out / "teacher" / "pretrain.json").read_text())["steps"] == results["settings"]["pretrain_steps"]
     table = (out / "results.md").read_text()
-    assert all(f"| {m} |" in table for m in QUICK_METHODS)
-    assert results["sampled_cache"]["tail_samples"] == 24 and "Sampled cache" in table
+    assert all(f"| {m} |" in table for m in QUICK_METHODS) and "ROUGE-L" in table and "two standard errors" in table
+    assert results["sampled_cache"]["tail_samples"] == QUICK.tail_samples and "Sampled cache" in table
     # taid reads the default (sampled) cache; taid-top-k and rkl (which needs every token's log-prob) the top-k one.
     for method, cache in (("taid", "cache-train-sampled"), ("taid-top-k", "cache-train"), ("rkl", "cache-train")):
-        meta = json.loads(sorted((out / "runs" / method / "checkpoints").glob("step-*/meta.json"))[-1].read_text())
+        meta = json.loads(sorted((out / "runs" / method / "seed-0" / "checkpoints").glob("step-*/meta.json"))[-1].read_text())
         assert meta["settings"]["cache_identity"] == cache_identity(load_manifest(out / cache))
-    distilled = {r["method"]: r["kl"] for r in results["runs"]}
+    distilled = {m["method"]: m["mean"]["kl"] for m in results["methods"]}
     assert min(distilled["fkl"], distilled["taid"]) < distilled["sft"]  # distillation moves the student toward the teacher
 
 
@@ -58,17 +76,17 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
 def test_rerun_reuses_finished_stages(quick_run) -> None:
     out = quick_run
     teacher = (out / "teacher" / "model.safetensors").stat().st_mtime
-    kept = (out / "runs" / "fkl" / "model.safetensors").stat().st_mtime
+    kept = (out / "runs" / "fkl" / "seed-0" / "model.safetensors").stat().st_mtime
     # An interruption that lost one student and the evaluation: only those are redone.
-    (out / "runs" / "taid" / "model.safetensors").unlink()
+    (out / "runs" / "taid" / "seed-1" / "model.safetensors").unlink()
     (out / "eval.json").unlink()
     proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Reuse is shown by what was not redone (unchanged files, one student trained), not by how long it took.
     assert (out / "teacher" / "model.safetensors").stat().st_mtime == teacher
-    assert (out / "runs" / "fkl" / "model.safetensors").stat().st_mtime == kept
-    assert (out / "runs" / "taid" / "model.safetensors").exists()
+    assert (out / "runs" / "fkl" / "seed-0" / "model.safetensors").stat().st_mtime == kept
+    assert (out / "runs" / "taid" / "seed-1" / "model.safetensors").exists()
     assert "trained" in proc.stderr and proc.stderr.count("student saved") == 1
 
 
@@ -90,6 +108,7 @@ max_response: 200
 engine: hf
 top_k: 8
 methods: [sft, taid, taid-tail-renorm]
+seeds: [0]
 max_steps: 3
 batch_size: 4
 """)
@@ -123,6 +142,7 @@ max_response: 64
 engine: hf
 top_k: 8
 methods: [fkl]
+seeds: [0]
 max_steps: 2
 batch_size: 4
 """)
@@ -130,10 +150,10 @@ batch_size: 4
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
-    student = AutoModelForCausalLM.from_pretrained(out / "student-init")
+    student = AutoModelForCausalLM.from_pretrained(out / "student-init-seed0")
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     assert (student.config.hidden_size, student.config.num_hidden_layers, student.config.vocab_size) == (64, 1, len(teacher_tokenizer))
-    assert AutoTokenizer.from_pretrained(out / "student-init").get_vocab() == teacher_tokenizer.get_vocab()
+    assert AutoTokenizer.from_pretrained(out / "student-init-seed0").get_vocab() == teacher_tokenizer.get_vocab()
     rows = {split: [json.loads(line)["messages"] for line in (out / "data" / f"chat-{split}.jsonl").read_text().splitlines()]
             for split in ("train", "heldout")}
     assert (len(rows["train"]), len(rows["heldout"])) == (12, 4)
@@ -168,17 +188,16 @@ def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
 
 
 def test_streamed_evaluation_equals_a_direct_computation(teacher_dir, student_dir, caches) -> None:
-    """evaluate_students (one sequence at a time, teacher once) against KL / CE / top-1 computed here with
-    torch's own kl_div over the whole held-out set at once."""
+    """against_teacher (one sequence at a time, teacher once) against KL / CE / top-1 computed here with torch's
+    own kl_div over the whole held-out set at once."""
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    from taid_cache.reproduce.evaluate import evaluate_students
+    from taid_cache.evaluation.against_teacher import against_teacher
     from taid_cache.shards import read_cache
 
-    got = evaluate_students(teacher_dir, {"s": student_dir}, caches["top16"], 256)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    got = against_teacher(teacher, {"s": student}, ((r["input_ids"], r["loss_mask"]) for r in read_cache(caches["top16"])), 256)
     t_all, s_all, labels = [], [], []
     with torch.no_grad():
         for r in read_cache(caches["top16"]):

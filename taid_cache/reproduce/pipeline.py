@@ -27,7 +27,7 @@ from ..engines.base import open_engine, resolve_engine
 from ..pipelines.dump_teacher import dump_teacher, engine_config, teacher_facts
 from ..pipelines.train_student import train_student
 from ..shards.inspect import cache_stats, plot_captured_mass
-from .config import METHODS, ReproduceConfig, check_settings, method_cache
+from .config import METHODS, ReproduceConfig, check_settings, method_cache, runs_of
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -139,21 +139,22 @@ def dump_caches(cfg: ReproduceConfig, teacher: Path, caches: dict[str, tuple[Pat
     return {name: d.output for name, d in dumps.items()}
 
 
-def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
-    """The shared student initialisation, with the teacher's tokenizer: the config's student (embeddings resized
-    to the tokenizer), or a random Llama of `student_size`."""
+def student_init(cfg: ReproduceConfig, out: Path, teacher: Path, seed: int) -> Path:
+    """The student initialisation of one seed, with the teacher's tokenizer: the config's student (embeddings
+    resized to the tokenizer; one folder for every seed), or a random Llama of `student_size` initialised from
+    the seed (one folder per seed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .models import new_llama
 
-    folder = out / "student-init"
-    if (folder / "model.safetensors").exists() or any(folder.glob("model*.safetensors")):
+    folder = out / ("student-init" if cfg.student is not None else f"student-init-seed{seed}")
+    if any(folder.glob("model*.safetensors")):
         return folder
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     remove_temporaries(folder)
     with atomic_path(folder) as tmp:
         if cfg.student is None:
-            new_llama(cfg.student_size, len(tokenizer), tokenizer, seed=cfg.seed + 1, out=tmp)
+            new_llama(cfg.student_size, len(tokenizer), tokenizer, seed=cfg.seed + 1 + seed, out=tmp)
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.student)
             if model.get_output_embeddings().weight.shape[0] < len(tokenizer):
@@ -163,7 +164,7 @@ def student_init(cfg: ReproduceConfig, out: Path, teacher: Path) -> Path:
     return folder
 
 
-def method_config(cfg: ReproduceConfig, method: str, run: Path, student: Path, teacher: Path, cache: Path, heldout: Path,
+def method_config(cfg: ReproduceConfig, method: str, seed: int, run: Path, student: Path, teacher: Path, cache: Path, heldout: Path,
                   console: Console, resume: bool = False) -> TrainConfig:
     """train-student's options for one method of the reproduction."""
     options = dict(METHODS[method])
@@ -171,7 +172,7 @@ def method_config(cfg: ReproduceConfig, method: str, run: Path, student: Path, t
     options.pop("cache", None)  # which cache: the caller's choice
     return TrainConfig(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       taid_t_start=cfg.taid_t_start, seed=cfg.seed, max_length=cfg.max_length,
+                       taid_t_start=cfg.taid_t_start, seed=seed, max_length=cfg.max_length,
                        teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
                        eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
 
@@ -196,7 +197,7 @@ def check_reproduction(cfg: ReproduceConfig, out: Path, console: Console) -> Non
         for top_k, draws in caches:
             dump_stage.check_options(dump_config(cfg, placeholder, placeholder, placeholder, top_k, draws, console))
         for method in cfg.methods:
-            train_stage.check_options(method_config(cfg, method, placeholder, placeholder, placeholder, placeholder, placeholder, console))
+            train_stage.check_options(method_config(cfg, method, cfg.seeds[0], placeholder, placeholder, placeholder, placeholder, placeholder, console))
     except UserError as exc:
         raise UserError(f"the reproduction's settings, as its stages would take them: {exc}") from None
     for data in (cfg.train_data, cfg.heldout_data):
@@ -209,17 +210,23 @@ def check_reproduction(cfg: ReproduceConfig, out: Path, console: Console) -> Non
         resolve_model(cfg.student, "student")
 
 
-def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, teacher: Path, cache: Path, heldout: Path, console: Console) -> Path:
+def run_name(method: str, seed: int) -> str:
+    """A run's key in eval.json and its folder under OUT/runs."""
+    return f"{method}/seed-{seed}"
+
+
+def train_method(cfg: ReproduceConfig, method: str, seed: int, out: Path, student: Path, teacher: Path, cache: Path, heldout: Path,
+                 console: Console) -> Path:
     """One student; a finished one is reused, an interrupted one resumes from its checkpoint."""
-    run = out / "runs" / method
+    run = out / "runs" / run_name(method, seed)
     if (run / "model.safetensors").exists():
         return run
     resume = any((run / "checkpoints").glob("step-*"))
     if run.exists() and not resume:
         shutil.rmtree(run)
-    train = method_config(cfg, method, run, student, teacher, cache, heldout, console, resume)
+    train = method_config(cfg, method, seed, run, student, teacher, cache, heldout, console, resume)
     if cfg.nproc_per_node > 1:  # the ranks read the same config from a file
-        config_file = out / "runs" / f"{method}.json"
+        config_file = run.parent / f"seed-{seed}.json"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(config_file, to_json(train))
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc_per_node),
@@ -229,10 +236,29 @@ def train_method(cfg: ReproduceConfig, method: str, out: Path, student: Path, te
     return run
 
 
+def evaluate_runs(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], teacher: Path, heldout_file: Path, heldout_cache: Path,
+                  console: Console) -> dict[str, dict[str, float]]:
+    """eval.json: each run against the real teacher and by generation, and the teacher's own row; the runs
+    already in it are kept (a rerun evaluates only the new ones)."""
+    from ..evaluation.generation import GenerationSettings
+    from ..evaluation.run import EvaluationSettings, evaluate_students
+    from ..shards import read_cache
+
+    path = out / "eval.json"
+    evaluation = read_json(path) if path.exists() else {}
+    missing = {name: folder for name, folder in runs.items() if name not in evaluation}
+    if missing or "teacher" not in evaluation:
+        rows = [json.loads(line) for line in heldout_file.read_text().splitlines()]
+        settings = EvaluationSettings(cfg.generation_prompts, cfg.max_length, GenerationSettings(cfg.max_new_tokens))
+        evaluation.update(evaluate_students(missing, rows, lambda: ((r["input_ids"], r["loss_mask"]) for r in read_cache(heldout_cache)),
+                                            settings, teacher, progress=lambda name: console.print(f"evaluating {name}")))
+        write_json(path, evaluation)
+    return evaluation
+
+
 def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from .evaluate import evaluate_students
     from .report import write_report
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -278,20 +304,16 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     plot_captured_mass(captured, stats, out / "cache-mass.png")
     write_json(out / "inspect.json", stats)
     stage(4, "student initialisation")
-    student = student_init(cfg, out, teacher)
-    stage(5, f"train-student: {len(cfg.methods)} methods")
+    students = {seed: student_init(cfg, out, teacher, seed) for seed in cfg.seeds}
+    plan = runs_of(cfg)
+    stage(5, f"train-student: {len(cfg.methods)} methods, {len(plan)} runs")
     runs = {}
-    for i, method in enumerate(cfg.methods, 1):
-        console.print(f"[bold]method {i}/{len(cfg.methods)}: {method}")
+    for i, (method, seed) in enumerate(plan, 1):
+        console.print(f"[bold]run {i}/{len(plan)}: {method}, seed {seed}")
         cache = caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]
-        runs[method] = train_method(cfg, method, out, student, teacher, cache, caches["heldout"], console)
-    stage(6, "evaluation against the real teacher")
-    eval_path = out / "eval.json"
-    evaluation = read_json(eval_path) if eval_path.exists() else {}
-    missing = {m: runs[m] for m in cfg.methods if m not in evaluation}
-    if missing or "teacher" not in evaluation:
-        evaluation.update(evaluate_students(teacher, missing, caches["heldout"], cfg.max_length))
-        write_json(eval_path, evaluation)
+        runs[run_name(method, seed)] = train_method(cfg, method, seed, out, students[seed], teacher, cache, caches["heldout"], console)
+    stage(6, "evaluation against the real teacher and by generation")
+    evaluation = evaluate_runs(cfg, out, runs, teacher, heldout_file, caches["heldout"], console)
     stage(7, "report")
     sampled = cache_stats(caches["sampled"])[0] if "sampled" in caches else None
     return write_report(cfg, out, runs, evaluation, stats, sampled, console)
