@@ -10,7 +10,7 @@ settings). For each cache:
 - cached `taid` and `fkl` students trained with the reproduction's settings, evaluated against the real teacher
   on the held-out pairs, beside `taid-online` and `fkl-online` (teacher in the loop).
 
-Usage: python bench/fidelity.py [--out runs/reproduce] [--k 16 64 256] [--sampled 16:32 16:64 0:64] [--name default]
+Usage: python bench/fidelity.py [--out runs/reproduce] [--k 16 64 256] [--sampled 16:32 16:64 0:64] [--name default] [--plot-only]
 (`--sampled K:N`: the top-K head and N draws off it per position.)
 """
 
@@ -31,8 +31,7 @@ from rich.console import Console
 from taid_cache.errors import UserError
 from taid_cache.losses import LossConfig, SampledTeacher, TopKTeacher, distillation, taid
 from taid_cache.reproduce.config import ReproduceConfig, load_config
-from taid_cache.reproduce.evaluate import evaluate_students
-from taid_cache.reproduce.pipeline import dump_cache, train_method
+from taid_cache.reproduce.pipeline import dump_caches, evaluate_runs, student_init, train_method
 from taid_cache.provenance import machine
 from taid_cache.shards import read_cache
 from taid_cache.shards.inspect import cache_stats
@@ -114,23 +113,31 @@ def plot(rows: list[dict], online: dict[str, dict], path: Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # Labels above the fkl points and below the taid ones, so the two lines' labels never overlap.
+    offsets = {"taid": (4, -11), "fkl": (4, 5)}
     for method, colour in (("taid", "#3b6ea8"), ("fkl", "#c0504d")):
         gap = lambda r: 100 * (r[f"{method}_kl"] / online[method]["kl"] - 1)  # noqa: E731
         top = sorted((r for r in rows if not r["tail_samples"]), key=lambda r: r["bytes_per_token"])
-        ax.plot([r["bytes_per_token"] for r in top], [gap(r) for r in top], "o-", color=colour, label=f"{method}: top-k")
-        for r in top:
-            ax.annotate(f"k={r['top_k']}", (r["bytes_per_token"], gap(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for r in (r for r in rows if r["tail_samples"]):
-            ax.plot(r["bytes_per_token"], gap(r), "s", color=colour, mfc="none")
-            ax.annotate(f"{r['top_k']}+{r['tail_samples']}", (r["bytes_per_token"], gap(r)), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.plot([], [], "s", color="grey", mfc="none", label="head + sampled tail (k+N)")
-    ax.axhline(5, color="grey", lw=0.6, ls=":")
+        ax.plot([r["bytes_per_token"] for r in top], [gap(r) for r in top], "o-", color=colour, label=f"{method}: top-k cache")
+        sampled = [r for r in rows if r["tail_samples"]]
+        ax.plot([r["bytes_per_token"] for r in sampled], [gap(r) for r in sampled], "s", color=colour, mfc="none", ms=8,
+                label=f"{method}: head + sampled tail")
+        for r in top + sampled:
+            name = f"{r['top_k']}+{r['tail_samples']}" if r["tail_samples"] else f"k={r['top_k']}"
+            ax.annotate(f"{name}: {gap(r):+.1f}%", (r["bytes_per_token"], gap(r)), fontsize=7, color=colour,
+                        xytext=offsets[method], textcoords="offset points")
+    ax.axhline(5, color="k", lw=0.8, ls="--")
+    ax.annotate("5% above the online student", (0.01, 5), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                textcoords="offset points", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
-    ax.set_xlabel("cache bytes per token")
-    ax.set_ylabel("held-out KL gap to the online student (%)")
+    ax.set_xticks([32, 64, 128, 256, 512], ["32", "64", "128", "256", "512"])
+    ax.minorticks_off()
+    ax.set_xlabel("cache bytes per token (log scale)")
+    ax.set_ylabel("held-out KL(teacher‖student), % above online")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -142,44 +149,50 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--sampled", nargs="*", default=["16:32", "16:64", "0:64"], help="K:N head + sampled tail caches")
     parser.add_argument("--name", default="default", help="results are saved as bench/results/fidelity-NAME.*")
+    parser.add_argument("--plot-only", action="store_true", help="redraw bench/results/fidelity-NAME.png from its saved JSON")
     args = parser.parse_args()
     out, console = args.out, Console(stderr=True)
-    needed = [out / "settings.json", out / "teacher", out / "student-init", out / "cache-heldout" / "manifest.json"]
+    results = ROOT / "bench" / "results"
+    if args.plot_only:
+        saved = json.loads((results / f"fidelity-{args.name}.json").read_text())
+        plot(saved["rows"], saved["online"], results / f"fidelity-{args.name}.png",
+             f"cache vs online teacher ({args.name}, {saved['steps']} steps)")
+        return
+    needed = [out / "settings.json", out / "teacher", out / "cache-heldout" / "manifest.json", out / "data" / "chat-heldout.jsonl"]
     if not all(p.exists() for p in needed):
-        sys.exit(f"{out} holds no reproduction past its student initialisation; run `make reproduce` first")
+        sys.exit(f"{out} holds no reproduction past its caches; run `make reproduce` first")
     try:
         cfg: ReproduceConfig = load_config(out / "settings.json")  # JSON is YAML
     except UserError as exc:
         sys.exit(f"{exc} (made by another version of taid-cache?)")
-    teacher, student, heldout = out / "teacher", out / "student-init", out / "cache-heldout"
+    seed = cfg.seeds[0]
+    teacher, heldout = out / "teacher", out / "cache-heldout"
+    student = student_init(cfg, out, teacher, seed)
     variants = parse_variants(args.k, args.sampled)
     sweep = out / "fidelity"
 
-    caches: dict[str, Path] = {}
-    for v in variants:
-        console.rule(v.name)
-        reused = v.top_k == cfg.top_k and not v.sampled and (out / "cache-train" / "manifest.json").exists()
-        # The sampled tail needs the full distribution at every position: the hf engine.
-        dump_cfg = dataclasses.replace(cfg, engine="hf") if v.sampled else cfg
-        caches[v.name] = out / "cache-train" if reused else dump_cache(
-            dump_cfg, teacher, out / "data" / "chat-train.jsonl", sweep / f"cache-{v.slug}", v.top_k, console, v.tail_samples)
+    # The reproduction's own caches where they are the same; the others dumped through one engine start.
+    own = {(cfg.top_k, 0): out / "cache-train", (cfg.sampled_top_k, cfg.tail_samples): out / "cache-train-sampled"}
+    caches = {v.name: own[key] for v in variants if (key := (v.top_k, v.tail_samples)) in own and (own[key] / "manifest.json").exists()}
+    caches.update(dump_caches(cfg, teacher, {v.name: (out / "data" / "chat-train.jsonl", sweep / f"cache-{v.slug}", v.top_k, v.tail_samples)
+                                             for v in variants if v.name not in caches}, console))
     valid = json.loads((caches[variants[0].name] / "manifest.json").read_text())["settings"]["tokenizer_size"]
     console.rule("gradient angles")
     angles = gradient_angles(teacher, student, caches, variants, valid, cfg.max_length)
 
+    # Cached students in the sweep's own folder (the reproduction's `taid` and `fkl` read the cache its config
+    # names, not each of these); the online ones are the reproduction's.
     runs: dict[str, Path] = {}
     for v in variants:
-        reused = caches[v.name] == out / "cache-train"
         for method in ("taid", "fkl"):
             console.rule(f"{v.name}: {method}")
-            root = out if reused else sweep / v.slug
-            runs[f"{v.name}/{method}"] = train_method(cfg, method, root, student, teacher, caches[v.name], heldout, console)
+            runs[f"{v.name}/{method}"] = train_method(cfg, method, seed, sweep / v.slug, student, teacher, caches[v.name], heldout, console)
     for method in ("taid-online", "fkl-online"):
         console.rule(method)
-        runs[method] = train_method(cfg, method, out, student, teacher, caches[variants[0].name], heldout, console)
+        runs[method] = train_method(cfg, method, seed, out, student, teacher, caches[variants[0].name], heldout, console)
     # Late in training the student is near the teacher and t near 1: the same angles at the online TAID student.
     trained = gradient_angles(teacher, runs["taid-online"], caches, variants, valid, cfg.max_length)
-    evaluation = evaluate_students(teacher, runs, heldout, cfg.max_length)
+    evaluation = evaluate_runs(cfg, sweep, runs, teacher, out / "data" / "chat-heldout.jsonl", heldout, console)
     online = {"taid": evaluation["taid-online"], "fkl": evaluation["fkl-online"]}
 
     rows = []
@@ -210,10 +223,9 @@ def main() -> None:
                      f"{r['taid_ce']:.3f} / {r['taid_top1']:.3f} | {r['fkl_ce']:.3f} / {r['fkl_top1']:.3f} |")
     for m in ("taid", "fkl"):
         lines.append(f"| online teacher ({m}) | – | 1 | – | 0 | 1 | 0 | {online[m]['kl']:.4f} | | {online[m]['ce']:.3f} / {online[m]['top1']:.3f} | |")
-    results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     plot(rows, online, results / f"fidelity-{args.name}.png", f"cache vs online teacher ({args.name}, {steps} steps)")
-    publish(f"fidelity-{args.name}", "\n".join(lines), {"reproduction": str(out), "rows": rows, "online": online,
+    publish(f"fidelity-{args.name}", "\n".join(lines), {"reproduction": str(out), "steps": steps, "rows": rows, "online": online,
                                                         "teacher_ce": evaluation["teacher"]["ce"]})
 
 

@@ -73,6 +73,22 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
 
 
 @pytest.mark.slow
+def test_the_quick_students_generation_stops_at_the_turn_end(quick_run) -> None:
+    """The trained student's own files (tokenizer, generation config) make `generate` stop at the end of the
+    assistant turn: with the turn end made its first choice, the answer is that one token."""
+    folder = quick_run / "runs" / "fkl" / "seed-0"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    student = AutoModelForCausalLM.from_pretrained(folder).eval()
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert tokenizer.eos_token_id == end and student.generation_config.eos_token_id in (end, [end])
+    messages = [json.loads(line)["messages"] for line in (quick_run / "data" / "chat-heldout.jsonl").read_text().splitlines()[:1]][0]
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    width = prompt["input_ids"].shape[1]
+    ended = student.generate(**prompt, max_new_tokens=8, do_sample=False, sequence_bias={(end,): 100.0})
+    assert ended[0, width:].tolist() == [end]  # one token, not eight: generation stopped at the turn end
+
+
+@pytest.mark.slow
 def test_rerun_reuses_finished_stages(quick_run) -> None:
     out = quick_run
     teacher = (out / "teacher" / "model.safetensors").stat().st_mtime

@@ -1,6 +1,6 @@
 """`taid-cache export`: a finished cache decoded into Parquet files other tools read as they are.
 
-- `parquet`: this project's columns, decoded (docs/FORMAT.md, "Exported Parquet"): per sequence its token ids and
+- `parquet`: this project's columns, decoded (docs/FORMAT.md, "Exported caches"): per sequence its token ids and
   loss mask, and per position the stored ids and float log-probs (only the entries kept), the exact tail mass,
   and for a sampled tail the distinct draws, how often each was drawn and their log-probs.
 - `axolotl`: the columns axolotl's knowledge-distillation trainer reads, aligned as its docs say: row j of

@@ -1,0 +1,60 @@
+"""The package installs as a library: its wheel, put into a fresh environment that already holds a torch, keeps
+that torch, and every command's --help works there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+COMMANDS = ["dump-teacher", "train-student", "inspect", "verify", "export", "evaluate", "export-checkpoint", "convert-gguf"]
+
+
+def run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def wheel(tmp_path: Path) -> Path:
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", ROOT)
+    (built,) = (tmp_path / "dist").glob("taid_cache-*.whl")
+    return built
+
+
+def test_the_wheels_requirements_leave_torch_to_the_user(tmp_path) -> None:
+    """No exact pin and no upper bound on torch or transformers in the package's own metadata (the set-up's
+    constraints file pins this machine's build, not the package)."""
+    with zipfile.ZipFile(wheel(tmp_path)) as archive:
+        metadata = Parser().parsestr(archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+    base = {r.split(">=")[0].split(" ")[0]: r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r}
+    assert base["torch"] == "torch>=2.6" and base["transformers"].startswith("transformers>=")
+    assert not any("==" in r or "<" in r for r in base.values()), base
+    assert metadata["License-Expression"] == "Apache-2.0"
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_beside_an_existing_torch(tmp_path) -> None:
+    """A fresh venv, torch installed first (this machine's CPU build), then the wheel with its dependencies from
+    the package registry: torch is the same afterwards, and `taid-cache --help` and every subcommand's run."""
+    built = wheel(tmp_path)
+    env = tmp_path / "env"
+    venv.create(env, with_pip=True)
+    python = env / "bin" / "python"
+    constraints = ROOT / "scripts" / "constraints.txt"
+    run(python, "-m", "pip", "install", "-q", "-c", constraints, "torch==2.13.0")
+    before = run(python, "-c", "import torch; print(torch.__version__, torch.__file__)").stdout
+    install = run(python, "-m", "pip", "install", built)  # no constraints: the wheel's own requirements alone
+    assert "Uninstalling torch" not in install.stdout
+    assert run(python, "-c", "import torch; print(torch.__version__, torch.__file__)").stdout == before
+    cli = env / "bin" / "taid-cache"
+    assert "dump-teacher" in run(cli, "--help", cwd=tmp_path).stdout
+    for command in COMMANDS:
+        assert "Usage: taid-cache " + command in run(cli, command, "--help", cwd=tmp_path).stdout
