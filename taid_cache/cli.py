@@ -176,11 +176,13 @@ def evaluate_cmd(
     results = evaluate_command(students, data, teacher, prompts, max_new_tokens, batch_size, sample, sample_temperature, seed,
                                max_length, as_json)
     columns = {"rouge_l": "ROUGE-L", "exact_match": "EM", "teacher_nll": "T-NLL", "ce": "CE", "kl": "KL", "top1": "top-1",
-               "answer_tokens": "tokens", "answers_ended": "ended"}
+               "answer_tokens": "tokens", "answers_ended": "ended",
+               "blank_answers": "blank"}
     shown = [k for k in columns if any(k in r for r in results.values())]
     table = Table(title=f"held-out {data}")
-    for column in ["", *(columns[k] for k in shown)]:
-        table.add_column(column, overflow="fold")
+    table.add_column("", overflow="fold")  # the student's path folds; the figures keep their width
+    for k in shown:
+        table.add_column(columns[k], no_wrap=True, justify="right")
     for name, metrics in results.items():
         table.add_row(name, *(f"{metrics[k]:.3f}" if k in metrics else "" for k in shown))
     Console().print(table)

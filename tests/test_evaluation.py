@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
-from taid_cache.evaluation.generation import GenerationSettings, generate_answers, prompts_of, teacher_nll
+from taid_cache.evaluation.generation import GenerationSettings, generate_answers, generation_scores, prompts_of, teacher_nll
 from taid_cache.evaluation.scores import exact_match, normalise, rouge_l
 
 
@@ -46,6 +46,12 @@ def test_answers_stop_at_the_end_of_the_turn(teacher_dir, data_dir) -> None:
     model.lm_head.bias = torch.nn.Parameter(bias)
     answers = generate_answers(model, tokenizer, prompts, settings)
     assert all(answer == [end] for answer in answers)
+    # Made to answer with newlines alone: every answer is blank, and scored so.
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    bias[end], bias[newline[0]] = 0.0, 1e4
+    scores = generation_scores(model, tokenizer, prompts, settings)
+    assert scores["blank_answers"] == 1.0 and scores["answer_tokens"] == 12 and scores["rouge_l"] == 0.0
 
 
 def test_the_teacher_prefers_its_own_greedy_answers_to_a_random_students(teacher_dir, student_dir, data_dir) -> None:
@@ -68,7 +74,7 @@ def test_the_evaluate_command(teacher_dir, student_dir, data_dir, tmp_path) -> N
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert set(scores) == {"teacher", str(student_dir)}
     student = scores[str(student_dir)]
-    assert {"rouge_l", "exact_match", "teacher_nll", "ce", "kl", "top1", "answer_tokens", "answers_ended"} <= set(student)
+    assert {"rouge_l", "exact_match", "teacher_nll", "ce", "kl", "top1", "answer_tokens", "answers_ended", "blank_answers"} <= set(student)
     assert 0 <= student["rouge_l"] <= 100 and student["kl"] > 0 and scores["teacher"]["teacher_nll"] < student["teacher_nll"]
     assert "ROUGE-L" in proc.stdout
     for flags, words in ((["--prompts", "0"], "--prompts must be"), (["--sample-temperature", "nan"], "--sample-temperature"),

@@ -105,14 +105,17 @@ def teacher_nll(teacher, tokenizer, prompts: list[Prompt], answers: list[list[in
 
 def generation_scores(model, tokenizer, prompts: list[Prompt], settings: GenerationSettings, teacher=None) -> dict[str, float]:
     """ROUGE-L and exact match of the answers against the references (percent), their mean length in tokens, the
-    share that reached their end token, and with a teacher its per-token NLL of them."""
+    share that reached their end token, the share that is blank (whitespace only: the collapse a small student's
+    greedy decoding falls into, which the teacher's NLL alone would reward), and with a teacher its per-token NLL
+    of them."""
     answers = generate_answers(model, tokenizer, prompts, settings)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     references = [p.reference for p in prompts]
     stop = set(end_tokens(model, tokenizer))
     scores = {"rouge_l": rouge_l(texts, references), "exact_match": exact_match(texts, references),
               "answer_tokens": sum(len(a) for a in answers) / max(len(answers), 1),
-              "answers_ended": sum(bool(a) and a[-1] in stop for a in answers) / max(len(answers), 1)}
+              "answers_ended": sum(bool(a) and a[-1] in stop for a in answers) / max(len(answers), 1),
+              "blank_answers": sum(not text.strip() for text in texts) / max(len(texts), 1)}
     if teacher is not None:
         scores["teacher_nll"] = teacher_nll(teacher, tokenizer, prompts, answers)
     return scores

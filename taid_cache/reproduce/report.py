@@ -27,7 +27,8 @@ class Metric:
 
 METRICS = [Metric("ce", "held-out CE (nats)", False, 4), Metric("kl", "KL(teacher‖student)", False, 4),
            Metric("top1", "top-1 agreement", True, 4), Metric("rouge_l", "ROUGE-L", True, 2),
-           Metric("exact_match", "exact match (%)", True, 1), Metric("teacher_nll", "teacher NLL of answers", False, 3)]
+           Metric("exact_match", "exact match (%)", True, 1), Metric("teacher_nll", "teacher NLL of answers", False, 3),
+           Metric("blank_answers", "blank answers (share)", False, 2)]
 # The paper's MT-Bench order (TAID first); the generation metric nearest to a judge here is the teacher's NLL.
 PAPER_ORDER = ["taid", "fkl", "rkl", "tvd", "distillm", "gkd", "ctkd", "dkd"]
 
@@ -143,7 +144,9 @@ def plots(out: Path, runs: dict[str, Path], rows: list[dict], methods: list[dict
     ax.set_xlabel("optimizer step"), ax.set_ylabel("TAID t"), ax.legend(fontsize=7)
     fig.tight_layout(), fig.savefig(out / "taid_t.png", dpi=120), plt.close(fig)
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 0.9 + 0.32 * len(methods) * 2))
+    fig, axes = plt.subplots(2, (len(METRICS) + 1) // 2, figsize=(4.7 * ((len(METRICS) + 1) // 2), 0.9 + 0.32 * len(methods) * 2))
+    for ax in axes.flat[len(METRICS):]:
+        ax.set_visible(False)
     names = [m["method"] for m in methods]
     for ax, metric in zip(axes.flat, METRICS):
         means = [m["mean"][metric.key] for m in methods]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,6 @@ def wandb_run(output: Path, settings: dict[str, Any]):
     import wandb
 
     id_file = output / ".wandb-id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]  # wandb's own id helper moved between releases
     write_text(id_file, run_id)
     return wandb.init(project="taid-cache", id=run_id, resume="allow", dir=str(output), config=settings, name=output.name)
