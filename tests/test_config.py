@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from taid_cache.cli import app
 from taid_cache.config import DumpConfig, Range, TrainConfig, check_fields, from_json, options_of, to_json
 from taid_cache.errors import UserError
+from taid_cache.losses import LOSSES
 from taid_cache.pipelines.train_student import main
 
 
@@ -23,18 +24,22 @@ from taid_cache.pipelines.train_student import main
 def test_command_options_are_the_config_fields(name, config) -> None:
     command = typer.main.get_command(app).commands[name]
     params = {p.name: p for p in command.params}
+    assert params.pop("config_file").opts == ["--config"]  # a YAML / JSON file of these same fields
     assert set(params) == {f.name for f in options_of(config)}
     assert "console" not in params
     for f in options_of(config):
         param = params[f.name]
         assert param.opts[0] == "--" + f.name.replace("_", "-")
-        assert param.required == (f.default is MISSING and f.default_factory is MISSING), f.name
+        assert not param.required, f.name  # a required field may come from --config: the command checks it
         if f.default is not MISSING:
             assert param.default == f.default, f.name
         elif f.default_factory is not MISSING:
             assert param.default is None, f.name  # computed when the config is built
         for choice in f.metadata["choices"]:
             assert choice in param.help, (f.name, choice)
+    required = ["--" + f.name.replace("_", "-") for f in options_of(config) if f.default is MISSING and f.default_factory is MISSING]
+    result = CliRunner().invoke(app, [name])
+    assert result.exit_code == 2 and f"missing {', '.join(required)} (give it" in result.output, result.output
 
 
 def test_train_student_defaults_reach_the_config(monkeypatch, tmp_path) -> None:
@@ -96,14 +101,13 @@ def test_config_file_entry_point_reports_one_line(tmp_path, capsys) -> None:
     bad = tmp_path / "run.json"
     good = {"student": "s", "cache": "c", "output": str(tmp_path / "o"), "max_steps": 1}
     cases = [
-        ({**good, "loss": "kl-magic"}, "--loss must be one of " + ", ".join(
-            ("taid", "fkl", "rkl", "tvd", "js", "skew-fkl", "skew-rkl", "adaptive-kl", "sft")) + ", not 'kl-magic'"),
+        ({**good, "loss": "kl-magic"}, "--loss must be one of " + ", ".join(LOSSES) + ", not 'kl-magic'"),
         ({"student": "s", "unknown_option": 1}, "unknown_option"),
         ({**good, "max_steps": "5"}, "max_steps must be int, not '5'"),
         ({**good, "loss": None}, "loss must be str, not None"),
         ({**good, "lr": True}, "lr must be float, not True"),
         ({"student": "s"}, "cache"),  # a required option missing
-        ([1, 2], "a TrainConfig is a JSON object of options, not list"),
+        ([1, 2], "must be a mapping of options, not list"),
     ]
     usage = "usage: python -m taid_cache.pipelines.train_student CONFIG.json (a TrainConfig saved with config.to_json)"
     for values, words in [*cases, (None, usage)]:
@@ -137,11 +141,12 @@ def test_reproduce_hands_several_ranks_the_config_it_would_train_with(monkeypatc
     monkeypatch.setattr(pipeline, "train_student", trained.append)
     paths = [tmp_path / name for name in ("student", "teacher", "cache", "heldout")]
     for nproc, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
-        pipeline.train_method(ReproduceConfig(nproc_per_node=nproc), "taid-online", out, *paths, console=None)
+        pipeline.train_method(ReproduceConfig(nproc_per_node=nproc), "taid-online", 0, out, *paths, console=None)
     assert len(trained) == 1 and len(launched) == 1
     cmd = launched[0]
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"] and cmd[6] == "taid_cache.pipelines.train_student"
     saved = json.loads(Path(cmd[7]).read_text())
     expected = to_json(trained[0])
-    assert saved == {**expected, "output": str(tmp_path / "two" / "runs" / "taid-online")}
+    assert Path(cmd[7]) == tmp_path / "two" / "runs" / "taid-online" / "seed-0.json"
+    assert saved == {**expected, "output": str(tmp_path / "two" / "runs" / "taid-online" / "seed-0")}
     assert saved["teacher_model"] == str(paths[1]) and saved["loss"] == "taid" and saved["max_steps"] == 600

@@ -113,12 +113,17 @@ def plots(out: Path, runs: dict[str, Path], rows: list[dict], methods: list[dict
         first.setdefault(row["method"], runs[row["run"]])
     colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(first)}
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for method, run in first.items():
+    # Each method's own loss in a panel of its own: the losses are different quantities, not one scale.
+    cols = min(4, len(first))
+    fig, axes = plt.subplots(-(-len(first) // cols), cols, figsize=(3.2 * cols, 2.2 * -(-len(first) // cols)), squeeze=False)
+    for ax, (method, run) in zip(axes.flat, first.items()):
         steps, _ = split_metrics(run)
-        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=method, color=colours[method], lw=1)
-    ax.set_xlabel("optimizer step"), ax.set_ylabel("training loss (each method's own; first seed)"), ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2), fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=120), plt.close(fig)
+        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], color=colours[method], lw=1)
+        ax.set_title(method, fontsize=8), ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(first):]:
+        ax.set_visible(False)
+    fig.supxlabel("optimizer step", fontsize=8), fig.supylabel("its own training loss (first seed)", fontsize=8)
+    fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=110), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for method in first:
