@@ -90,7 +90,7 @@ REGISTRY: dict[str, LossSpec] = {s.name: s for s in (
     LossSpec("dkd", "decoupled KD: target-class and non-target KL", "dkd:dkd", ("dkd_alpha", "dkd_beta"), tempered=True,
              needs_labels=True, sampled="dkd:dkd_sampled", sampled_how="on the sampled estimate (consistent, not unbiased)"),
     LossSpec("ctkd", "FKL at a learned temperature, adversarial on a cosine curriculum", "ctkd:ctkd", sampled="ctkd:ctkd_sampled",
-             sampled_how="on the importance-weighted tempered estimate (high variance at large T: prefer a top-k cache)",
+             sampled_how="on the importance-weighted tempered estimate",
              temperature_params=("ctkd_t_start", "ctkd_t_end", "ctkd_lambda_max", "ctkd_lambda_min", "ctkd_loops")),
     LossSpec("sft", "cross-entropy on the data alone (no teacher)", None),
 )}

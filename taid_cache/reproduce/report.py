@@ -125,7 +125,7 @@ def plots(out: Path, runs: dict[str, Path], rows: list[dict], methods: list[dict
     fig.supxlabel("optimizer step", fontsize=8), fig.supylabel("its own training loss (first seed)", fontsize=8)
     fig.tight_layout(), fig.savefig(out / "loss_curves.png", dpi=110), plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for method in first:
         curves = [split_metrics(runs[r["run"]])[1] for r in rows if r["method"] == method]
         steps = [e["step"] for e in curves[0]]
@@ -136,7 +136,8 @@ def plots(out: Path, runs: dict[str, Path], rows: list[dict], methods: list[dict
             ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15, color=colours[method])
     ax.set_xlabel("optimizer step"), ax.set_ylabel("held-out KL(cached teacher‖student), nats"), ax.set_yscale("log")
     ax.set_title("mean over seeds; band: min to max", fontsize=9)
-    ax.legend(fontsize=7, ncol=2), fig.tight_layout(), fig.savefig(out / "heldout_kl.png", dpi=120), plt.close(fig)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden under it
+    fig.tight_layout(), fig.savefig(out / "heldout_kl.png", dpi=120), plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     total = 1
