@@ -34,15 +34,16 @@ def load_model(path: Path, what: str):
 
 def evaluate_students(students: dict[str, Path], rows: list[dict[str, Any]], sequences: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
                       settings: EvaluationSettings, teacher_dir: Path | None = None,
-                      progress: Callable[[str], None] = lambda name: None) -> dict[str, dict[str, float]]:
-    """name -> metrics for each student, and "teacher" -> its CE and generation scores when a teacher is given.
+                      progress: Callable[[str], None] = lambda name: None, teacher_row: bool = True) -> dict[str, dict[str, float]]:
+    """name -> metrics for each student, and "teacher" -> its CE and generation scores when a teacher is given
+    (and `teacher_row`: a caller that already holds that row need not pay the teacher's generations again).
     `rows`: chat rows (the prompts and references); `sequences()`: their tokenised (input ids, loss mask) pairs."""
     prompts = prompts_of(rows, settings.prompts)
     if not prompts:
         raise UserError("the held-out data has no conversation with an assistant turn to answer")
     teacher, tokenizer = load_model(teacher_dir, "teacher") if teacher_dir is not None else (None, None)
     results: dict[str, dict[str, float]] = {}
-    if teacher is not None:
+    if teacher is not None and teacher_row:
         progress("teacher")
         results["teacher"] = {**against_teacher(teacher, {}, sequences(), settings.max_length)["teacher"],
                               **generation_scores(teacher, tokenizer, prompts, settings.generation, teacher)}
