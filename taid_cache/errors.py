@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -64,6 +65,40 @@ def interrupt_on_sigterm() -> None:
 
     signal.signal(signal.SIGTERM, handler)
 
+
+
+@contextlib.contextmanager
+def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
+    """Ctrl-C and SIGTERM inside a loop that feeds a thread: the signal is recorded, and the loop stops where it
+    calls the yielded check (between batches). Raised at an arbitrary point, KeyboardInterrupt can land inside
+    a queue's lock handling (after the acquire, before the with-block that releases it), leaving the lock held:
+    the writer thread and the process's exit then wait forever. A second signal stops at once. Outside the main
+    thread (where handlers cannot be set) the check does nothing and signals act as before."""
+    requested: list[int] = []
+
+    def record(signum, frame) -> None:
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    def check() -> None:
+        if requested:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield check
+    except Exception:
+        if requested:  # the same signal stopped a helper process (vLLM's engine core): that failure is the interruption
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    check()  # a signal during the loop's last steps still stops the command
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "Disk quota")

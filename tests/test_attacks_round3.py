@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run_cli, write_jsonl
 from taid_cache.config import LOSSES, TrainConfig
+from taid_cache.errors import interrupts_at_safe_points
 from taid_cache.losses import LossConfig, TopKTeacher, distillation
 from taid_cache.shards import read_cache
 from taid_cache.shards.manifest import load_parts
@@ -30,7 +31,7 @@ def start(*args: str) -> subprocess.Popen:
     """The CLI in a process of its own, in its own session (so a signal reaches it alone)."""
     return subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"})
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -44,7 +45,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> tuple[int, str]:
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
-    _, err = proc.communicate(timeout=300)
+    try:
+        _, err = proc.communicate(timeout=900)  # a hang guard, not a speed bound
+    except subprocess.TimeoutExpired:  # hung: SIGABRT makes faulthandler print every thread's stack
+        os.killpg(proc.pid, signal.SIGABRT)
+        raise AssertionError(f"still running 900 s after signal {sig}:\n{proc.communicate()[1][-6000:]}") from None
     return proc.returncode, err
 
 
@@ -313,6 +318,39 @@ def test_sigint_during_a_dump_says_how_to_continue(teacher_dir, long_text, tmp_p
     faster[args.index("--batch-tokens") + 1], faster[args.index("--shard-size-mb") + 1] = "4096", "16"
     resumed = run_cli(*faster)
     assert "resumed" in resumed.stderr and (out / "manifest.json").exists()
+
+
+def test_a_signal_in_the_dump_loop_stops_it_at_the_next_safe_point() -> None:
+    """The first Ctrl-C or SIGTERM is recorded and raised where the loop checks (never inside the writer
+    queue's locking); a second stops at once; a failure after the signal (vLLM's engine core stopped by the same
+    Ctrl-C) is the interruption; the handlers are restored."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_at_safe_points() as stop_if_interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler has run by now (at the sleep's return at the latest), and raised nothing
+            reached = True
+            stop_if_interrupted()
+    assert reached
+    after_second = False
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_at_safe_points():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            after_second = True
+    assert not after_second
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_at_safe_points():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise RuntimeError("engine core died")
+    with pytest.raises(RuntimeError):  # with no signal, a failure is itself
+        with interrupts_at_safe_points():
+            raise RuntimeError("a real failure")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_a_newest_checkpoint_without_its_meta_or_rng_falls_back(student_dir, caches, tmp_path) -> None:

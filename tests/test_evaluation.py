@@ -82,3 +82,39 @@ def test_the_evaluate_command(teacher_dir, student_dir, data_dir, tmp_path) -> N
         args = ["evaluate", str(student_dir), "--data", str(data_dir / "chat.jsonl"), *flags]
         bad = run_cli(*args, check=False)
         assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_students_are_scored_in_groups_that_pay_the_teacher_once_each(teacher_dir, student_dir, data_dir, caches, tmp_path,
+                                                                      monkeypatch) -> None:
+    """Several students against the teacher: the same scores as each student evaluated alone, with one teacher
+    pass over the held-out data per group of students whose weights reach the teacher's."""
+    from taid_cache.evaluation import run
+    from taid_cache.reproduce.models import LlamaSize, new_llama
+    from taid_cache.shards import read_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    big, small = tmp_path / "big", tmp_path / "small"
+    new_llama(LlamaSize(), len(tokenizer), tokenizer, seed=5, out=big)  # the teacher's size
+    new_llama(LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), len(tokenizer), tokenizer, seed=6, out=small)
+    sequences = lambda: ((r["input_ids"], r["loss_mask"]) for r in read_cache(caches["top16"]))  # noqa: E731
+    rows = chat_rows(data_dir)
+    settings = run.EvaluationSettings(prompts=4, max_length=256, generation=GenerationSettings(max_new_tokens=8, batch_size=4))
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    prompts = prompts_of(rows, 4)
+    expected = {"teacher": {"ce": run.against_teacher(teacher, {}, sequences(), 256)["teacher"]["ce"],
+                            **generation_scores(teacher, tokenizer, prompts, settings.generation, teacher)}}
+    for name, folder in (("big", big), ("a", student_dir), ("b", small)):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        expected[name] = {**run.against_teacher(teacher, {name: model}, sequences(), 256)[name],
+                          **generation_scores(model, tokenizer, prompts, settings.generation, teacher)}
+    passes: list[list[str]] = []
+    real = run.against_teacher
+    monkeypatch.setattr(run, "against_teacher", lambda t, students, *a: passes.append(list(students)) or real(t, students, *a))
+    got = run.evaluate_students({"big": big, "a": student_dir, "b": small}, rows, sequences, settings, teacher_dir)
+    assert passes == [["big"], ["a", "b"]]  # the teacher-sized student fills a group alone; the two small ones share one
+    assert list(got) == ["teacher", "big", "a", "b"]
+    for name, metrics in expected.items():
+        assert got[name] == pytest.approx(metrics, rel=1e-6), name
+    passes.clear()
+    assert run.evaluate_students({"a": student_dir}, rows, sequences, settings, teacher_dir, teacher_row=False)["a"] == pytest.approx(expected["a"], rel=1e-6)
+    assert passes == [["a"]]

@@ -32,24 +32,44 @@ def load_model(path: Path, what: str):
         raise UserError(f"cannot load {what} {path}: {first_line(exc)}") from None
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def evaluate_students(students: dict[str, Path], rows: list[dict[str, Any]], sequences: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
                       settings: EvaluationSettings, teacher_dir: Path | None = None,
                       progress: Callable[[str], None] = lambda name: None, teacher_row: bool = True) -> dict[str, dict[str, float]]:
     """name -> metrics for each student, and "teacher" -> its CE and generation scores when a teacher is given
     (and `teacher_row`: a caller that already holds that row need not pay the teacher's generations again).
-    `rows`: chat rows (the prompts and references); `sequences()`: their tokenised (input ids, loss mask) pairs."""
+    `rows`: chat rows (the prompts and references); `sequences()`: their tokenised (input ids, loss mask) pairs.
+    Students are loaded in groups whose weights together reach at most the teacher's, and each group is scored in
+    one pass of the teacher over the held-out data: the teacher's forward is paid once per group, not once per
+    student, while memory stays within twice the teacher's weights."""
     prompts = prompts_of(rows, settings.prompts)
     if not prompts:
         raise UserError("the held-out data has no conversation with an assistant turn to answer")
     teacher, tokenizer = load_model(teacher_dir, "teacher") if teacher_dir is not None else (None, None)
+    budget = weight_bytes(teacher) if teacher is not None else 0
     results: dict[str, dict[str, float]] = {}
     if teacher is not None and teacher_row:
         progress("teacher")
-        results["teacher"] = {**against_teacher(teacher, {}, sequences(), settings.max_length)["teacher"],
-                              **generation_scores(teacher, tokenizer, prompts, settings.generation, teacher)}
+        results["teacher"] = generation_scores(teacher, tokenizer, prompts, settings.generation, teacher)
+    group: dict[str, tuple[Any, Any]] = {}
+
+    def score_group() -> None:
+        scores = against_teacher(teacher, {name: model for name, (model, _) in group.items()}, sequences(),
+                                 settings.max_length) if teacher is not None else {}
+        if "teacher" in results and "ce" not in results["teacher"]:
+            results["teacher"] = {"ce": scores["teacher"]["ce"], **results["teacher"]}
+        for name, (model, student_tokenizer) in group.items():
+            progress(name)
+            results[name] = {**scores.get(name, {}), **generation_scores(model, student_tokenizer, prompts, settings.generation, teacher)}
+        group.clear()
+
     for name, path in students.items():
-        progress(name)
-        model, student_tokenizer = load_model(path, "student")
-        scores = against_teacher(teacher, {name: model}, sequences(), settings.max_length)[name] if teacher is not None else {}
-        results[name] = {**scores, **generation_scores(model, student_tokenizer, prompts, settings.generation, teacher)}
+        group[name] = load_model(path, "student")
+        if sum(weight_bytes(model) for model, _ in group.values()) >= budget:
+            score_group()
+    if group or ("teacher" in results and "ce" not in results["teacher"]):
+        score_group()
     return results

@@ -16,7 +16,7 @@ from rich.progress import Progress, TextColumn
 from ..config import DumpConfig, check_fields
 from ..engines.base import Engine, EngineConfig, check_parallelism, open_engine, parse_engine_args, resolve_engine
 from ..engines.head_path import HeadSettings, teacher_batch
-from ..errors import Interrupted, UserError, first_line, write_errors
+from ..errors import Interrupted, UserError, first_line, interrupts_at_safe_points, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..atomic import check_writable_folder, exclusive_lock, is_locked
 from ..inputs import (
@@ -106,12 +106,14 @@ def drive(engine: Engine, settings: HeadSettings, batch_stream: Iterable[tuple[l
           background: BackgroundWriter, cursor: dict[str, int]) -> dict[str, int]:
     """The hot loop: the engine and the head path compute batch i+1 while the writer thread encodes and writes
     batch i. Returns the cursor after the last batch."""
-    try:
-        for sequences, cursor in batch_stream:
-            if sequences:
-                background.put(teacher_batch(engine, sequences, settings), cursor)
-    finally:
-        background.close()
+    with interrupts_at_safe_points() as stop_if_interrupted:
+        try:
+            for sequences, cursor in batch_stream:
+                stop_if_interrupted()
+                if sequences:
+                    background.put(teacher_batch(engine, sequences, settings), cursor)
+        finally:
+            background.close()
     return dict(cursor)
 
 
