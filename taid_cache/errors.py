@@ -73,7 +73,8 @@ def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
     calls the yielded check (between batches). Raised at an arbitrary point, KeyboardInterrupt can land inside
     a queue's lock handling (after the acquire, before the with-block that releases it), leaving the lock held:
     the writer thread and the process's exit then wait forever. A second signal stops at once. Outside the main
-    thread (where handlers cannot be set) the check does nothing and signals act as before."""
+    thread (where handlers cannot be set) the check does nothing and signals act as before; a signal the
+    process was started ignoring (SIGINT under `nohup cmd &`) stays ignored."""
     requested: list[int] = []
 
     def record(signum, frame) -> None:
@@ -88,7 +89,7 @@ def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
     if threading.current_thread() is not threading.main_thread():
         yield check
         return
-    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield check
     except Exception:

@@ -28,9 +28,11 @@ from test_attacks import assert_one_line, cli, dump, finished_run, losses_of, no
 
 
 def start(*args: str) -> subprocess.Popen:
-    """The CLI in a process of its own, in its own session (so a signal reaches it alone)."""
+    """The CLI in a process of its own, in its own session (so a signal reaches it alone), with SIGINT at its
+    default as in a terminal's foreground (a suite started as `cmd &` from a script passes SIGINT on ignored)."""
     return subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"})
 
 
@@ -324,7 +326,7 @@ def test_a_signal_in_the_dump_loop_stops_it_at_the_next_safe_point() -> None:
     """The first Ctrl-C or SIGTERM is recorded and raised where the loop checks (never inside the writer
     queue's locking); a second stops at once; a failure after the signal (vLLM's engine core stopped by the same
     Ctrl-C) is the interruption; the handlers are restored."""
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
     reached = False
     with pytest.raises(KeyboardInterrupt):
         with interrupts_at_safe_points() as stop_if_interrupted:
@@ -350,7 +352,14 @@ def test_a_signal_in_the_dump_loop_stops_it_at_the_next_safe_point() -> None:
     with pytest.raises(RuntimeError):  # with no signal, a failure is itself
         with interrupts_at_safe_points():
             raise RuntimeError("a real failure")
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.default_int_handler, before[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started as `nohup cmd &`: SIGINT stays ignored
+    with interrupts_at_safe_points() as stop_if_interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        stop_if_interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, before[0])
 
 
 def test_a_newest_checkpoint_without_its_meta_or_rng_falls_back(student_dir, caches, tmp_path) -> None:
