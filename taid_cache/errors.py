@@ -74,7 +74,8 @@ def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
     a queue's lock handling (after the acquire, before the with-block that releases it), leaving the lock held:
     the writer thread and the process's exit then wait forever. A second signal stops at once. Outside the main
     thread (where handlers cannot be set) the check does nothing and signals act as before; a signal the
-    process was started ignoring (SIGINT under `nohup cmd &`) stays ignored."""
+    process was started ignoring (SIGINT under `nohup cmd &`) stays ignored. A second signal stops the loop
+    at once; the writer still commits what it holds (a third gets out of even that)."""
     requested: list[int] = []
 
     def record(signum, frame) -> None:
@@ -89,11 +90,15 @@ def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
     if threading.current_thread() is not threading.main_thread():
         yield check
         return
-    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
+    # Left alone: a signal ignored, or handled from C (whose handler Python could not put back).
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None)}
     try:
         yield check
-    except Exception:
-        if requested:  # the same signal stopped a helper process (vLLM's engine core): that failure is the interruption
+    except Exception as exc:
+        # The same signal stopped a helper process (vLLM's engine core): that failure is the interruption. A
+        # failure of our own (a full disk while the writer drains, a bad teacher) is still said as itself.
+        if requested and not isinstance(exc, (UserError, OSError)):
             raise KeyboardInterrupt from None
         raise
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,11 @@ from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# A suite started as `cmd &` from a script inherits SIGINT ignored, and so would every CLI process it starts
+# (Python keeps an ignored SIGINT ignored): handled here, it is back at its default in each child, as in a
+# terminal's foreground, so the Ctrl-C tests send what a user's Ctrl-C is.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 VOCAB = 512
 
 

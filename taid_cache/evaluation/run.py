@@ -42,9 +42,9 @@ def evaluate_students(students: dict[str, Path], rows: list[dict[str, Any]], seq
     """name -> metrics for each student, and "teacher" -> its CE and generation scores when a teacher is given
     (and `teacher_row`: a caller that already holds that row need not pay the teacher's generations again).
     `rows`: chat rows (the prompts and references); `sequences()`: their tokenised (input ids, loss mask) pairs.
-    Students are loaded in groups whose weights together reach at most the teacher's, and each group is scored in
-    one pass of the teacher over the held-out data: the teacher's forward is paid once per group, not once per
-    student, while memory stays within twice the teacher's weights."""
+    Students are scored in groups whose weights together stay within the teacher's (a larger student alone),
+    each group in one pass of the teacher over the held-out data: the teacher's forward is paid once per group,
+    not once per student. Memory holds the teacher, one group and the next student loaded."""
     prompts = prompts_of(rows, settings.prompts)
     if not prompts:
         raise UserError("the held-out data has no conversation with an assistant turn to answer")
@@ -62,14 +62,15 @@ def evaluate_students(students: dict[str, Path], rows: list[dict[str, Any]], seq
         if "teacher" in results and "ce" not in results["teacher"]:
             results["teacher"] = {"ce": scores["teacher"]["ce"], **results["teacher"]}
         for name, (model, student_tokenizer) in group.items():
-            progress(name)
             results[name] = {**scores.get(name, {}), **generation_scores(model, student_tokenizer, prompts, settings.generation, teacher)}
         group.clear()
 
     for name, path in students.items():
-        group[name] = load_model(path, "student")
-        if sum(weight_bytes(model) for model, _ in group.values()) >= budget:
+        progress(name)
+        student = load_model(path, "student")
+        if group and sum(weight_bytes(model) for model, _ in group.values()) + weight_bytes(student[0]) > budget:
             score_group()
+        group[name] = student
     if group or ("teacher" in results and "ce" not in results["teacher"]):
         score_group()
     return results
