@@ -47,10 +47,14 @@ def vllm_engine(teacher_dir):
     engine.close()
 
 
+def dump_summary(engine_name: str, teacher: Path, data: Path, out: Path, engine=None, **options) -> dict:
+    """One in-process dump (what dump_teacher returns); `engine`: the module's open vLLM engine."""
+    return dump_teacher(DumpConfig(model=str(teacher), data=[str(data)], output=out, engine=engine_name, max_length=MAX_LENGTH,
+                                   progress=False, vllm_args=EAGER if engine_name == "vllm" else None, **options), engine)
+
+
 def dump(engine_name: str, teacher: Path, data: Path, out: Path, engine=None, **options) -> Path:
-    """One in-process dump; `engine`: the module's open vLLM engine."""
-    dump_teacher(DumpConfig(model=str(teacher), data=[str(data)], output=out, engine=engine_name, max_length=MAX_LENGTH,
-                            progress=False, vllm_args=EAGER if engine_name == "vllm" else None, **options), engine)
+    dump_summary(engine_name, teacher, data, out, engine, **options)
     return out
 
 
@@ -192,8 +196,8 @@ def committed(out: Path) -> int:
 def test_kill_9_during_a_sampled_dump_then_resume_is_record_identical(vllm_engine, teacher_dir, many_rows, tmp_path) -> None:
     """The resumed run redoes only the uncommitted batches, on the same batch boundaries, and redraws the
     same tail from (seed, sample id): the finished cache equals an uninterrupted one record for record."""
-    clean = dump("vllm", teacher_dir, many_rows, tmp_path / "clean", vllm_engine, top_k=8, tail_samples=16, batch_tokens=400,
-                 shard_size_mb=0.001)
+    small_shards = {"top_k": 8, "tail_samples": 16, "batch_tokens": 400, "shard_size_mb": 0.001}  # SMALL_SHARDS
+    clean = dump("vllm", teacher_dir, many_rows, tmp_path / "clean", vllm_engine, **small_shards)
     crashed = tmp_path / "crashed"
     # Its own session: the kill takes vLLM's engine-core and worker processes with it, as a node failure would.
     proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *cli_args(teacher_dir, many_rows, crashed, *SMALL_SHARDS)],
@@ -209,8 +213,8 @@ def test_kill_9_during_a_sampled_dump_then_resume_is_record_identical(vllm_engin
         proc.wait()
     total = len(json.loads((clean / "manifest.json").read_text())["shards"])
     assert 3 <= committed(crashed) < total and not (crashed / "manifest.json").exists()
-    resumed = run_process(*cli_args(teacher_dir, many_rows, crashed, *SMALL_SHARDS))
-    assert "resumed" in resumed.stderr
+    # Resumed on the module's engine (one vLLM start fewer): the same settings as the killed command's.
+    assert dump_summary("vllm", teacher_dir, many_rows, crashed, vllm_engine, **small_shards)["resumed"]
     a, b = list(read_cache(crashed)), list(read_cache(clean))
     assert len(a) == len(b)
     for x, y in zip(a, b):
