@@ -142,7 +142,9 @@ def run_and_exit(entry: Callable[[], object]) -> None:
     """A console entry point: run it, then end the process with its exit status. Once vLLM has run in this
     process, the interpreter's teardown is skipped (os._exit after flushing): vLLM leaves daemon threads
     blocked in native calls, and one that wakes during teardown aborts the finished process (seen as
-    "terminate called without an active exception", exit 134, after a complete dump)."""
+    "terminate called without an active exception", exit 134, after a complete dump). The same for a rank of
+    a multi-process run: gloo's threads were seen to abort a rank the same way after the student was saved,
+    even with the process group destroyed (trackers are closed by the trainer, not left to atexit)."""
     interrupt_on_sigterm()
     try:
         entry()
@@ -151,7 +153,8 @@ def run_and_exit(entry: Callable[[], object]) -> None:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
-    if "vllm" not in sys.modules:
+    ranks = getattr(sys.modules.get("taid_cache.training.distributed"), "RAN_RANKS", False)
+    if "vllm" not in sys.modules and not ranks:
         raise SystemExit(code)
     sys.stdout.flush()
     sys.stderr.flush()
