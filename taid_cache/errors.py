@@ -66,13 +66,12 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-
 @contextlib.contextmanager
 def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
     """Ctrl-C and SIGTERM inside a loop that feeds a thread: the signal is recorded, and the loop stops where it
     calls the yielded check (between batches). Raised at an arbitrary point, KeyboardInterrupt can land inside
     a queue's lock handling (after the acquire, before the with-block that releases it), leaving the lock held:
-    the writer thread and the process's exit then wait forever. A second signal stops at once. Outside the main
+    the writer thread and the process's exit then wait forever. Outside the main
     thread (where handlers cannot be set) the check does nothing and signals act as before; a signal the
     process was started ignoring (SIGINT under `nohup cmd &`) stays ignored. A second signal stops the loop
     at once; the writer still commits what it holds (a third gets out of even that)."""
@@ -105,6 +104,7 @@ def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     check()  # a signal during the loop's last steps still stops the command
+
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "Disk quota")
@@ -153,8 +153,8 @@ def run_and_exit(entry: Callable[[], object]) -> None:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
-    ranks = getattr(sys.modules.get("taid_cache.training.distributed"), "RAN_RANKS", False)
-    if "vllm" not in sys.modules and not ranks:
+    one_of_several_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's, as init_distributed reads it
+    if "vllm" not in sys.modules and not one_of_several_ranks:
         raise SystemExit(code)
     sys.stdout.flush()
     sys.stderr.flush()

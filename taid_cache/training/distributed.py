@@ -22,9 +22,6 @@ class Dist:
         return self.world > 1
 
 
-RAN_RANKS = False  # set once this process is one of several ranks (see errors.run_and_exit)
-
-
 def init_distributed() -> Dist:
     """torchrun sets WORLD_SIZE/RANK: NCCL on GPU, gloo on CPU. One process gets a one-rank group of its own, so
     one process and N ranks train through the same FSDP2 path (and mixed-precision policy)."""
@@ -38,8 +35,6 @@ def init_distributed() -> Dist:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if world > 1:
-            global RAN_RANKS
-            RAN_RANKS = True
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
