@@ -10,6 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Before torch loads its OpenMP (it reads this then), for this process and every one the suite starts: a worker
+# thread that finds no work sleeps at once instead of spinning. On a machine whose cores are busy with other
+# work, the spinning thread holds the core its sibling needs to reach the barrier; `make reproduce QUICK=1`
+# beside two CPU-bound loops took 314 s spinning and 150 s sleeping (docs/BENCHMARKS.md). Results are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
