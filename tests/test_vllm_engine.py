@@ -200,8 +200,10 @@ def test_kill_9_during_a_sampled_dump_then_resume_is_record_identical(vllm_engin
     clean = dump("vllm", teacher_dir, many_rows, tmp_path / "clean", vllm_engine, **small_shards)
     crashed = tmp_path / "crashed"
     # Its own session: the kill takes vLLM's engine-core and worker processes with it, as a node failure would.
-    proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *cli_args(teacher_dir, many_rows, crashed, *SMALL_SHARDS)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed-dump.log"  # its output, vLLM's timestamped start-up included: shown if it never commits
+    with log.open("w") as output:
+        proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *cli_args(teacher_dir, many_rows, crashed, *SMALL_SHARDS)],
+                                cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     # However slowly vLLM starts on a loaded machine: wait for the commits (the deadline only guards a hang,
     # under pytest's 900 s per test).
     hang_guard = time.monotonic() + 600
@@ -212,7 +214,7 @@ def test_kill_9_during_a_sampled_dump_then_resume_is_record_identical(vllm_engin
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     total = len(json.loads((clean / "manifest.json").read_text())["shards"])
-    assert 3 <= committed(crashed) < total and not (crashed / "manifest.json").exists()
+    assert 3 <= committed(crashed) < total and not (crashed / "manifest.json").exists(), log.read_text()[-3000:]
     # Resumed on the module's engine (one vLLM start fewer): the same settings as the killed command's.
     assert dump_summary("vllm", teacher_dir, many_rows, crashed, vllm_engine, **small_shards)["resumed"]
     a, b = list(read_cache(crashed)), list(read_cache(clean))
