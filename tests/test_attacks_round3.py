@@ -28,9 +28,11 @@ from test_attacks import assert_one_line, cli, dump, finished_run, losses_of, no
 
 
 def start(*args: str) -> subprocess.Popen:
-    """The CLI in a process of its own, in its own session (so a signal reaches it alone)."""
-    return subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+    """The CLI in a process group of its own (so a signal reaches it and its children alone). Not a session of
+    its own: on a loaded machine a new session's scheduler group got a quarter of the CPU share the suite's
+    processes got (docs/BENCHMARKS.md)."""
+    return subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"})
 
 
