@@ -3,6 +3,7 @@ datasets of each row kind. Nothing comes from a hub."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Before torch loads its OpenMP (it reads this then), for this process and every one the suite starts: a worker
-# thread that finds no work sleeps at once instead of spinning. On a machine whose cores are busy with other
-# work, the spinning thread holds the core its sibling needs to reach the barrier; `make reproduce QUICK=1`
-# beside two CPU-bound loops took 314 s spinning and 150 s sleeping (docs/BENCHMARKS.md). Results are unchanged.
+# Before torch loads its OpenMP (it reads this then), for this process and every one the suite starts: an idle
+# worker thread sleeps at once instead of spinning, which on busy cores holds the one its sibling needs to reach
+# the barrier. Half the time beside busy loops, a quarter more on idle cores; results unchanged (docs/BENCHMARKS.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -90,6 +90,12 @@ def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
     run_cli("dump-teacher", *common, "--output", str(root / "top16"), "--top-k", "16")
     run_cli("dump-teacher", *common, "--output", str(root / "full"), "--top-k", "512", "--precision", "fp32")
     return {"top16": root / "top16", "full": root / "full"}
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    """`sig` to the process group `proc` leads (started with `process_group=0`); none left to signal is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, kill_group, run_cli, write_jsonl
 from taid_cache.config import LOSSES, TrainConfig
 from taid_cache.errors import interrupts_at_safe_points
 from taid_cache.losses import LossConfig, TopKTeacher, distillation
@@ -29,8 +29,8 @@ from test_attacks import assert_one_line, cli, dump, finished_run, losses_of, no
 
 def start(*args: str) -> subprocess.Popen:
     """The CLI in a process group of its own (so a signal reaches it and its children alone). Not a session of
-    its own: on a loaded machine a new session's scheduler group got a quarter of the CPU share the suite's
-    processes got (docs/BENCHMARKS.md)."""
+    its own: beside busy loops, a process pinned to one core got about a quarter of the CPU in a new session
+    that it got in the suite's (docs/BENCHMARKS.md)."""
     return subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"})
@@ -46,11 +46,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> tuple[int, str]:
     if proc.poll() is None:
-        os.killpg(proc.pid, sig)
+        kill_group(proc, sig)
     try:
         _, err = proc.communicate(timeout=600)  # a hang guard (under pytest's 900 s per test), not a speed bound
     except subprocess.TimeoutExpired:  # hung: SIGABRT makes faulthandler print every thread's stack
-        os.killpg(proc.pid, signal.SIGABRT)
+        kill_group(proc, signal.SIGABRT)
         raise AssertionError(f"still running 600 s after signal {sig}:\n{proc.communicate()[1][-6000:]}") from None
     return proc.returncode, err
 
