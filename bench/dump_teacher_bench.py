@@ -48,7 +48,10 @@ from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.reproduce.tokenizer import train_tokenizer
 from taid_cache.shards import read_cache
+from taid_cache.shards.contract import Cursor
+from taid_cache.shards.manifest import load_manifest
 from taid_cache.shards.writer import BackgroundWriter, ShardWriter
+from taid_cache.storage import open_store
 
 from publish import ROOT, publish
 from taid_cache.provenance import commit, machine
@@ -95,8 +98,9 @@ def dump_once(engine, settings: HeadSettings, batches: list[list[Sequence]], wor
     """The pipeline's hot loop into a throw-away folder."""
     out = Path(tempfile.mkdtemp(dir=work))
     vocab = engine.head.weight.shape[0]
-    writer = ShardWriter(out, "shard", 0, vocab, settings.top_k, "compact", 256 << 20, 3, lambda entry: None, settings.tail_samples)
-    drive(engine, settings, ((b, {"next_row": 0}) for b in batches), BackgroundWriter(writer, lambda r: None), {})
+    writer = ShardWriter(open_store(str(out)), 0, 0, vocab, settings.top_k, "compact", 256 << 20, 3, lambda entry: None,
+                         settings.tail_samples)
+    drive(engine, settings, ((b, Cursor(0)) for b in batches), BackgroundWriter(writer, lambda r: None), Cursor(0))
     shutil.rmtree(out)
 
 
@@ -228,8 +232,8 @@ def packing_gain(work: Path, chat_cache: Path, tokens: int, reps: int = 2) -> di
     for rec in read_cache(chat_cache):
         if total >= tokens:
             break
-        seqs.append(Sequence(rec["sample_id"], rec["input_ids"], rec["loss_mask"]))
-        total += len(rec["input_ids"])
+        seqs.append(Sequence(rec.sample_id, rec.input_ids, rec.loss_mask))
+        total += len(rec.input_ids)
     batches, current = [], []
     for seq in seqs:  # whole sequences, at most 16384 tokens per call (the CLI's default budget)
         if current and sum(len(s.input_ids) for s in current) + len(seq.input_ids) > 16384:
@@ -265,8 +269,8 @@ def plain_zstd_bytes(cache: Path) -> tuple[int, int]:
     """The baseline layout: every position's k ids as int32 and log-probs as float16, zstd level 3."""
     ids, lps = [], []
     for rec in read_cache(cache):
-        ids.append(rec["topk_ids"].astype(np.int32))
-        lps.append(rec["topk_logprobs"].astype(np.float16))
+        ids.append(rec.topk_ids.astype(np.int32))
+        lps.append(rec.topk_logprobs.astype(np.float16))
     ids, lps = np.concatenate(ids), np.concatenate(lps)
     c = zstandard.ZstdCompressor(level=3)
     return len(c.compress(ids.tobytes())) + len(c.compress(lps.tobytes())), ids.size
@@ -279,30 +283,30 @@ def size_and_error(work: Path, teacher: Path, chat_file: Path) -> list[dict]:
         out = work / "caches" / name.replace(" ", "-")
         if not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)
-            dump_teacher(DumpConfig(model=str(teacher), data=[str(chat_file)], output=out, engine="hf", top_k=64,
+            dump_teacher(DumpConfig(model=str(teacher), data=[str(chat_file)], output=str(out), engine="hf", top_k=64,
                                     max_length=512, progress=False, **extra))
         results[name] = out
-    exact = {r["sample_id"]: r for r in read_cache(results["fp32"])}
+    exact = {r.sample_id: r for r in read_cache(results["fp32"])}
     rows = []
     for name, out in results.items():
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = load_manifest(str(out))
         err, captured = 0.0, []
         for rec in read_cache(out):
-            captured.append(-np.expm1(rec["tail_logmass"].astype(np.float64)))
-            ref = exact[rec["sample_id"]]
-            kept = rec["topk_ids"] >= 0
-            assert (rec["topk_ids"][kept] == ref["topk_ids"][kept]).all()
-            err = max(err, float(np.abs(rec["topk_logprobs"][kept] - ref["topk_logprobs"][kept]).max()))
-        positions = manifest["tokens"] - manifest["records"]
-        rows.append({"layout": f"taid-cache {name}", "bytes_per_entry": manifest["bytes"] / manifest["entries"],
-                     "bytes_per_token": manifest["bytes"] / manifest["tokens"], "entries_per_position": manifest["entries"] / positions,
-                     "max_abs_error_nats": err, "entries": manifest["entries"], "tokens": manifest["tokens"],
+            captured.append(-np.expm1(rec.tail_logmass.astype(np.float64)))
+            ref = exact[rec.sample_id]
+            kept = rec.topk_ids >= 0
+            assert (rec.topk_ids[kept] == ref.topk_ids[kept]).all()
+            err = max(err, float(np.abs(rec.topk_logprobs[kept] - ref.topk_logprobs[kept]).max()))
+        positions = manifest.tokens - manifest.records
+        rows.append({"layout": f"taid-cache {name}", "bytes_per_entry": manifest.bytes / manifest.entries,
+                     "bytes_per_token": manifest.bytes / manifest.tokens, "entries_per_position": manifest.entries / positions,
+                     "max_abs_error_nats": err, "entries": manifest.entries, "tokens": manifest.tokens,
                      "captured_mass_mean": float(np.concatenate(captured).mean())})
     base, entries = plain_zstd_bytes(results["fp32"])
-    manifest = json.loads((results["fp32"] / "manifest.json").read_text())
+    manifest = load_manifest(str(results["fp32"]))
     rows.append({"layout": "plain zstd int32 ids + float16 log-probs", "bytes_per_entry": base / entries,
-                 "bytes_per_token": base / manifest["tokens"], "entries_per_position": 64.0, "max_abs_error_nats": None,
-                 "entries": entries, "tokens": manifest["tokens"], "captured_mass_mean": rows[0]["captured_mass_mean"]})
+                 "bytes_per_token": base / manifest.tokens, "entries_per_position": 64.0, "max_abs_error_nats": None,
+                 "entries": entries, "tokens": manifest.tokens, "captured_mass_mean": rows[0]["captured_mass_mean"]})
     return rows
 
 

@@ -34,7 +34,9 @@ from taid_cache.reproduce.config import ReproduceConfig, load_config
 from taid_cache.reproduce.pipeline import dump_caches, evaluate_runs, student_init, train_method
 from taid_cache.provenance import machine
 from taid_cache.shards import read_cache
+from taid_cache.shards.contract import CacheRecord
 from taid_cache.shards.inspect import cache_stats
+from taid_cache.shards.manifest import load_manifest
 
 from publish import ROOT, publish
 
@@ -65,10 +67,11 @@ def parse_variants(ks: list[int], sampled: list[str]) -> list[Variant]:
     return variants
 
 
-def cache_loss(variant: Variant, logits: torch.Tensor, rec: dict, targets: torch.Tensor, t: float, valid: int) -> torch.Tensor:
+def cache_loss(variant: Variant, logits: torch.Tensor, rec: CacheRecord, targets: torch.Tensor, t: float, valid: int) -> torch.Tensor:
     """The trainer's per-position loss against this cache's teacher at the record's loss positions (summed)."""
     keys = ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids", "sample_draws", "sample_logprobs")
-    pick = [torch.from_numpy(rec[key][: len(targets)])[targets] for key in keys if key in rec]
+    present = rec.as_dict()
+    pick = [torch.from_numpy(present[key][: len(targets)])[targets] for key in keys if key in present]
     teacher = SampledTeacher(*pick, valid) if variant.sampled else TopKTeacher(*pick, valid)
     return distillation(LossConfig("taid"), teacher, logits, t).sum()
 
@@ -84,9 +87,9 @@ def gradient_angles(teacher_dir: Path, student_dir: Path, caches: dict[str, Path
     grads = {(name, t): torch.zeros(sum(p.numel() for p in params), dtype=torch.float64) for name in ["full", *caches] for t in ANGLE_T}
     streams = {v.name: itertools.islice(read_cache(caches[v.name]), ANGLE_SEQUENCES) for v in variants}
     for records in zip(*streams.values()):
-        assert len({r["sample_id"] for r in records}) == 1  # the same sequence in every cache
-        ids = torch.from_numpy(records[0]["input_ids"][:max_length])
-        targets = torch.from_numpy(records[0]["loss_mask"][1 : len(ids)])
+        assert len({r.sample_id for r in records}) == 1  # the same sequence in every cache
+        ids = torch.from_numpy(records[0].input_ids[:max_length])
+        targets = torch.from_numpy(records[0].loss_mask[1 : len(ids)])
         if not targets.any():
             continue
         with torch.no_grad():
@@ -176,7 +179,7 @@ def main() -> None:
     caches = {v.name: own[key] for v in variants if (key := (v.top_k, v.tail_samples)) in own and (own[key] / "manifest.json").exists()}
     caches.update(dump_caches(cfg, teacher, {v.name: (out / "data" / "chat-train.jsonl", sweep / f"cache-{v.slug}", v.top_k, v.tail_samples)
                                              for v in variants if v.name not in caches}, console))
-    valid = json.loads((caches[variants[0].name] / "manifest.json").read_text())["settings"]["tokenizer_size"]
+    valid = load_manifest(str(caches[variants[0].name])).settings.tokenizer_size
     console.rule("gradient angles")
     angles = gradient_angles(teacher, student, caches, variants, valid, cfg.max_length)
 

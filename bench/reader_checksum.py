@@ -14,10 +14,12 @@ import numpy as np
 import pyarrow as pa
 
 from publish import publish
+from taid_cache.shards.contract import Cursor, build_settings
 from taid_cache.shards.integrity import batch_crc32
 from taid_cache.shards.reader import decode_batch
 from taid_cache.shards.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
+from taid_cache.storage import open_store
 
 VOCAB, K, T, SEQS, PER_BATCH = 49152, 64, 512, 256, 16
 
@@ -33,15 +35,24 @@ def records(rng: np.random.Generator, n: int) -> list[TeacherRecord]:
     return out
 
 
+def synthetic_settings():
+    """The settings record `decode_batch` reads (the head's width, the tail, the precision) for the synthetic shard;
+    the provenance fields are placeholders."""
+    return build_settings(teacher="synthetic", teacher_hash="", tokenizer_hash="", vocab_size=VOCAB, tokenizer_size=VOCAB, top_k=K,
+                          top_p=None, tail_samples=0, seed=0, precision="compact", dataset=["synthetic"], split="train",
+                          dataset_fingerprint="", dataset_rows=SEQS, input_kind="tokens", max_length=T, overlong="truncate",
+                          engine="hf", dtype="float32", engine_args={}, num_workers=1)
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         entries = []
-        writer = ShardWriter(Path(tmp), "shard-w00000", 0, VOCAB, K, "compact", 1 << 40, 3, entries.append)
+        writer = ShardWriter(open_store(tmp), 0, 0, VOCAB, K, "compact", 1 << 40, 3, entries.append)
         for start in range(0, SEQS, PER_BATCH):
-            writer.write(records(rng, PER_BATCH), {"next_row": start + PER_BATCH})
+            writer.write(records(rng, PER_BATCH), Cursor(start + PER_BATCH))
         writer.commit()
-        settings = {"top_k": K, "precision": "compact"}
+        settings = synthetic_settings()
         path = Path(tmp) / entries[0].file
         with pa.memory_map(str(path)) as source:
             reader = pa.ipc.open_file(source)

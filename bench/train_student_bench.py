@@ -33,7 +33,7 @@ from taid_cache.training.teacher import TeacherSource
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.provenance import machine
 from taid_cache.shards.manifest import load_manifest
-from taid_cache.training.data import CacheStream
+from taid_cache.training.data import CacheRows, CacheStream, StreamOrder
 from taid_cache.training.distributed import Dist
 from taid_cache.training.student import LossModel
 
@@ -62,9 +62,10 @@ def step_times(student_dir: Path, cache: Path, teacher_dir: Path, steps: int, va
 
     env = Dist()
     # The same sequences each step, padded or packed into rows of 512 tokens.
-    batches = {pack: list(itertools.islice(iter(CacheStream(cache, 8, 0, 1, 512, 0, 64, True, pack=pack)), steps + 2))
-               for pack in (False, True)}
-    settings = load_manifest(cache)["settings"]
+    rows = CacheRows(str(cache))
+    order = StreamOrder(seed=0, buffer=64, shuffle=True, batch_size=8)
+    batches = {pack: list(itertools.islice(iter(CacheStream(rows, order, 512, pack=pack)), steps + 2)) for pack in (False, True)}
+    settings = load_manifest(str(cache)).settings
     runners = {}
     for name in variants:
         loss, online, _ = VARIANTS[name]
@@ -153,7 +154,7 @@ def main() -> None:
     if not (cache / "manifest.json").exists():
         shutil.rmtree(cache, ignore_errors=True)
         # Any teacher with this tokenizer gives the same shapes; the small trained one dumps quickly.
-        dump_teacher(DumpConfig(model=str(trained), data=[str(args.work / "chat.jsonl")], output=cache, engine="hf",
+        dump_teacher(DumpConfig(model=str(trained), data=[str(args.work / "chat.jsonl")], output=str(cache), engine="hf",
                                 top_k=64, max_length=512, progress=False))
     s_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(student_dir))
     t_flops = forward_flops_per_token(AutoModelForCausalLM.from_pretrained(teacher_dir))

@@ -75,10 +75,15 @@ def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:
 
 
 def run_dump(cfg: Any) -> None:
-    from .pipelines.dump_teacher import dump_teacher
-
     only_our_bars()
-    dump_teacher(cfg)
+    if cfg.launcher == "ray":
+        from .pipelines.ray_dump import dump_with_ray
+
+        dump_with_ray(cfg)
+    else:
+        from .pipelines.dump_teacher import dump_teacher
+
+        dump_teacher(cfg)
 
 
 def run_train(cfg: Any) -> None:
@@ -108,7 +113,7 @@ def plot_path(plot: Optional[Path]) -> Optional[Path]:
 @app.command("inspect")
 @user_errors
 def inspect_cmd(
-    cache: Path = typer.Argument(..., help="Cache folder."),
+    cache: str = typer.Argument(..., help="Cache folder, or a URI (s3://bucket/cache)."),
     plot: Optional[Path] = typer.Option(None, help="Write a histogram of the captured mass to this .png file (or a folder's "
                                         "cache-mass.png)."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
@@ -131,19 +136,19 @@ def inspect_cmd(
 
 @app.command("verify")
 @user_errors
-def verify_cmd(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def verify_cmd(cache: str = typer.Argument(..., help="Cache folder, or a URI (s3://bucket/cache).")) -> None:
     """Check every shard's checksum and schema, and that the cache is complete."""
     from .shards.verify import verify_cache
 
     manifest = verify_cache(cache)
-    typer.echo(f"ok: {len(manifest['shards'])} shards, {manifest['records']} sequences, {manifest['tokens']:,} tokens")
+    typer.echo(f"ok: {len(manifest.shards)} shards, {manifest.records} sequences, {manifest.tokens:,} tokens")
 
 
 @app.command("export")
 @user_errors
 def export_cmd(
-    cache: Path = typer.Argument(..., help="Cache folder."),
-    output: Path = typer.Argument(..., help="A new folder for the Parquet files (one per shard)."),
+    cache: str = typer.Argument(..., help="Cache folder, or a URI (s3://bucket/cache)."),
+    output: str = typer.Argument(..., help="A new folder (or URI) for the Parquet files (one per shard)."),
     format: str = typer.Option("parquet", help="parquet: this project's columns, decoded (docs/FORMAT.md); axolotl: the "
                                "columns of axolotl's knowledge-distillation trainer (no tail mass)."),
 ) -> None:
@@ -156,9 +161,11 @@ def export_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    students: list[Path] = typer.Argument(..., help="Student folders (Hugging Face format; several compare in one table)."),
-    data: Path = typer.Option(..., help="Held-out chat rows (a messages column): prompts, references and the data scored."),
-    teacher: Optional[Path] = typer.Option(None, help="The teacher: CE, KL and top-1 against it, and its NLL of the answers."),
+    students: list[str] = typer.Argument(..., help="Student folders (Hugging Face format; several compare in one table), or "
+                                         "URIs of such folders (s3://bucket/run)."),
+    data: str = typer.Option(..., help="Held-out chat rows (a messages column): prompts, references and the data scored (a "
+                             "file or a URI)."),
+    teacher: Optional[str] = typer.Option(None, help="The teacher: CE, KL and top-1 against it, and its NLL of the answers."),
     prompts: int = typer.Option(200, help="Held-out prompts answered. Must be at least 1."),
     max_new_tokens: int = typer.Option(128, help="Longest answer in tokens. Must be at least 1."),
     batch_size: int = typer.Option(16, help="Prompts generated together. Must be at least 1."),

@@ -8,6 +8,7 @@ Light on purpose (no torch): `taid-cache --help` imports it."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -114,20 +115,19 @@ def check_fields(cfg: Any) -> None:
 
 
 def to_json(cfg: Any) -> dict[str, Any]:
-    """The options as JSON values (paths as strings)."""
-    return {f.name: str(v) if isinstance(v := getattr(cfg, f.name), Path) else v for f in options_of(cfg)}
+    """The options as JSON values (a location given from Python as a `Path` is its string)."""
+    return {f.name: os.fspath(v) if isinstance(v := getattr(cfg, f.name), os.PathLike) else v for f in options_of(cfg)}
 
 
 def json_value(name: str, value: Any, hint: Any) -> Any:
-    """A JSON value as the option's type (a path from a string, a float from an integer); else a UserError."""
+    """A JSON value as the option's type (a float from an integer); else a UserError. Locations (folders, files,
+    object-store URIs) are strings: `pathlib.Path` would turn s3://b/x into the local s3:/b/x."""
     args = typing.get_args(hint)
     if type(None) in args:  # Optional[X]
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is Path and isinstance(value, str):
-        return Path(value)
     if (hint is float and number) or (hint is int and number and isinstance(value, int)):
         return hint(value)
     if hint in (str, bool) and isinstance(value, hint):
@@ -188,7 +188,8 @@ class DumpConfig:
     model: str = option(help="Teacher: a local model folder or a hub id.")
     data: list[str] = option(help="Local jsonl/json/parquet/csv files (repeatable; a path that does not exist may be a glob "
                              "pattern, 'dir/*.jsonl') or a hub dataset name.")
-    output: Path = option(help="Cache folder (created; shared by all workers).")
+    output: str = option(help="Cache folder, or an object-store URI such as s3://bucket/cache (created; shared by all "
+                         "workers).")
     split: str = option("train", "Dataset split (hub datasets).")
     input_kind: str = option("auto", "Row kind: chat (messages), text, tokens (input_ids), or auto.", choices=KINDS)
     engine: str = option("auto", "Teacher engine: vllm, hf (transformers), or auto (vLLM when it imports).", choices=ENGINES)
@@ -211,6 +212,9 @@ class DumpConfig:
     dtype: str = option("auto", "Teacher dtype: auto (as saved), float32, bfloat16, float16.")
     num_workers: int = option(1, "Independent processes sharing the dataset.", within="[1, inf)")
     worker_index: int = option(0, "This process's slice, 0..num_workers-1.", within="[0, inf)")
+    launcher: str = option("local", "How the --num-workers workers run: local (this process is worker --worker-index; start "
+                           "the others yourself, e.g. a SLURM job array) or ray (all of them as Ray tasks on the cluster at "
+                           "RAY_ADDRESS, or a local one).", choices=("local", "ray"))
     batch_tokens: int = option(16384, "Tokens per engine call.", within="[1, inf)")
     shard_size_mb: float = option(256.0, "Roll to a new shard past this size.", within="(0, inf)")
     zstd_level: int = option(3, "zstd level of the Arrow IPC buffers.", within="[-131072, 22]")
@@ -226,8 +230,8 @@ class TrainConfig:
     torchrun for FSDP2)."""
 
     student: str = option(help="Student model folder (its initialisation).", resumable=True)
-    cache: Path = option(help="Cache from dump-teacher.", resumable=True)
-    output: Path = option(help="Run folder: checkpoints, metrics.jsonl, the final student.", resumable=True)
+    cache: str = option(help="Cache from dump-teacher: a folder or a URI (s3://bucket/cache).", resumable=True)
+    output: str = option(help="Run folder (or a URI): checkpoints, metrics.jsonl, the final student.", resumable=True)
     loss: str = option("taid", "Distillation loss (docs/LOSSES.md; sft: cross-entropy on the data only).", choices=LOSSES)
     max_steps: Optional[int] = option(None, "Optimizer steps (or give --epochs).", within="[1, inf)")
     epochs: Optional[float] = option(None, "Passes over the cache (or give --max-steps).", within="(0, inf)")
@@ -270,9 +274,13 @@ class TrainConfig:
     resume: bool = option(False, "Continue from the newest checkpoint in --output.", resumable=True)
     teacher_model: Optional[str] = option(None, "Online mode: run this teacher in-process instead of the cached log-probs.",
                                           resumable=True)
-    eval_cache: Optional[Path] = option(None, "Held-out cache for CE / KL / top-1.", resumable=True)
+    eval_cache: Optional[str] = option(None, "Held-out cache for CE / KL / top-1 (a folder or a URI).", resumable=True)
     eval_every: int = option(0, "Evaluate every N steps (and at the end).", within="[0, inf)", resumable=True)
     shuffle_buffer: int = option(1024, "Sequences in the shuffle buffer.", within="[1, inf)")
+    read_ahead: int = option(2, "A cache on an object store: shards fetched ahead of need, while the current ones train "
+                             "(0: each when first needed).", within="[0, 64]", resumable=True)
+    local_cache: Optional[str] = option(None, "A cache on an object store: a local folder that keeps its fetched shards "
+                                        "(checked by sha256, reused by later runs).", resumable=True)
     num_workers: int = option(0, "DataLoader worker processes per rank.", within="[0, inf)", resumable=True)
     loss_chunk: int = option(1024, "Positions per LM-head/loss chunk.", within="[1, inf)")
     precision: str = option(help="fp32, or bf16 (bf16 compute, fp32 master weights, optimizer state and gradient "

@@ -163,15 +163,24 @@ def run_and_exit(entry: Callable[[], object]) -> None:
 
 
 @contextlib.contextmanager
-def write_errors(folder: Path, rerun: Callable[[], str]) -> Iterator[None]:
-    """Failures to write under `folder` (a full disk above all) become one line (`write_failure`); what was
-    committed before stays, and `rerun()` says how to continue from it."""
+def write_errors(folder: str | Path, rerun: Callable[[], str]) -> Iterator[None]:
+    """Failures to write under `folder` (a full disk above all; for an object store, its client's failures)
+    become one line (`write_failure`); what was committed before stays, and `rerun()` says how to continue."""
+    from .storage import is_remote, remote_errors
+
+    remote = is_remote(str(folder))
     try:
-        yield
+        if remote:
+            with remote_errors(str(folder)):
+                yield
+        else:
+            yield
     except (UserError, Interrupted, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-        failure = write_failure(exc, folder, rerun)
+        if remote:
+            raise
+        failure = write_failure(exc, Path(folder), rerun)
         if failure is None:
             raise
         raise failure from None

@@ -164,3 +164,39 @@ def assert_same_up_to_ties(ids_a: np.ndarray, lps_a: np.ndarray, ids_b: np.ndarr
             assert abs(a[token] - b[token]) <= atol
         for token, lp in [(t, a[t]) for t in a.keys() - b.keys()] + [(t, b[t]) for t in b.keys() - a.keys()]:
             assert lp <= min(la[-1], lb[-1]) + atol + TIE_NATS
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback (a free port), its endpoint and test credentials in os.environ so s3fs,
+    boto3 and every subprocess the suite starts reach it; yields the endpoint."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the test server, as `s3://<bucket>`."""
+    import uuid
+
+    import boto3
+
+    name = f"taid-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"

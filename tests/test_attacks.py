@@ -5,6 +5,7 @@ hazards found by reading the code."""
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import json
 import random
 import shutil
@@ -28,12 +29,14 @@ from taid_cache.config import LOSSES, TAILS
 from taid_cache.losses import LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse, TopKTeacher
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import decode_logprobs, encode_logprobs
-from taid_cache.shards.manifest import WorkerPart, save_part
+from taid_cache.shards.contract import Cursor, WorkerPart
+from taid_cache.shards.manifest import load_manifest, save_part
+from taid_cache.storage import open_store
 from taid_cache.shards.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
 from taid_cache.pipelines.train_student import step_batches
 from taid_cache.training.metrics import read_metrics
-from taid_cache.training.data import CacheStream, micro_batches
+from taid_cache.training.data import CacheRows, CacheStream, StreamOrder, micro_batches
 from taid_cache.training.distributed import Dist
 
 
@@ -177,7 +180,7 @@ def decoded(cache: Path) -> list[dict]:
 
 def same_records(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        x["sample_id"] == y["sample_id"] and all(np.array_equal(x[k], y[k]) for k in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs"))
+        x.sample_id == y.sample_id and all(np.array_equal(getattr(x, k), getattr(y, k)) for k in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs"))
         for x, y in zip(a, b))
 
 
@@ -351,12 +354,12 @@ def test_parts_left_by_workers_that_died_before_their_first_shard(teacher_dir, d
     finish the cache (manifest written), not wait forever for workers of the old count."""
     out = tmp_path / "o"
     assert dump(teacher_dir, data_dir / "chat.jsonl", out).exit_code == 0
-    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    settings = load_manifest(str(out)).settings
     shutil.rmtree(out)
     (out / "parts").mkdir(parents=True)
     for index in range(3):  # what three killed workers leave: parts with settings and no shard
-        save_part(out, WorkerPart({**settings, "num_workers": 3}, index, 3, 8 * index, 8 * index + 8,
-                                  cursor={"next_row": 8 * index, "dropped": 0, "truncated": 0}))
+        save_part(open_store(str(out)), WorkerPart(dataclasses.replace(settings, num_workers=3), index, 3, 8 * index, 8 * index + 8,
+                                                   cursor=Cursor(8 * index)))
     assert dump(teacher_dir, data_dir / "chat.jsonl", out).exit_code == 0
     assert [p.name for p in (out / "parts").glob("*.json")] == ["worker-00000-of-00001.json"]
     assert len(list(read_cache(out))) == 24  # complete
@@ -511,13 +514,13 @@ def test_compact_codec_round_trips_empty_and_leading_empty_positions(counts) -> 
 
 @pytest.mark.parametrize("bad,where", [(np.nan, "head"), (np.inf, "head"), (-np.inf, "head"), (np.nan, "tail"), (np.inf, "tail")])
 def test_non_finite_teacher_log_probs_are_refused_and_not_stored(tmp_path, bad, where) -> None:
-    writer = ShardWriter(tmp_path, "shard-w00000", 0, 512, 4, "compact", 1 << 20, 3, lambda entry: None)
+    writer = ShardWriter(open_store(str(tmp_path)), 0, 0, 512, 4, "compact", 1 << 20, 3, lambda entry: None)
     lps = np.log(np.full((2, 4), 0.2, dtype=np.float32))
     tail = np.log(np.full(2, 0.2, dtype=np.float32))
     (lps[1:, 2] if where == "head" else tail[1:])[0] = bad
     record = TeacherRecord("s0", np.arange(3), np.ones(3, bool), np.tile(np.arange(4), (2, 1)), lps, tail, np.ones(2, np.float32))
     with pytest.raises(UserError, match="non-finite"):
-        writer.write([record], {"next_row": 1})
+        writer.write([record], Cursor(1))
     writer.commit()
     assert not list(tmp_path.glob("shard-*.arrow"))
 
@@ -526,7 +529,7 @@ def test_single_position_sequences_round_trip(teacher_dir, tmp_path) -> None:
     write_jsonl(tmp_path / "short.jsonl", [{"input_ids": [5, 6]}, {"input_ids": [7, 8, 9]}])
     assert dump(teacher_dir, tmp_path / "short.jsonl", tmp_path / "o", "--top-k", "4").exit_code == 0
     records = list(read_cache(tmp_path / "o"))
-    assert [r["topk_ids"].shape for r in records] == [(1, 4), (2, 4)]
+    assert [r.topk_ids.shape for r in records] == [(1, 4), (2, 4)]
 
 
 @pytest.mark.parametrize("tail", TAILS)
@@ -565,7 +568,7 @@ def test_a_damaged_shard_in_a_loader_worker_is_one_line(caches, tmp_path, worker
     """Read in a loader worker, the reader's error reaches the trainer as itself, not wrapped in the worker's traceback."""
     copy = damaged_copy(caches["top16"], tmp_path / "c")
     with pytest.raises(UserError) as caught:
-        next(micro_batches(CacheStream(copy, 2, 0, 1, 64, 0, 4, True), workers))
+        next(micro_batches(CacheStream(CacheRows(str(copy)), StreamOrder(0, 4, True, batch_size=2), 64), workers))
     assert str(caught.value).startswith("bad shard ") and len(str(caught.value).splitlines()) == 1
 
 
@@ -600,7 +603,7 @@ def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_one_line(caches,
     """Rank 1's reader fails at the second step: both ranks finish the first step with the global counts, then
     each stops with a one-line error (its own, or one pointing at the other rank) instead of hanging or
     failing inside a collective."""
-    batch = next(micro_batches(CacheStream(caches["top16"], 2, 0, 1, 64, 0, 4, True), 0))
+    batch = next(micro_batches(CacheStream(CacheRows(str(caches["top16"])), StreamOrder(0, 4, True, batch_size=2), 64), 0))
     torch.multiprocessing.spawn(two_rank_steps, args=(str(tmp_path / "store"), batch, str(tmp_path)), nprocs=2)
     first = [2 * 2 * float(batch.targets.sum()), 2 * 2 * float(batch.tokens)]  # 2 micro-batches × 2 ranks
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

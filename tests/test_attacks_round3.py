@@ -24,6 +24,7 @@ from taid_cache.errors import interrupts_at_safe_points
 from taid_cache.losses import LossConfig, TopKTeacher, distillation
 from taid_cache.shards import read_cache
 from taid_cache.shards.manifest import load_parts
+from taid_cache.storage import open_store
 from test_attacks import assert_one_line, cli, dump, finished_run, losses_of, nothing_written, train
 
 
@@ -95,7 +96,7 @@ def test_dumps_with_another_worker_count_refuse_a_running_folder(teacher_dir, lo
               "--max-length", "64", "--batch-tokens", "64", "--no-progress"]
     workers = {1: ["--num-workers", "1"], 2: ["--num-workers", "2", "--worker-index", "1"]}
     first = start("dump-teacher", *common, *workers[first_workers])
-    wait_for(lambda: bool(load_parts(out)), first)
+    wait_for(lambda: bool(load_parts(open_store(str(out)))), first)
     second = cli("dump-teacher", *common, *workers[3 - first_workers])
     stop(first)
     assert_one_line(second, "another running process", "num_workers")
@@ -206,8 +207,10 @@ def test_a_full_disk_during_a_dump_is_one_line_and_the_rerun_finishes(teacher_di
     fill.unlink()
     assert dump(teacher_dir, data_dir / "chat.jsonl", small_disk / "cache", *args).exit_code == 0
     for x, y in zip(read_cache(small_disk / "cache"), read_cache(tmp_path / "clean"), strict=True):
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key])
+        mine, theirs = x.as_dict(), y.as_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            np.testing.assert_array_equal(mine[key], theirs[key])
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "final save"])
@@ -310,7 +313,7 @@ def test_sigint_during_a_dump_says_how_to_continue(teacher_dir, long_text, tmp_p
     args = ["dump-teacher", "--model", str(teacher_dir), "--data", str(long_text), "--output", str(out), "--engine", "hf",
             "--top-k", "4", "--max-length", "64", "--batch-tokens", "64", "--shard-size-mb", "0.001", "--no-progress"]
     proc = start(*args)
-    wait_for(lambda: sum(len(p.shards) for p in load_parts(out)) >= 2, proc)
+    wait_for(lambda: sum(len(p.shards) for p in load_parts(open_store(str(out)))) >= 2, proc)
     code, err = stop(proc, signal.SIGINT)
     assert code == 130 and err.strip().splitlines() == ["interrupted: the committed shards are kept; rerun the same command to resume"], err
     assert not (out / "manifest.json").exists()

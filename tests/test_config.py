@@ -56,7 +56,7 @@ def test_json_round_trip() -> None:
     cfg = TrainConfig(student="s", cache=Path("/c"), output=Path("o"), eval_cache=Path("e"), epochs=1.5, loss="fkl", pack=True)
     back = from_json(TrainConfig, json.loads(json.dumps(to_json(cfg))))
     assert to_json(back) == to_json(cfg)
-    assert isinstance(back.cache, Path) and isinstance(back.eval_cache, Path) and back.teacher_model is None
+    assert back.cache == "/c" and back.eval_cache == "e" and back.teacher_model is None  # locations stay strings (URIs too)
     dump = DumpConfig(model="m", data=["a.jsonl", "b.jsonl"], output=Path("out"), top_p=0.9)
     assert to_json(from_json(DumpConfig, to_json(dump))) == to_json(dump)
 
@@ -66,7 +66,7 @@ def test_resumable_settings() -> None:
     cfg = TrainConfig(student="s", cache=Path("c"), output=Path("o"), max_steps=3)
     resumable = {f.name for f in fields(TrainConfig) if f.name not in cfg.settings()} - {"console"}
     assert resumable == {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "report_to",
-                         "output", "cache", "student", "teacher_model"}
+                         "output", "cache", "student", "teacher_model", "read_ahead", "local_cache"}
     assert cfg.settings()["max_steps"] == 3 and cfg.settings()["precision"] == "fp32"
 
 
@@ -124,7 +124,7 @@ def test_config_file_entry_point_reports_one_line(tmp_path, capsys) -> None:
 def test_json_values_take_the_option_types() -> None:
     cfg = from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "lr": 1, "epochs": 2, "eval_cache": None})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and isinstance(cfg.epochs, float) and cfg.eval_cache is None
-    assert cfg.cache == Path("c") and cfg.output == Path("o")
+    assert cfg.cache == "c" and cfg.output == "o"  # locations are strings: a URI must not become a local path
     with pytest.raises(UserError, match="max_steps must be int, not 1.5"):
         from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "max_steps": 1.5})
     with pytest.raises(UserError, match="data must be a list of strings"):

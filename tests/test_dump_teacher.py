@@ -45,11 +45,11 @@ def test_stored_rows_equal_an_independent_forward_pass(chat_cache, teacher_dir) 
     assert len(records) == 24
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     for rec in records:
-        ref = reference_logprobs(teacher_dir, rec["input_ids"], model)[:-1]  # row j: distribution of token j+1
-        assert rec["topk_ids"].shape == (len(rec["input_ids"]) - 1, K)
-        assert_top_k_of(rec["topk_ids"], rec["topk_logprobs"], ref, LOGPROB_STEP / 2)
-        assert (np.diff(rec["topk_logprobs"], axis=1) <= 0).all()
-        assert_tail_of(rec["topk_ids"], rec["tail_logmass"], ref, 1e-4)
+        ref = reference_logprobs(teacher_dir, rec.input_ids, model)[:-1]  # row j: distribution of token j+1
+        assert rec.topk_ids.shape == (len(rec.input_ids) - 1, K)
+        assert_top_k_of(rec.topk_ids, rec.topk_logprobs, ref, LOGPROB_STEP / 2)
+        assert (np.diff(rec.topk_logprobs, axis=1) <= 0).all()
+        assert_tail_of(rec.topk_ids, rec.tail_logmass, ref, 1e-4)
 
 
 def test_a_confident_teacher_keeps_its_exact_tail_mass(teacher_dir, data_dir, tmp_path) -> None:
@@ -62,11 +62,11 @@ def test_a_confident_teacher_keeps_its_exact_tail_mass(teacher_dir, data_dir, tm
             "--engine", "hf", "--top-k", "8", "--no-progress")
     top1, relative, naive = [], [], []
     for rec in list(read_cache(tmp_path / "c"))[:8]:
-        ref = reference_logprobs(tmp_path / "peaked", rec["input_ids"], model.eval())[:-1]
-        true = true_tail_mass(rec["topk_ids"], ref)
+        ref = reference_logprobs(tmp_path / "peaked", rec.input_ids, model.eval())[:-1]
+        true = true_tail_mass(rec.topk_ids, ref)
         top1.append(np.exp(ref.max(axis=1)))
-        relative.append(np.abs(np.exp(rec["tail_logmass"].astype(np.float64)) / true - 1))
-        naive.append(np.abs(np.maximum(1 - np.exp(rec["topk_logprobs"].astype(np.float64)).sum(1), 0) / true - 1))
+        relative.append(np.abs(np.exp(rec.tail_logmass.astype(np.float64)) / true - 1))
+        naive.append(np.abs(np.maximum(1 - np.exp(rec.topk_logprobs.astype(np.float64)).sum(1), 0) / true - 1))
     top1, relative, naive = map(np.concatenate, (top1, relative, naive))
     assert (top1 >= 0.99).mean() > 0.2  # the confident regime the issue measured on SmolLM2
     assert relative.max() <= 0.01  # the issue's bound: within 1% relative everywhere
@@ -77,7 +77,7 @@ def test_chat_mask_covers_assistant_turns_only(chat_cache, data_dir, teacher_dir
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     convs = [json.loads(line)["messages"] for line in (data_dir / "chat.jsonl").read_text().splitlines()]
     for rec, conv in zip(read_cache(chat_cache), convs):
-        ids, mask = rec["input_ids"], rec["loss_mask"]
+        ids, mask = rec.input_ids, rec.loss_mask
         assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conv, tokenize=False)
         answer, prompt = conv[1]["content"], conv[0]["content"]
         masked = tokenizer.decode(ids[mask])
@@ -96,10 +96,10 @@ def test_text_and_token_rows(teacher_dir, data_dir, tmp_path) -> None:
     text_rows = [json.loads(line) for line in (data_dir / "text.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     got = list(read_cache(tmp_path / "t"))
-    assert [r["sample_id"] for r in got] == [row["id"] for row in text_rows]
+    assert [r.sample_id for r in got] == [row["id"] for row in text_rows]
     for rec, row in zip(got, text_rows):
         expected = tokenizer(row["text"])["input_ids"][:64]
-        assert rec["input_ids"].tolist() == expected and rec["loss_mask"].all()
+        assert rec.input_ids.tolist() == expected and rec.loss_mask.all()
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["truncated"] == sum(len(tokenizer(r["text"])["input_ids"]) > 64 for r in text_rows) > 0
 
@@ -108,8 +108,8 @@ def test_text_and_token_rows(teacher_dir, data_dir, tmp_path) -> None:
     token_rows = [json.loads(line) for line in (data_dir / "tokens.jsonl").read_text().splitlines()]
     kept = [r for r in token_rows if len(r["input_ids"]) <= 45]
     got = list(read_cache(tmp_path / "k"))
-    assert [r["input_ids"].tolist() for r in got] == [r["input_ids"] for r in kept]
-    assert [r["loss_mask"].tolist() for r in got] == [r["loss_mask"] for r in kept]
+    assert [r.input_ids.tolist() for r in got] == [r["input_ids"] for r in kept]
+    assert [r.loss_mask.tolist() for r in got] == [r["loss_mask"] for r in kept]
     assert json.loads((tmp_path / "k" / "manifest.json").read_text())["dropped"] == len(token_rows) - len(kept) > 0
 
 
@@ -119,15 +119,15 @@ def test_top_p_keeps_the_fewest_entries_reaching_p(teacher_dir, data_dir, tmp_pa
             "--engine", "hf", "--top-k", str(K), "--top-p", str(p), "--precision", "fp32", "--no-progress")
     counts_seen = set()
     for rec in list(read_cache(tmp_path / "p"))[:4]:
-        ref = reference_logprobs(teacher_dir, rec["input_ids"])[:-1]
+        ref = reference_logprobs(teacher_dir, rec.input_ids)[:-1]
         sorted_p = np.exp(-np.sort(-ref, axis=1)[:, :K])
         expected = np.minimum((np.cumsum(sorted_p, axis=1) < p).sum(axis=1) + 1, K)
-        kept = (rec["topk_ids"] >= 0).sum(axis=1)
+        kept = (rec.topk_ids >= 0).sum(axis=1)
         np.testing.assert_array_equal(kept, expected)
         counts_seen.update(kept.tolist())
-        for row_ids, row_lp, n in zip(rec["topk_ids"], rec["topk_logprobs"], kept):
+        for row_ids, row_lp, n in zip(rec.topk_ids, rec.topk_logprobs, kept):
             assert (row_ids[n:] == -1).all() and np.isneginf(row_lp[n:]).all()
-        assert_tail_of(rec["topk_ids"], rec["tail_logmass"], ref, 1e-4)  # the dropped entries are in the tail
+        assert_tail_of(rec.topk_ids, rec.tail_logmass, ref, 1e-4)  # the dropped entries are in the tail
     assert len(counts_seen) > 3  # the rule really varies per position
 
 
@@ -135,9 +135,9 @@ def test_inspect_reports_sizes_and_captured_mass(chat_cache, tmp_path) -> None:
     proc = run_cli("inspect", str(chat_cache), "--json", "--plot", str(tmp_path / "mass.png"))
     stats = json.loads(proc.stdout)
     records = list(read_cache(chat_cache))
-    captured = np.concatenate([1 - np.exp(r["tail_logmass"].astype(np.float64)) for r in records])
+    captured = np.concatenate([1 - np.exp(r.tail_logmass.astype(np.float64)) for r in records])
     assert stats["sequences"] == len(records)
-    assert stats["tokens"] == sum(len(r["input_ids"]) for r in records)
+    assert stats["tokens"] == sum(len(r.input_ids) for r in records)
     assert stats["positions"] == captured.size and stats["stored_entries"] == captured.size * K
     assert stats["bytes_on_disk"] == sum(f.stat().st_size for f in chat_cache.glob("*.arrow"))
     assert stats["captured_mass_mean"] == pytest.approx(captured.mean(), rel=1e-9)
@@ -156,15 +156,15 @@ def test_fidelity_report_equals_a_dense_reference(chat_cache, teacher_dir) -> No
     sums = {"captured": 0.0, "hits": 0.0, "entropy": 0.0, "kl": 0.0}
     positions = 0
     for rec in read_cache(chat_cache):
-        targets = rec["loss_mask"][1:]
-        ref = reference_logprobs(teacher_dir, rec["input_ids"], model)[:-1][targets]
-        ids, decoded, m = rec["topk_ids"][targets], rec["topk_logprobs"][targets].astype(np.float64), np.exp(rec["tail_logmass"][targets].astype(np.float64))
+        targets = rec.loss_mask[1:]
+        ref = reference_logprobs(teacher_dir, rec.input_ids, model)[:-1][targets]
+        ids, decoded, m = rec.topk_ids[targets], rec.topk_logprobs[targets].astype(np.float64), np.exp(rec.tail_logmass[targets].astype(np.float64))
         p = np.exp(ref)
         rebuilt = np.repeat((m / (vocab - K))[:, None], vocab, axis=1)
         head = np.exp(decoded) / np.exp(decoded).sum(1, keepdims=True) * (1 - m)[:, None]
         np.put_along_axis(rebuilt, ids, head, axis=1)
         sums["captured"] += (1 - true_tail_mass(ids, ref)).sum()
-        sums["hits"] += (ids == rec["input_ids"][1:][targets][:, None]).any(1).sum()
+        sums["hits"] += (ids == rec.input_ids[1:][targets][:, None]).any(1).sum()
         sums["entropy"] += -(p * ref).sum()
         sums["kl"] += (p * (ref - np.log(rebuilt))).sum()
         positions += int(targets.sum())

@@ -96,7 +96,7 @@ def test_students_are_scored_in_groups_that_pay_the_teacher_once_each(teacher_di
     big, small = tmp_path / "big", tmp_path / "small"
     new_llama(LlamaSize(), len(tokenizer), tokenizer, seed=5, out=big)  # the teacher's size
     new_llama(LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), len(tokenizer), tokenizer, seed=6, out=small)
-    sequences = lambda: ((r["input_ids"], r["loss_mask"]) for r in read_cache(caches["top16"]))  # noqa: E731
+    sequences = lambda: ((r.input_ids, r.loss_mask) for r in read_cache(caches["top16"]))  # noqa: E731
     rows = chat_rows(data_dir)
     settings = run.EvaluationSettings(prompts=4, max_length=256, generation=GenerationSettings(max_new_tokens=8, batch_size=4))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()

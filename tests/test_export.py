@@ -38,13 +38,13 @@ def test_decoded_parquet_equals_the_cache_in_every_reader(caches, sampled_cache,
     for reader, rows in rows_by_reader(tmp_path / "out").items():
         assert len(rows) == len(expected), reader
         for row, rec in zip(rows, expected):
-            assert row["sample_id"] == rec["sample_id"]
-            assert list(row["input_ids"]) == rec["input_ids"].tolist() and list(row["loss_mask"]) == rec["loss_mask"].tolist()
-            used = rec["topk_ids"] >= 0
-            assert [list(r) for r in row["topk_ids"]] == [ids[m].tolist() for ids, m in zip(rec["topk_ids"], used)], reader
-            for got, lps, m in zip(row["topk_logprobs"], rec["topk_logprobs"], used):
+            assert row["sample_id"] == rec.sample_id
+            assert list(row["input_ids"]) == rec.input_ids.tolist() and list(row["loss_mask"]) == rec.loss_mask.tolist()
+            used = rec.topk_ids >= 0
+            assert [list(r) for r in row["topk_ids"]] == [ids[m].tolist() for ids, m in zip(rec.topk_ids, used)], reader
+            for got, lps, m in zip(row["topk_logprobs"], rec.topk_logprobs, used):
                 np.testing.assert_array_equal(np.asarray(got, np.float32), lps[m])
-            np.testing.assert_array_equal(np.asarray(row["tail_logmass"], np.float32), rec["tail_logmass"])
+            np.testing.assert_array_equal(np.asarray(row["tail_logmass"], np.float32), rec.tail_logmass)
     if which == "sampled":  # top-p: the kept entries vary per position, and the export keeps exactly those
         assert len({len(r) for r in rows_by_reader(tmp_path / "out")["pyarrow"][0]["topk_ids"]}) > 1
 
@@ -54,10 +54,10 @@ def test_a_sampled_tail_exports_its_draws(teacher_dir, data_dir, tmp_path) -> No
             "--engine", "hf", "--top-k", "2", "--tail-samples", "8", "--max-length", "256", "--no-progress")
     run_cli("export", str(tmp_path / "c"), str(tmp_path / "out"))
     for row, rec in zip(pq.read_table(tmp_path / "out").to_pylist(), read_cache(tmp_path / "c")):
-        used = rec["sample_ids"] >= 0
-        assert [list(r) for r in row["sample_ids"]] == [ids[m].tolist() for ids, m in zip(rec["sample_ids"], used)]
+        used = rec.sample_ids >= 0
+        assert [list(r) for r in row["sample_ids"]] == [ids[m].tolist() for ids, m in zip(rec.sample_ids, used)]
         assert [sum(r) for r in row["sample_draws"]] == [8] * len(used)  # every position drew 8
-        for got, lps, m in zip(row["sample_logprobs"], rec["sample_logprobs"], used):
+        for got, lps, m in zip(row["sample_logprobs"], rec.sample_logprobs, used):
             np.testing.assert_array_equal(np.asarray(got, np.float32), lps[m])
 
 
@@ -72,13 +72,13 @@ def test_the_axolotl_layout_follows_its_documented_schema(caches, tmp_path) -> N
         assert n == len(row["labels"]) == len(row["attention_mask"]) == len(row["target_token_ids"]) == len(row["target_mask"])
         assert all(len(r) == 16 for r in row["target_token_ids"]) and all(len(r) == 16 for r in row["target_logprobs"])
         labels = np.asarray(row["labels"])
-        np.testing.assert_array_equal(labels, np.where(rec["loss_mask"], rec["input_ids"], -100))
+        np.testing.assert_array_equal(labels, np.where(rec.loss_mask, rec.input_ids, -100))
         mask = np.asarray(row["target_mask"])
         for j in range(n - 1):
             assert (mask[j] == 0).all() if labels[j + 1] == -100 else (mask[j] == 1).all()
         assert (mask[-1] == 0).all() and all(v == pytest.approx(PAD_LOGPROB) for v in row["target_logprobs"][-1])
-        np.testing.assert_array_equal(np.asarray(row["target_token_ids"][:-1]), rec["topk_ids"])
-        np.testing.assert_array_equal(np.asarray(row["target_logprobs"][:-1], np.float32), rec["topk_logprobs"])
+        np.testing.assert_array_equal(np.asarray(row["target_token_ids"][:-1]), rec.topk_ids)
+        np.testing.assert_array_equal(np.asarray(row["target_logprobs"][:-1], np.float32), rec.topk_logprobs)
 
 
 def test_export_refuses_an_existing_folder_and_an_unknown_format(caches, tmp_path) -> None:

@@ -64,8 +64,8 @@ def test_smollm2_gguf_converts_and_dumps_its_own_top_k(tmp_path) -> None:
     assert len(records) == len(convs)
     for record in records:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor(record["input_ids"])[None]).logits[0, :-1]
-        assert_top_k_of(record["topk_ids"], record["topk_logprobs"], torch.log_softmax(logits, -1).numpy(), 1e-4)
+            logits = model(input_ids=torch.tensor(record.input_ids)[None]).logits[0, :-1]
+        assert_top_k_of(record.topk_ids, record.topk_logprobs, torch.log_softmax(logits, -1).numpy(), 1e-4)
     # A real instruct teacher is confident on its answers: most assistant positions put >= 0.5 on one token.
-    top1 = torch.tensor([p for r in records for p, m in zip(r["topk_logprobs"][:, 0], r["loss_mask"][1:]) if m]).exp()
+    top1 = torch.tensor([p for r in records for p, m in zip(r.topk_logprobs[:, 0], r.loss_mask[1:]) if m]).exp()
     assert (top1 >= 0.5).float().mean() > 0.5

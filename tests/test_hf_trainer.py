@@ -16,7 +16,7 @@ from conftest import ROOT, run_cli
 from taid_cache.integrations import CacheDataset, DistillationCollator, DistillationTrainer
 from taid_cache.losses import LossConfig, TaidSchedule
 from taid_cache.shards import read_cache
-from taid_cache.training.data import CacheStream
+from taid_cache.training.data import CacheRows, CacheStream, StreamOrder
 from taid_cache.training.metrics import read_metrics
 
 STEPS, BATCH, LR = 10, 4, 1e-3
@@ -24,7 +24,7 @@ STEPS, BATCH, LR = 10, 4, 1e-3
 
 def test_the_dataset_streams_train_students_order(caches) -> None:
     """Item for item what train-student's stream holds, micro-batch by micro-batch, with loader workers too."""
-    ours = CacheStream(caches["top16"], BATCH, 0, 1, 256, 7, 16, True, limit=12 * BATCH)
+    ours = CacheStream(CacheRows(str(caches["top16"])), StreamOrder(7, 16, True, limit=12 * BATCH, batch_size=BATCH), 256)
     expected = [torch.where(mb.targets, mb.labels, -100) for mb in ours]
     dataset = CacheDataset(caches["top16"], seed=7, shuffle_buffer=16, batch_size=BATCH, limit=12 * BATCH)
     for workers in (0, 2):
@@ -35,11 +35,11 @@ def test_the_dataset_streams_train_students_order(caches) -> None:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b)
     # A rank's share is every world-th item; a resumed stream skips what was read.
-    whole = [r["sample_id"] for r in CacheDataset(caches["top16"], seed=7, limit=20)]
-    assert [r["sample_id"] for r in CacheDataset(caches["top16"], seed=7, rank=1, world=2, limit=20)] == whole[1::2]
-    assert [r["sample_id"] for r in CacheDataset(caches["top16"], seed=7, start=5, limit=15)] == whole[5:]
-    every = sorted(r["sample_id"] for r in read_cache(caches["top16"]))
-    assert sorted(r["sample_id"] for r in CacheDataset(caches["top16"], seed=7, limit=len(every))) == every  # an epoch: each once
+    whole = [r.sample_id for r in CacheDataset(caches["top16"], seed=7, limit=20)]
+    assert [r.sample_id for r in CacheDataset(caches["top16"], seed=7, rank=1, world=2, limit=20)] == whole[1::2]
+    assert [r.sample_id for r in CacheDataset(caches["top16"], seed=7, start=5, limit=15)] == whole[5:]
+    every = sorted(r.sample_id for r in read_cache(caches["top16"]))
+    assert sorted(r.sample_id for r in CacheDataset(caches["top16"], seed=7, limit=len(every))) == every  # an epoch: each once
 
 
 @pytest.mark.parametrize("loss", ["taid", "fkl"])

@@ -114,8 +114,8 @@ def test_hf_engine_caches_the_models_own_top_k(family_dirs, tmp_path, family: st
     model = AutoModelForCausalLM.from_pretrained(family_dirs[family]).eval()
     for record in read_cache(tmp_path / "cache"):
         with torch.no_grad():
-            reference = torch.log_softmax(model(input_ids=torch.tensor(record["input_ids"])[None]).logits[0, :-1].float(), -1)
-        assert_top_k_of(record["topk_ids"], record["topk_logprobs"], reference.numpy(), 1e-4)
+            reference = torch.log_softmax(model(input_ids=torch.tensor(record.input_ids)[None]).logits[0, :-1].float(), -1)
+        assert_top_k_of(record.topk_ids, record.topk_logprobs, reference.numpy(), 1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

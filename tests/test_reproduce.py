@@ -17,7 +17,7 @@ from taid_cache.reproduce.config import method_seeds, quick
 from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
-from taid_cache.shards.manifest import cache_identity, load_manifest
+from taid_cache.shards.manifest import load_manifest
 
 QUICK = quick()
 QUICK_METHODS = QUICK.methods
@@ -68,7 +68,7 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
     # top-k one.
     for method, cache in (("taid", "cache-train-sampled"), ("ctkd", "cache-train-sampled"), ("taid-top-k", "cache-train"), ("rkl", "cache-train")):
         meta = json.loads(sorted((out / "runs" / method / "seed-0" / "checkpoints").glob("step-*/meta.json"))[-1].read_text())
-        assert meta["settings"]["cache_identity"] == cache_identity(load_manifest(out / cache))
+        assert meta["settings"]["cache_identity"] == load_manifest(str(out / cache)).identity
     distilled = {m["method"]: m["mean"]["kl"] for m in results["methods"]}
     assert min(distilled["fkl"], distilled["taid"]) < distilled["sft"]  # distillation moves the student toward the teacher
 
@@ -214,12 +214,12 @@ def test_streamed_evaluation_equals_a_direct_computation(teacher_dir, student_di
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    got = against_teacher(teacher, {"s": student}, ((r["input_ids"], r["loss_mask"]) for r in read_cache(caches["top16"])), 256)
+    got = against_teacher(teacher, {"s": student}, ((r.input_ids, r.loss_mask) for r in read_cache(caches["top16"])), 256)
     t_all, s_all, labels = [], [], []
     with torch.no_grad():
         for r in read_cache(caches["top16"]):
-            ids = torch.from_numpy(r["input_ids"][:256])
-            mask = torch.from_numpy(r["loss_mask"][1 : len(ids)])
+            ids = torch.from_numpy(r.input_ids[:256])
+            mask = torch.from_numpy(r.loss_mask[1 : len(ids)])
             t_all.append(F.log_softmax(teacher(ids[None]).logits[0, :-1], -1)[mask])
             s_all.append(F.log_softmax(student(ids[None]).logits[0, :-1], -1)[mask])
             labels.append(ids[1:][mask])

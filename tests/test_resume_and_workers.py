@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, assert_same_up_to_ties, run_cli, write_jsonl
 from taid_cache.shards import read_cache
 from taid_cache.shards.manifest import load_parts
+from taid_cache.storage import open_store
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def dump_args(teacher_dir: Path, data: Path, out: Path, *extra: str) -> list[str
 
 def committed_shards(out: Path) -> int:
     try:
-        return sum(len(p.shards) for p in load_parts(out))
+        return sum(len(p.shards) for p in load_parts(open_store(str(out))))
     except (json.JSONDecodeError, FileNotFoundError):
         return 0
 
@@ -56,10 +57,11 @@ def records(out: Path) -> list[dict]:
 def assert_same_records(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x["sample_id"] == y["sample_id"]
-        assert x.keys() == y.keys()
-        for key in x.keys() - {"sample_id"}:
-            np.testing.assert_array_equal(x[key], y[key])
+        assert x.sample_id == y.sample_id
+        mine, theirs = x.as_dict(), y.as_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine.keys() - {"sample_id"}:
+            np.testing.assert_array_equal(mine[key], theirs[key])
 
 
 @pytest.mark.slow
@@ -97,10 +99,10 @@ def test_workers_union_is_the_whole_cache(teacher_dir, many_rows, tmp_path) -> N
         assert p.wait(timeout=300) == 0, p.stderr.read()
     assert run_cli("verify", str(multi)).returncode == 0
     a, b = records(multi), records(single)
-    assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
+    assert [r.sample_id for r in a] == [r.sample_id for r in b]
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
         # Different batch neighbours change float rounding: values agree within float noise, ids up to ties.
-        assert_same_up_to_ties(x["topk_ids"], x["topk_logprobs"], y["topk_ids"], y["topk_logprobs"], atol=1e-4)
+        assert_same_up_to_ties(x.topk_ids, x.topk_logprobs, y.topk_ids, y.topk_logprobs, atol=1e-4)
     manifest = json.loads((multi / "manifest.json").read_text())
     assert manifest["num_workers"] == 3 and manifest["records"] == len(b)

@@ -187,21 +187,21 @@ def test_sampled_cache_against_an_independent_forward_pass(teacher_dir, data_dir
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     moved = total = 0
     for rec in a[:6]:
-        ref = reference_logprobs(teacher_dir, rec["input_ids"], model)[:-1]
-        ids, draws, lps = rec["sample_ids"], rec["sample_draws"], rec["sample_logprobs"]
+        ref = reference_logprobs(teacher_dir, rec.input_ids, model)[:-1]
+        ids, draws, lps = rec.sample_ids, rec.sample_draws, rec.sample_logprobs
         assert ids.shape == (len(ref), 24) and (draws.sum(1) == 24).all()
         used = ids >= 0
-        assert not (used[:, :, None] & (ids[:, :, None] == rec["topk_ids"][:, None, :])).any()
+        assert not (used[:, :, None] & (ids[:, :, None] == rec.topk_ids[:, None, :])).any()
         true = np.take_along_axis(ref, np.where(used, ids, 0), 1)
         assert np.abs(np.where(used, lps - true, 0)).max() <= LOGPROB_STEP / 2 + 1e-5
     for x, y, z in zip(a, b, c):
-        same = (x["sample_ids"] == y["sample_ids"]) & (x["sample_draws"] == y["sample_draws"])
+        same = (x.sample_ids == y.sample_ids) & (x.sample_draws == y.sample_draws)
         moved += int((~same.all(1)).sum())  # another batch: float noise may move a draw across a CDF boundary
         total += len(same)
-        assert not np.array_equal(x["sample_ids"], z["sample_ids"])
+        assert not np.array_equal(x.sample_ids, z.sample_ids)
     assert moved <= total * 0.01
     stats = json.loads(run_cli("inspect", str(tmp_path / "a"), "--json").stdout)
-    distinct = np.mean(np.concatenate([(r["sample_draws"] > 0).sum(1) for r in a]))
+    distinct = np.mean(np.concatenate([(r.sample_draws > 0).sum(1) for r in a]))
     assert stats["tail_samples"] == 24 and stats["sampled_ids_per_position"] == pytest.approx(distinct)
 
 
@@ -216,19 +216,19 @@ def test_sampled_cache_trains_fkl_and_taid_and_refuses_the_rest(teacher_dir, stu
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     total = positions = 0.0
     for rec in records:
-        targets = rec["loss_mask"][1:]
+        targets = rec.loss_mask[1:]
         with torch.no_grad():
-            log_q = torch.log_softmax(model(torch.from_numpy(rec["input_ids"])[None]).logits[0, :-1].double(), -1)[targets]
-        m = np.exp(rec["tail_logmass"][targets].astype(np.float64))
+            log_q = torch.log_softmax(model(torch.from_numpy(rec.input_ids)[None]).logits[0, :-1].double(), -1)[targets]
+        m = np.exp(rec.tail_logmass[targets].astype(np.float64))
         for j, row in enumerate(np.flatnonzero(targets)):
-            head = rec["topk_ids"][row]
-            p_head = np.exp(rec["topk_logprobs"][row].astype(np.float64))
+            head = rec.topk_ids[row]
+            p_head = np.exp(rec.topk_logprobs[row].astype(np.float64))
             p_head *= (1 - m[j]) / p_head.sum()  # the readers' head: rescaled to 1 − m
-            used = rec["sample_ids"][row] >= 0
-            w = m[j] * rec["sample_draws"][row][used] / 16
-            ids = np.concatenate([head, rec["sample_ids"][row][used]])
+            used = rec.sample_ids[row] >= 0
+            w = m[j] * rec.sample_draws[row][used] / 16
+            ids = np.concatenate([head, rec.sample_ids[row][used]])
             weights = np.concatenate([p_head, w])
-            ell = np.concatenate([np.log(p_head), rec["sample_logprobs"][row][used]])
+            ell = np.concatenate([np.log(p_head), rec.sample_logprobs[row][used]])
             total += float((weights * (ell - log_q[j, ids].numpy())).sum())
             positions += 1
     assert first["loss"] == pytest.approx(total / positions, rel=1e-4)
@@ -257,7 +257,7 @@ def test_a_head_of_zero_entries(teacher_dir, data_dir, tmp_path) -> None:
     run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--engine", "hf", "--top-k", "0",
             "--tail-samples", "8", "--max-length", "256", "--no-progress", "--output", str(tmp_path / "c"))
     rec = next(iter(read_cache(tmp_path / "c")))
-    assert rec["topk_ids"].shape[1] == 0 and np.allclose(rec["tail_logmass"], 0.0, atol=1e-6)
+    assert rec.topk_ids.shape[1] == 0 and np.allclose(rec.tail_logmass, 0.0, atol=1e-6)
     keys = ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids", "sample_draws", "sample_logprobs")
-    ids, log_w, _ = SampledTeacher(*(torch.from_numpy(rec[k]) for k in keys), load_manifest(tmp_path / "c")["settings"]["tokenizer_size"]).estimate()
+    ids, log_w, _ = SampledTeacher(*(torch.from_numpy(getattr(rec, k)) for k in keys), load_manifest(str(tmp_path / "c")).settings.tokenizer_size).estimate()
     torch.testing.assert_close(log_w.exp().sum(-1), torch.ones(len(ids)), atol=1e-5, rtol=0)

@@ -161,9 +161,9 @@ def test_distil_ratio_mixes_in_cross_entropy(student_dir, caches, tmp_path) -> N
 def bucket_kl(rec: dict, length: int, target: np.ndarray, log_q: torch.Tensor) -> float:
     """KL(teacher‖student) of the `student` tail as k + 1 buckets (docs/LOSSES.md), summed over the positions:
     the stored entries rescaled to hold 1 − m, and the mass m off them against the student's mass there."""
-    ids = torch.from_numpy(rec["topk_ids"][:length][target]).long()
-    lps = torch.from_numpy(rec["topk_logprobs"][:length][target]).double()
-    log_m = torch.from_numpy(rec["tail_logmass"][:length][target]).double()
+    ids = torch.from_numpy(rec.topk_ids[:length][target]).long()
+    lps = torch.from_numpy(rec.topk_logprobs[:length][target]).double()
+    log_m = torch.from_numpy(rec.tail_logmass[:length][target]).double()
     head = torch.log_softmax(lps, -1) + torch.log1p(-log_m.exp())[:, None]
     log_q_head = log_q.gather(1, ids)
     log_q_tail = torch.log1p(-log_q_head.exp().sum(-1))
@@ -181,12 +181,12 @@ def test_saved_student_loads_and_evaluation_is_right(student_dir, caches, tmp_pa
     ce, top1, kl, n = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for rec in read_cache(caches["top16"]):
-            ids = torch.from_numpy(rec["input_ids"][:256])
+            ids = torch.from_numpy(rec.input_ids[:256])
             logits = model(ids[None]).logits[0, :-1]
-            target = torch.from_numpy(rec["loss_mask"][1 : len(ids)])
+            target = torch.from_numpy(rec.loss_mask[1 : len(ids)])
             lp = torch.log_softmax(logits.double(), -1)[target]
             ce -= lp.gather(1, ids[1:][target][:, None]).sum().item()
-            top1 += (lp.argmax(-1) == torch.from_numpy(rec["topk_ids"][: len(ids) - 1][target.numpy(), 0])).sum().item()
+            top1 += (lp.argmax(-1) == torch.from_numpy(rec.topk_ids[: len(ids) - 1][target.numpy(), 0])).sum().item()
             kl += bucket_kl(rec, len(ids) - 1, target.numpy(), lp)
             n += int(target.sum())
     assert evals[0]["eval_ce"] == pytest.approx(ce / n, rel=1e-4)
@@ -211,20 +211,20 @@ def test_packing_lays_out_the_same_targets(caches) -> None:
     padded, packed = collate(records, 256), collate(records, 256, pack=True)
     rows, width = packed.inputs["input_ids"].shape
     assert rows < padded.inputs["input_ids"].shape[0] and width <= 256 and set(packed.inputs) == {"input_ids", "position_ids"}
-    assert packed.tokens == padded.tokens == sum(min(len(r["input_ids"]), 256) for r in records)
+    assert packed.tokens == padded.tokens == sum(min(len(r.input_ids), 256) for r in records)
 
     def selected(mb) -> list[tuple]:
         rows = zip(mb.labels[mb.targets].tolist(), mb.topk_ids[mb.targets].tolist(), mb.topk_logprobs[mb.targets].tolist())
         return sorted((label, tuple(ids), tuple(lps)) for label, ids, lps in rows)
 
     assert selected(packed) == selected(padded) and len(selected(packed)) > 0
-    lengths = [min(len(r["input_ids"]), 256) for r in records]
+    lengths = [min(len(r.input_ids), 256) for r in records]
     for positions, tokens, members in zip(packed.inputs["position_ids"], packed.inputs["input_ids"], pack_rows(lengths, 256)):
         used = sum(lengths[i] for i in members)
         expected = torch.cat([torch.arange(lengths[i]) for i in members] + [torch.arange(width - used)])
         assert torch.equal(positions, expected)
         # the row's tokens are its members' tokens, in first-fit-decreasing order
-        assert tokens[:used].tolist() == [int(t) for i in members for t in records[i]["input_ids"][:lengths[i]]]
+        assert tokens[:used].tolist() == [int(t) for i in members for t in records[i].input_ids[:lengths[i]]]
 
 
 def test_packing_check_catches_a_model_that_attends_across_sequences(student_dir) -> None:

@@ -31,6 +31,7 @@ from taid_cache.pipelines.dump_teacher import dump_teacher
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import LOGPROB_STEP
 from taid_cache.shards.manifest import load_parts
+from taid_cache.storage import open_store
 from test_dump_teacher import reference_logprobs
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed"),
@@ -71,15 +72,15 @@ def assert_same_cache(vllm: Path, hf: Path, lp_bound: float) -> None:
     """Top-k ids equal but at float32 near-ties, stored log-probs within `lp_bound`, the tail mass within 1e-5
     relative, the fidelity report (captured mass, hits, entropy, KL of the reconstruction) within 1e-4."""
     a, b = list(read_cache(vllm)), list(read_cache(hf))
-    assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b] and len(a) > 0
+    assert [r.sample_id for r in a] == [r.sample_id for r in b] and len(a) > 0
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
-        np.testing.assert_array_equal(x["loss_mask"], y["loss_mask"])
-        used = (x["topk_ids"] >= 0) & (y["topk_ids"] >= 0)
-        assert np.abs(np.where(used, x["topk_logprobs"], 0) - np.where(used, y["topk_logprobs"], 0)).max() <= lp_bound
-        assert_same_up_to_ties(x["topk_ids"], np.where(used, x["topk_logprobs"], -99), y["topk_ids"],
-                               np.where(used, y["topk_logprobs"], -99), atol=lp_bound)
-        ratio = np.exp(x["tail_logmass"].astype(np.float64) - y["tail_logmass"].astype(np.float64))
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
+        np.testing.assert_array_equal(x.loss_mask, y.loss_mask)
+        used = (x.topk_ids >= 0) & (y.topk_ids >= 0)
+        assert np.abs(np.where(used, x.topk_logprobs, 0) - np.where(used, y.topk_logprobs, 0)).max() <= lp_bound
+        assert_same_up_to_ties(x.topk_ids, np.where(used, x.topk_logprobs, -99), y.topk_ids,
+                               np.where(used, y.topk_logprobs, -99), atol=lp_bound)
+        ratio = np.exp(x.tail_logmass.astype(np.float64) - y.tail_logmass.astype(np.float64))
         assert np.abs(ratio - 1).max() <= 1e-5
     report_a, report_b = fidelity(vllm), fidelity(hf)
     assert report_a.keys() == report_b.keys() and report_a["teacher_entropy_mean"] > 0
@@ -103,15 +104,15 @@ def assert_same_draws(vllm: Path, hf: Path, teacher_dir: Path, seed: int, draws:
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     differing = explained = total = 0
     for x, y in zip(read_cache(vllm), read_cache(hf)):
-        same = ((x["sample_ids"] == y["sample_ids"]) & (x["sample_draws"] == y["sample_draws"])).all(1)
+        same = ((x.sample_ids == y.sample_ids) & (x.sample_draws == y.sample_draws)).all(1)
         total += len(same)
         if same.all():
             continue
-        reference = reference_logprobs(teacher_dir, x["input_ids"], model)[:-1]
-        uniforms = sequence_uniforms(seed, x["sample_id"], len(same), draws)
+        reference = reference_logprobs(teacher_dir, x.input_ids, model)[:-1]
+        uniforms = sequence_uniforms(seed, x.sample_id, len(same), draws)
         for j in np.flatnonzero(~same):
             differing += 1
-            explained += near_a_cdf_boundary(reference[j], y["topk_ids"][j], uniforms[j])
+            explained += near_a_cdf_boundary(reference[j], y.topk_ids[j], uniforms[j])
     assert differing <= 0.01 * total, (differing, total)
     assert explained == differing, f"{differing - explained} of {differing} differing positions are not float-noise ties"
 
@@ -127,7 +128,7 @@ def test_top_p_in_fp32_equals_hf(vllm_engine, teacher_dir, data_dir, tmp_path) -
     hf = dump("hf", teacher_dir, data_dir / "chat.jsonl", tmp_path / "hf", **options)
     vllm = dump("vllm", teacher_dir, data_dir / "chat.jsonl", tmp_path / "vllm", vllm_engine, **options)
     assert_same_cache(vllm, hf, TIE_NATS)  # fp32 storage: two decoders' float rounding, at logits of ~40 nats
-    kept = np.concatenate([(r["topk_ids"] >= 0).sum(1) for r in read_cache(vllm)])
+    kept = np.concatenate([(r.topk_ids >= 0).sum(1) for r in read_cache(vllm)])
     assert len(set(kept.tolist())) > 3  # the cut really varies per position
 
 
@@ -168,11 +169,11 @@ def test_a_bf16_teacher(teacher_dir, data_dir, tmp_path) -> None:
     run_process(*cli_args(folder, data_dir / "chat.jsonl", tmp_path / "vllm", "--top-k", "16", "--tail-samples", "16"))
     assert json.loads((tmp_path / "vllm" / "manifest.json").read_text())["settings"]["dtype"] == "bfloat16"
     a, b = list(read_cache(tmp_path / "vllm")), list(read_cache(hf))
-    top1 = np.concatenate([x["topk_ids"][:, 0] == y["topk_ids"][:, 0] for x, y in zip(a, b)])
+    top1 = np.concatenate([x.topk_ids[:, 0] == y.topk_ids[:, 0] for x, y in zip(a, b)])
     assert top1.mean() >= 0.97
     for x, y in zip(a, b):
-        common = x["topk_ids"][:, :1] == y["topk_ids"][:, :1]
-        assert np.abs(np.where(common, x["topk_logprobs"][:, :1] - y["topk_logprobs"][:, :1], 0)).max() <= 0.5
+        common = x.topk_ids[:, :1] == y.topk_ids[:, :1]
+        assert np.abs(np.where(common, x.topk_logprobs[:, :1] - y.topk_logprobs[:, :1], 0)).max() <= 0.5
     for key, value in fidelity(tmp_path / "vllm").items():
         assert value == pytest.approx(fidelity(hf)[key], rel=1e-3, abs=2e-3), key
 
@@ -188,7 +189,7 @@ SMALL_SHARDS = ["--top-k", "8", "--tail-samples", "16", "--batch-tokens", "400",
 
 def committed(out: Path) -> int:
     try:
-        return sum(len(p.shards) for p in load_parts(out))
+        return sum(len(p.shards) for p in load_parts(open_store(str(out))))
     except Exception:  # a part file being replaced at this instant
         return 0
 
@@ -221,9 +222,10 @@ def test_kill_9_during_a_sampled_dump_then_resume_is_record_identical(vllm_engin
     a, b = list(read_cache(crashed)), list(read_cache(clean))
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+        mine, theirs = x.as_dict(), y.as_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
 
 
 def test_two_single_core_vllm_workers_make_one_workers_cache(vllm_engine, teacher_dir, many_rows, tmp_path) -> None:
@@ -239,11 +241,11 @@ def test_two_single_core_vllm_workers_make_one_workers_cache(vllm_engine, teache
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
     assert run_cli("verify", str(tmp_path / "multi")).returncode == 0
     a, b = list(read_cache(tmp_path / "multi")), list(read_cache(single))
-    assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
+    assert [r.sample_id for r in a] == [r.sample_id for r in b]
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
         # One core or two, other batch neighbours: float rounding differs, values agree within float noise.
-        assert_same_up_to_ties(x["topk_ids"], x["topk_logprobs"], y["topk_ids"], y["topk_logprobs"], atol=TIE_NATS)
+        assert_same_up_to_ties(x.topk_ids, x.topk_logprobs, y.topk_ids, y.topk_logprobs, atol=TIE_NATS)
 
 
 @pytest.mark.parametrize("extra, words", [

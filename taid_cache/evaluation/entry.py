@@ -4,10 +4,12 @@ tokenizer), then `run.evaluate_students`."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from ..config import Range
 from ..errors import UserError
+from ..storage.folders import fetch_local
 from .generation import GenerationSettings
 from .run import EvaluationSettings, evaluate_students
 
@@ -18,28 +20,37 @@ def check(name: str, value: float, within: str) -> None:
         raise UserError(f"--{name} must be {bounds}, not {value}")
 
 
-def evaluate_command(students: list[Path], data: Path, teacher: Path | None, prompts: int, max_new_tokens: int, batch_size: int,
+def evaluate_command(students: list[str], data: str, teacher: str | None, prompts: int, max_new_tokens: int, batch_size: int,
                      sample: bool, sample_temperature: float, seed: int, max_length: int, as_json: Path | None) -> dict:
-    from transformers import AutoTokenizer
-
-    from ..fingerprints import resolve_model, tokenizer_hash
-    from ..inputs import RowTokenizer, check_rows, load_rows, resolve_data, source_tag
-
+    """The command on local folders and files, or on URIs of them (fetched into a temporary folder first)."""
     for name, value, within in (("prompts", prompts, "[1, inf)"), ("max-new-tokens", max_new_tokens, "[1, inf)"),
                                 ("batch-size", batch_size, "[1, inf)"), ("sample-temperature", sample_temperature, "(0, inf)"),
                                 ("seed", seed, "[0, 2^64)"), ("max-length", max_length, "[2, inf)")):
         check(name, value, within)
     if as_json is not None and not as_json.parent.is_dir():
         raise UserError(f"--json {as_json}: the folder {as_json.parent} does not exist")
-    folders = {str(path): resolve_model(str(path), "student") for path in students}
-    teacher_dir = resolve_model(str(teacher), "teacher") if teacher is not None else None
+    with tempfile.TemporaryDirectory(prefix="taid-cache-evaluate-") as scratch:
+        local = {name: str(fetch_local(name, Path(scratch) / f"{i}")) for i, name in enumerate([*students, data, *([teacher] if teacher else [])])}
+        return evaluate_local({name: local[name] for name in students}, local[data], local[teacher] if teacher else None,
+                              data, prompts, max_new_tokens, batch_size, sample, sample_temperature, seed, max_length, as_json)
+
+
+def evaluate_local(students: dict[str, str], data: str, teacher: str | None, data_name: str, prompts: int, max_new_tokens: int,
+                   batch_size: int, sample: bool, sample_temperature: float, seed: int, max_length: int, as_json: Path | None) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..fingerprints import resolve_model, tokenizer_hash
+    from ..inputs import RowTokenizer, check_rows, load_rows, resolve_data, source_tag
+
+    folders = {name: resolve_model(path, "student") for name, path in students.items()}
+    teacher_dir = resolve_model(teacher, "teacher") if teacher is not None else None
     tokenizer = AutoTokenizer.from_pretrained(next(iter(folders.values())))
     if teacher_dir is not None and tokenizer_hash(AutoTokenizer.from_pretrained(teacher_dir)) != tokenizer_hash(tokenizer):
         raise UserError("the teacher's tokenizer differs from the students': its NLL and KL would compare other tokens")
-    files = resolve_data([str(data)])
+    files = resolve_data([data])
     rows = load_rows(files, "train")
     if "messages" not in rows.column_names:
-        raise UserError(f"--data {data}: held-out data must be chat rows (a messages column); it has {', '.join(rows.column_names)}")
+        raise UserError(f"--data {data_name}: held-out data must be chat rows (a messages column); it has {', '.join(rows.column_names)}")
     check_rows(rows, "chat", len(tokenizer))
     to_sequence = RowTokenizer(tokenizer, "chat", max_length, "truncate", source_tag(files))
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from ..shards.manifest import load_manifest
-from ..shards.reader import RandomAccess
-from ..training.data import partition, stream
+from ..shards.contract import CacheRecord, CacheSettings, Manifest
+from ..training.data import CacheRows, StreamOrder
 
 
 class CacheDataset(IterableDataset):
-    """The records of a cache (dicts of numpy arrays, as `read_cache` gives them), shards and rows shuffled by
-    `seed` through a buffer of `shuffle_buffer` sequences, epoch after epoch: endless unless `limit` items.
+    """The records of a cache (`CacheRecord`s, as `read_cache` gives them; a folder or a URI such as
+    s3://bucket/cache), shards and rows shuffled by `seed` through a buffer of `shuffle_buffer` sequences, epoch
+    after epoch: endless unless `limit` items.
 
     - `rank`, `world`: global item j goes to rank j mod world, train-student's partition. Under a Hugging Face
       Trainer keep 0 and 1: its loader shards the one stream over the processes itself, and a step then holds
@@ -22,31 +22,30 @@ class CacheDataset(IterableDataset):
     - `batch_size`: the loader's batch size, so that with loader workers each worker yields whole runs of
       consecutive items (run m to worker m mod workers) and batches are train-student's micro-batches.
     - `start`: global items to skip, as a resumed run does (integers, no data read).
+    - `read_ahead`, `local_dir`: for a remote cache, shards fetched ahead of need, and a local folder to keep them.
     """
 
     def __init__(self, cache: str | Path, seed: int = 0, shuffle_buffer: int = 1024, shuffle: bool = True, rank: int = 0,
-                 world: int = 1, batch_size: int = 1, start: int = 0, limit: int | None = None) -> None:
-        self.cache = Path(cache)
-        self.manifest = load_manifest(self.cache)  # a one-line error now, not in a loader worker
-        self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
-        self.rank, self.world, self.batch_size, self.start, self.limit = rank, world, batch_size, start, limit
+                 world: int = 1, batch_size: int = 1, start: int = 0, limit: int | None = None, read_ahead: int = 2,
+                 local_dir: str | None = None) -> None:
+        self.rows = CacheRows(str(cache), read_ahead, local_dir)
+        self.order = StreamOrder(seed, shuffle_buffer, shuffle, start, limit, rank, world, batch_size)
 
     @property
-    def settings(self) -> dict[str, Any]:
-        """The cache's dump settings (vocabulary, top-k, tail samples, the teacher's identity)."""
-        return self.manifest["settings"]
+    def manifest(self) -> Manifest:
+        return self.rows.manifest
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader = RandomAccess(self.cache, self.manifest)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        refs = stream([s["records"] for s in self.manifest["shards"]], self.seed, self.shuffle_buffer, self.shuffle)
-        for run in partition(refs, self.start, self.limit, self.rank, self.world, self.batch_size, worker, workers):
-            for shard, row in run:
-                yield reader.get(shard, row)
+    @property
+    def settings(self) -> CacheSettings:
+        """The cache's dump settings (vocabulary, top-k, tail samples, the teacher's identity)."""
+        return self.rows.manifest.settings
+
+    def __iter__(self) -> Iterator[CacheRecord]:
+        for run in self.rows.runs(self.order):
+            yield from run
 
     def as_hf_dataset(self):
         """The same stream as a `datasets.IterableDataset` (lists of numbers per column)."""
         import datasets
 
-        return datasets.IterableDataset.from_generator(lambda: iter(self))
+        return datasets.IterableDataset.from_generator(lambda: (record.as_dict() for record in self))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..shards.contract import CacheRecord
 from ..training.data import MicroBatch, collate
 
 
@@ -17,7 +18,7 @@ class DistillationCollator:
     max_length: int = 2048  # longer sequences are cut
     pack: bool = False  # several sequences per row (attention kept within each), or one per row, padded
 
-    def __call__(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, records: list[CacheRecord]) -> dict[str, Any]:
         mb = collate(records, self.max_length, self.pack)
         batch: dict[str, Any] = {
             "inputs": mb.inputs, "shift_labels": torch.where(mb.targets, mb.labels, -100),

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..heads import check_head
+from ..shards.contract import CacheSettings
 from ..losses import SAMPLED_LOSSES, CurriculumTemperature, LossConfig, TaidSchedule
 from ..training.distributed import Dist
 from ..training.loss_step import micro_batch_loss
@@ -33,10 +34,10 @@ class DistillationModel(nn.Module):
 
     accepts_loss_kwargs = True  # the Trainer then passes num_items_in_batch and does not rescale the loss itself
 
-    def __init__(self, student: nn.Module, settings: dict[str, Any], loss: LossConfig, schedule: TaidSchedule | None = None,
+    def __init__(self, student: nn.Module, settings: CacheSettings, loss: LossConfig, schedule: TaidSchedule | None = None,
                  tail: str = "student", chunk: int = 1024) -> None:
         super().__init__()
-        if settings.get("tail_samples") and loss.name not in SAMPLED_LOSSES:
+        if settings.sampled and loss.name not in SAMPLED_LOSSES:
             raise ValueError(f"a cache with a sampled tail serves {', '.join(SAMPLED_LOSSES)}, not {loss.name}")
         temperature = CurriculumTemperature(loss.ctkd_t_start, loss.ctkd_t_end) if loss.spec.learns_temperature else None
         self.loss_model = LossModel(student, chunk, check_head(student, "student"), temperature)
@@ -104,7 +105,7 @@ class DistillationTrainer(Trainer):
         schedule = schedule or TaidSchedule()
         schedule.total_steps = args.max_steps
         model = DistillationModel(student, data.settings, loss or LossConfig("taid"), schedule, tail)
-        self.taid = TaidCallback(model, data.manifest["records"])
+        self.taid = TaidCallback(model, data.manifest.records)
         super().__init__(model=model, args=args, train_dataset=data, data_collator=DistillationCollator(max_length, pack),
                          processing_class=tokenizer, callbacks=[self.taid, *kwargs.pop("callbacks", [])], **kwargs)
 

@@ -6,7 +6,7 @@ One obvious path: check every input before anything is written, reopen this work
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -18,19 +18,18 @@ from ..engines.base import Engine, EngineConfig, check_parallelism, open_engine,
 from ..engines.head_path import HeadSettings, teacher_batch
 from ..errors import Interrupted, UserError, first_line, interrupts_at_safe_points, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
-from ..atomic import check_writable_folder, exclusive_lock, is_locked
 from ..inputs import (
     RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, resolve_data, source_tag, worker_slice,
 )
-from ..shards.codec import LOGPROB_STEP, id_dtype
 from ..settings import describe_differences
+from ..shards.contract import CacheSettings, Cursor, ShardEntry, WorkerPart, build_settings
 from ..shards.manifest import (
-    PARTS_DIR, WorkerPart, check_compatible, load_parts, part_path, save_part, shard_prefix, try_finalize, worker_lock,
+    check_compatible, layout_lease, load_parts, remove_orphans, remove_part, save_part, try_finalize, worker_lease,
 )
-from ..shards.schema import FORMAT_VERSION
 from ..progress import step_bar
 from ..shards.record import TeacherRecord
 from ..shards.writer import BackgroundWriter, ShardWriter
+from ..storage import Store, open_store, remote_errors
 
 
 RERUN = "rerun the same command to resume"
@@ -72,38 +71,26 @@ def teacher_facts(folder: Path) -> TeacherFacts:
                         str(saved).removeprefix("torch."))
 
 
-def remove_orphans(cache: Path, part: WorkerPart) -> None:
-    """Shards of this worker that a killed run wrote but never recorded, and temporary files."""
-    listed = {s["file"] for s in part.shards}
-    for f in cache.glob(f"{shard_prefix(part.worker_index)}-*.arrow"):
-        if f.name not in listed:
-            f.unlink()
-    for f in cache.glob(f".{shard_prefix(part.worker_index)}-*.tmp*"):
-        f.unlink()
-
-
 def batches(rows, part: WorkerPart, to_sequence: RowTokenizer, batch_tokens: int):
     """Yield (sequences, cursor) in source order, each batch holding about `batch_tokens` tokens."""
-    cursor = dict(part.cursor)
+    cursor = part.cursor
     batch: list[Sequence] = []
     tokens = 0
-    start = cursor["next_row"]
+    start = cursor.next_row
     for index, row in enumerate(rows.select(range(start, part.row_end)), start=start):
         seq, change = to_sequence(row, index)
-        if change:
-            cursor[change] += 1
-        cursor["next_row"] = index + 1
+        cursor = cursor.after(index, change)
         if seq is not None:
             batch.append(seq)
             tokens += len(seq.input_ids)
         if tokens >= batch_tokens:
-            yield batch, dict(cursor)
+            yield batch, cursor
             batch, tokens = [], 0
-    yield batch, dict(cursor)
+    yield batch, cursor
 
 
-def drive(engine: Engine, settings: HeadSettings, batch_stream: Iterable[tuple[list[Sequence], dict[str, int]]],
-          background: BackgroundWriter, cursor: dict[str, int]) -> dict[str, int]:
+def drive(engine: Engine, settings: HeadSettings, batch_stream: Iterable[tuple[list[Sequence], Cursor]],
+          background: BackgroundWriter, cursor: Cursor) -> Cursor:
     """The hot loop: the engine and the head path compute batch i+1 while the writer thread encodes and writes
     batch i. Returns the cursor after the last batch."""
     with interrupts_at_safe_points() as stop_if_interrupted:
@@ -114,7 +101,7 @@ def drive(engine: Engine, settings: HeadSettings, batch_stream: Iterable[tuple[l
                     background.put(teacher_batch(engine, sequences, settings), cursor)
         finally:
             background.close()
-    return dict(cursor)
+    return cursor
 
 
 def progress_bar(console: Console, enabled: bool) -> Progress:
@@ -126,21 +113,21 @@ def head_settings(cfg: DumpConfig) -> HeadSettings:
     return HeadSettings(cfg.top_k, cfg.top_p, cfg.tail_samples, cfg.seed, cfg.lm_head_chunk)
 
 
-def run_engine(cfg: DumpConfig, cache: Path, part: WorkerPart, engine: Engine, rows, to_sequence: RowTokenizer,
-               vocab_size: int) -> dict[str, int]:
+def run_engine(cfg: DumpConfig, cache: Store, part: WorkerPart, engine: Engine, rows, to_sequence: RowTokenizer,
+               vocab_size: int) -> Cursor:
     """The hot loop: the engine's batches through the background writer, each committed shard recorded in the
-    worker's part file. Returns the final cursor."""
+    worker's part file (which makes it part of the cache). Returns the final cursor."""
 
-    def on_commit(entry) -> None:
-        part.shards.append(asdict(entry))
-        part.cursor = dict(entry.cursor)
+    def on_commit(entry: ShardEntry) -> None:
+        part.shards.append(entry)
+        part.cursor = entry.cursor
         save_part(cache, part)
 
-    writer = ShardWriter(cache, shard_prefix(cfg.worker_index), len(part.shards), vocab_size, cfg.top_k, cfg.precision,
+    writer = ShardWriter(cache, cfg.worker_index, len(part.shards), vocab_size, cfg.top_k, cfg.precision,
                          int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit, cfg.tail_samples)
     with progress_bar(cfg.console, cfg.progress) as progress:
         task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
-        done = {"rows": part.cursor["next_row"] - part.row_start, "tokens": 0}
+        done = {"rows": part.cursor.next_row - part.row_start, "tokens": 0}
         progress.update(task, completed=done["rows"])
 
         def on_written(records: list[TeacherRecord]) -> None:
@@ -160,7 +147,9 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     the engine is opened here and closed at the end."""
     check_options(cfg)
     engine_name = resolve_engine(cfg.engine)
-    check_writable_folder(cfg.output, "--output")
+    cache = open_store(cfg.output)
+    with remote_errors(cache.url, "--output"):
+        cache.check_writable("--output")
     folder = resolve_model(cfg.model)
     teacher = teacher_facts(folder)
     tokenizer, vocab_size = teacher.tokenizer, teacher.vocab_size
@@ -181,18 +170,14 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     check_rows(rows, kind, vocab_size)
     to_sequence = RowTokenizer(tokenizer, kind, max_length, cfg.overlong, source_tag(data))
     to_sequence.check_renders(rows, *worker_slice(len(rows), cfg.num_workers, cfg.worker_index))
-    settings = {
-        "format_version": FORMAT_VERSION, "teacher": cfg.model, "teacher_hash": model_hash(folder),
-        "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
-        "top_k": cfg.top_k, "top_p": cfg.top_p, "tail_samples": cfg.tail_samples, "seed": cfg.seed, "precision": cfg.precision,
-        "logprob_step": LOGPROB_STEP if cfg.precision == "compact" else None, "id_dtype": id_dtype(vocab_size).name,
-        "dataset": cfg.data, "split": cfg.split, "dataset_fingerprint": dataset_fingerprint(data, rows),
-        "dataset_rows": len(rows), "input_kind": kind, "max_length": max_length, "overlong": cfg.overlong,
-        "engine": engine_name, "dtype": wanted.dtype, "engine_args": wanted.engine_args, "num_workers": cfg.num_workers,
-    }
-
-    cache = cfg.output
-    check_compatible(cache, settings)
+    settings = build_settings(
+        teacher=cfg.model, teacher_hash=model_hash(folder), tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size,
+        tokenizer_size=len(tokenizer), top_k=cfg.top_k, top_p=cfg.top_p, tail_samples=cfg.tail_samples, seed=cfg.seed,
+        precision=cfg.precision, dataset=cfg.data, split=cfg.split, dataset_fingerprint=dataset_fingerprint(data, rows),
+        dataset_rows=len(rows), input_kind=kind, max_length=max_length, overlong=cfg.overlong, engine=engine_name,
+        dtype=wanted.dtype, engine_args=wanted.engine_args, num_workers=cfg.num_workers)
+    with remote_errors(cache.url, "--output"):
+        check_compatible(cache, settings)
     # Everything that can fail on a typo or a bad model fails here, before this worker writes anything.
     owned = engine is None
     engine = open_engine(engine_name, wanted) if owned else engine
@@ -200,8 +185,9 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
         rows_of_head = engine.head.weight.shape[0]
         if cfg.top_k > rows_of_head:
             raise UserError(f"--top-k {cfg.top_k} is above the teacher's LM head of {rows_of_head} rows")
-        with (exclusive_lock(worker_lock(cache, cfg.worker_index), f"worker {cfg.worker_index} of {cfg.num_workers} in {cache}"),
-              write_errors(cache, lambda: RERUN)):
+        leases, lease = worker_lease(cache, cfg.worker_index)
+        with (leases.lease(lease, f"worker {cfg.worker_index} of {cfg.num_workers} in {cache.url}"),
+              write_errors(cache.url, lambda: RERUN)):
             try:
                 return finish_worker(cfg, cache, settings, engine, rows, to_sequence, vocab_size, max_length)
             except KeyboardInterrupt:
@@ -217,7 +203,7 @@ def engine_config(cfg: DumpConfig, folder: Path, teacher: TeacherFacts, max_leng
                         cfg.pipeline_parallel_size, cfg.distributed_backend, parse_engine_args(cfg.vllm_args, "--vllm-args"))
 
 
-def claim_part(cfg: DumpConfig, cache: Path, settings: dict, num_rows: int) -> WorkerPart:
+def claim_part(cfg: DumpConfig, cache: Store, settings: CacheSettings, num_rows: int) -> WorkerPart:
     """This worker's part (resumed, or new), once the folder's other parts agree with it."""
     check_compatible(cache, settings)  # again, under the locks: another process may have committed meanwhile
     # A part with other settings committed nothing (check_compatible refuses otherwise). If its worker is alive,
@@ -225,30 +211,31 @@ def claim_part(cfg: DumpConfig, cache: Path, settings: dict, num_rows: int) -> W
     # second refuses). If not, it is left from a run that died before its first shard, holds no data, and would
     # keep the manifest from ever being written: start over it.
     for other in (p for p in load_parts(cache) if p.settings != settings):
-        if other.worker_index != cfg.worker_index and is_locked(worker_lock(cache, other.worker_index)):
-            diff = describe_differences(other.settings, settings, "there", "now")
-            raise UserError(f"{cache} is being dumped by another running process with other settings ({diff}): "
+        leases, lease = worker_lease(cache, other.worker_index)
+        if other.worker_index != cfg.worker_index and leases.is_leased(lease):
+            diff = describe_differences(other.settings.to_json(), settings.to_json(), "there", "now")
+            raise UserError(f"{cache.url} is being dumped by another running process with other settings ({diff}): "
                             "wait for it to finish, or use another --output")
-        part_path(cache, other.worker_index, other.num_workers).unlink(missing_ok=True)
+        remove_part(cache, other)
     part = next((p for p in load_parts(cache) if p.worker_index == cfg.worker_index), None)
     if part is None:
         start, end = worker_slice(num_rows, cfg.num_workers, cfg.worker_index)
-        part = WorkerPart(settings, cfg.worker_index, cfg.num_workers, start, end,
-                          cursor={"next_row": start, "dropped": 0, "truncated": 0})
+        part = WorkerPart(settings, cfg.worker_index, cfg.num_workers, start, end, cursor=Cursor(start))
         save_part(cache, part)
     return part
 
 
-def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine: Engine, rows, to_sequence: RowTokenizer,
+def finish_worker(cfg: DumpConfig, cache: Store, settings: CacheSettings, engine: Engine, rows, to_sequence: RowTokenizer,
                   vocab_size: int, max_length: int) -> dict:
     """This worker's share, under its lock: start or resume its part, run the engine, mark it done."""
     # Which parts the folder holds is decided by one process at a time: two dumps started together with
     # different settings (another worker count) must not both see an empty folder.
-    with exclusive_lock(cache / PARTS_DIR / "layout.lock", f"the parts of {cache}", wait=True):
+    leases, lease = layout_lease(cache)
+    with leases.lease(lease, f"the parts of {cache.url}", wait=True):
         part = claim_part(cfg, cache, settings, len(rows))
     if part.done:
         complete = try_finalize(cache)
-        cfg.console.print(f"worker {cfg.worker_index} of {cfg.num_workers} already finished in {cache}: nothing to do"
+        cfg.console.print(f"worker {cfg.worker_index} of {cfg.num_workers} already finished in {cache.url}: nothing to do"
                           + ("" if complete else " (other workers still missing)"))
         return {"complete": complete, "resumed": False, "nothing_to_do": True}
     resumed = bool(part.shards)
@@ -257,11 +244,11 @@ def finish_worker(cfg: DumpConfig, cache: Path, settings: dict, engine: Engine, 
     part.cursor, part.done = final, True
     save_part(cache, part)
     complete = try_finalize(cache)
-    records = sum(s["records"] for s in part.shards)
+    records = part.records
     cfg.console.print(
-        f"worker {cfg.worker_index} of {cfg.num_workers}: {records} sequences, {sum(s['tokens'] for s in part.shards):,} tokens "
+        f"worker {cfg.worker_index} of {cfg.num_workers}: {records} sequences, {part.tokens:,} tokens "
         f"in {len(part.shards)} shards ({'resumed' if resumed else 'fresh run'}); "
-        f"dropped {final['dropped']}, truncated {final['truncated']} to {max_length} tokens; "
+        f"dropped {final.dropped}, truncated {final.truncated} to {max_length} tokens; "
         + ("cache complete" if complete else "waiting for other workers")
     )
     return {"complete": complete, "resumed": resumed, "nothing_to_do": False, "records": records}

@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 import torch
 
-from ..atomic import check_writable_folder
 from ..config import TrainConfig, check_fields, flag, read_config
 from ..errors import Interrupted, UserError, first_line, user_errors, write_errors
 from ..fingerprints import model_hash, resolve_model
@@ -24,11 +23,13 @@ from ..heads import check_head
 from ..losses import PARAMS, REGISTRY, SAMPLED_LOSSES, CurriculumTemperature, TaidSchedule
 from ..progress import only_our_bars, step_bar
 from ..settings import describe_differences
-from ..shards.manifest import cache_identity, load_manifest
+from ..shards.contract import Manifest
+from ..shards.manifest import load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
-from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint
-from ..training.data import CacheStream, MicroBatch, micro_batches
+from ..storage import Store, is_remote, open_store, remote_errors
+from ..training.checkpoint import checkpoints, load_newest, readable_meta, remove_interrupted_saves, save_checkpoint, step_of
+from ..training.data import CacheRows, CacheStream, MicroBatch, StreamOrder, micro_batches
 from ..training.distributed import Dist, all_reduce_max, all_reduce_sum, broadcast_object, close_distributed, init_distributed
 from ..training.evaluate import evaluate
 from ..training.loss_step import micro_batch_loss
@@ -53,6 +54,12 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError("--eval-every needs --eval-cache (the held-out cache to evaluate on)")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package (pip install 'taid-cache[{cfg.report_to}]')")
+    if cfg.report_to != "none" and is_remote(cfg.output):
+        raise UserError(f"--report-to {cfg.report_to} writes its logs into a local --output folder; with --output {cfg.output} "
+                        "the metrics are in its metrics.jsonl")
+    for location in (cfg.cache, cfg.eval_cache, cfg.output):
+        if location is not None:
+            open_store(location)  # an unknown scheme, or one whose package is missing, in one line
 
 
 def check_loss_parameters(cfg: TrainConfig) -> None:
@@ -77,7 +84,7 @@ def lr_schedule(cfg: TrainConfig, optimizer, total: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def verified(cache: Path, env: Dist) -> dict:
+def verified(cache: str, env: Dist) -> Manifest:
     """The cache's manifest, checked in full once per run by rank 0; the other ranks wait for its verdict."""
     error = None
     if env.rank == 0:
@@ -93,35 +100,35 @@ def verified(cache: Path, env: Dist) -> dict:
     return load_manifest(cache)
 
 
-def check_loss_tokens(cache: Path, manifest: dict, max_length: int) -> None:
+def check_loss_tokens(cache: str, max_length: int) -> None:
     """Refuse a cache with no training target within --max-length: the run would train on nothing."""
     for record in read_cache(cache):
-        if record["loss_mask"][1:max_length].any():
+        if record.loss_mask[1:max_length].any():
             return
     raise UserError(f"no training targets: no sequence of {cache} has a loss-mask token within its first {max_length} "
                     "tokens (chat rows without assistant turns, or --max-length too short)")
 
 
-def run_settings(cfg: TrainConfig, manifest: dict, env: Dist, global_batch: int) -> dict[str, Any]:
+def run_settings(cfg: TrainConfig, manifest: Manifest, env: Dist, global_batch: int) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
-    return {**cfg.settings(), "cache_identity": cache_identity(manifest), "student_hash": model_hash(resolve_model(cfg.student)),
+    return {**cfg.settings(), "cache_identity": manifest.identity, "student_hash": model_hash(resolve_model(cfg.student)),
             "teacher_model_hash": model_hash(resolve_model(cfg.teacher_model)) if cfg.teacher_model else None,
             "world_size": env.world, "global_batch": global_batch}
 
 
-def prepare_output(cfg: TrainConfig, settings: dict[str, Any], env: Dist) -> bool:
+def prepare_output(cfg: TrainConfig, output: Store, settings: dict[str, Any], env: Dist) -> bool:
     """Check the run folder before anything is written; True when the run resumes from a checkpoint."""
     if cfg.resume:
-        meta = readable_meta(cfg.output)
+        meta = readable_meta(output)
         if meta is None:
-            raise UserError(f"--resume: no checkpoint in {cfg.output}/checkpoints")
+            raise UserError(f"--resume: no checkpoint in {output.where('checkpoints')}")
         diff = describe_differences(meta["settings"], settings, "then", "now")
         if diff:
             raise UserError(f"--resume with changed settings: {diff}")
         return True
-    cleared = clear_unrecoverable(cfg.output, bool(checkpoints(cfg.output))) if env.rank == 0 else None
+    cleared = clear_unrecoverable(output, bool(checkpoints(output))) if env.rank == 0 else None
     if not broadcast_object(cleared, env):
-        raise refuse_non_empty(cfg.output)
+        raise refuse_non_empty(output)
     return False
 
 
@@ -164,39 +171,45 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
-    check_writable_folder(cfg.output, "--output")
-    with run_lock(cfg.output, env), write_errors(cfg.output, lambda: how_to_continue(cfg.output)):
-        return run_locked(cfg, env)
+    output = open_store(cfg.output)
+    with remote_errors(output.url, "--output"):
+        output.check_writable("--output")
+    with run_lock(output, env), write_errors(cfg.output, lambda: how_to_continue(output)):
+        return run_locked(cfg, output, env)
 
 
-def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
-    if broadcast_object(install_staged(cfg.output) if env.rank == 0 else None, env):
+def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
+    if broadcast_object(install_staged(output) if env.rank == 0 else None, env):
         cfg.console.print(f"finished installing the student an interrupted run had saved in {cfg.output}")
     if env.rank == 0:
-        remove_interrupted_saves(cfg.output)
+        remove_interrupted_saves(output)
     manifest = verified(cfg.cache, env)
-    settings = manifest["settings"]
-    if manifest["records"] == 0:
+    settings = manifest.settings
+    if manifest.records == 0:
         raise UserError(f"the cache {cfg.cache} holds no sequences")
-    check_loss_tokens(cfg.cache, manifest, cfg.max_length)
-    if settings.get("tail_samples") and cfg.loss not in SAMPLED_LOSSES and not cfg.teacher_model:
+    check_loss_tokens(cfg.cache, cfg.max_length)
+    if settings.sampled and cfg.loss not in SAMPLED_LOSSES and not cfg.teacher_model:
         raise UserError(f"--loss {cfg.loss}: a cache with a sampled tail (--tail-samples) serves {', '.join(SAMPLED_LOSSES)}; "
                         "the other losses need the teacher's log-probs at tokens it never drew")
-    if settings.get("tail_samples") and cfg.tail != "student" and not cfg.teacher_model:
+    if settings.sampled and cfg.tail != "student" and not cfg.teacher_model:
         raise UserError(f"--tail {cfg.tail}: a cache with a sampled tail (--tail-samples) has its tail in its draws; "
                         "--tail shapes the tail of a top-k cache only")
-    if cfg.batch_size > manifest["records"]:
-        raise UserError(f"--batch-size {cfg.batch_size} is more than the {manifest['records']} sequences of {cfg.cache}")
-    eval_manifest = verified(cfg.eval_cache, env) if cfg.eval_cache is not None else None
-    if eval_manifest is not None:
-        for key, what in (("tokenizer_hash", "tokenizer"), ("teacher_hash", "teacher")):
-            if eval_manifest["settings"][key] != settings[key]:
-                raise UserError(f"--eval-cache was dumped from another {what} than --cache ({key} differs): its KL would "
+    if cfg.batch_size > manifest.records:
+        raise UserError(f"--batch-size {cfg.batch_size} is more than the {manifest.records} sequences of {cfg.cache}")
+    eval_rows = None
+    if cfg.eval_cache is not None:
+        verified(cfg.eval_cache, env)
+        eval_rows = CacheRows(cfg.eval_cache, cfg.read_ahead, cfg.local_cache)
+        held_out = eval_rows.manifest.settings
+        for what, theirs, ours in (("tokenizer", held_out.tokenizer_hash, settings.tokenizer_hash),
+                                   ("teacher", held_out.teacher_hash, settings.teacher_hash)):
+            if theirs != ours:
+                raise UserError(f"--eval-cache was dumped from another {what} than --cache ({what}_hash differs): its KL would "
                                 "measure the student against the wrong teacher")
     global_batch = cfg.batch_size * cfg.grad_accum * env.world
     run_config = run_settings(cfg, manifest, env, global_batch)
-    resume = prepare_output(cfg, run_config, env)
-    if resume and is_finished(cfg.output):
+    resume = prepare_output(cfg, output, run_config, env)
+    if resume and is_finished(output):
         cfg.console.print(f"the run in {cfg.output} already finished (its student is saved there): nothing to do")
         return {}
     torch.manual_seed(cfg.seed)
@@ -209,20 +222,21 @@ def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
     temperature = CurriculumTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end) if loss_cfg.spec.learns_temperature else None
     model = shard_model(LossModel(lm, cfg.loss_chunk, check_head(lm, "student"), temperature), env, cfg.precision,
                         cfg.activation_checkpointing)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest["records"] / global_batch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * manifest.records / global_batch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = lr_schedule(cfg, optimizer, total_steps)
     schedule = TaidSchedule(cfg.taid_t_start, cfg.taid_t_end, cfg.taid_alpha, cfg.taid_beta, total_steps, not cfg.taid_disable_adaptive)
     step, tokens, elapsed_before = 0, 0, 0.0
     if resume:
-        meta = load_newest(cfg.output, model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
+        meta = load_newest(output, model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
         schedule.load_state_dict(meta["taid"])
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
         if env.rank == 0:
             cfg.console.print(f"resumed from step {step} of {total_steps} ({cfg.output})")
-    log = MetricsLog(cfg.output, env, step, cfg.report_to, run_config)
-    data = micro_batches(CacheStream(cfg.cache, cfg.batch_size, env.rank, env.world, cfg.max_length, cfg.seed,
-                                     cfg.shuffle_buffer, True, start=step * global_batch, pack=cfg.pack), cfg.num_workers)
+    log = MetricsLog(output, env, step, cfg.report_to, run_config)
+    order = StreamOrder(cfg.seed, cfg.shuffle_buffer, True, step * global_batch, None, env.rank, env.world, cfg.batch_size)
+    data = micro_batches(CacheStream(CacheRows(cfg.cache, cfg.read_ahead, cfg.local_cache), order, cfg.max_length, cfg.pack),
+                         cfg.num_workers)
     model.train()
     start = time.monotonic()
     last: dict[str, Any] = {}
@@ -234,7 +248,7 @@ def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
                 denominator = max(counts[0].item(), 1.0)
                 reported = torch.zeros((), device=env.device)
                 t = schedule.t
-                epoch = 1 + step * global_batch // manifest["records"]  # counted from 1, as ctkd's curriculum counts
+                epoch = 1 + step * global_batch // manifest.records  # counted from 1, as ctkd's curriculum counts
                 for mb in micro:
                     combined, rep = micro_batch_loss(model, teacher, mb, loss_cfg, t, env, epoch)
                     # FSDP averages gradients over ranks; the world factor turns that into the global-token mean.
@@ -264,26 +278,28 @@ def run_locked(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
                     spread = all_reduce_max(torch.tensor([schedule.t, -schedule.t], dtype=torch.float64), env)
                     last["t_rank_spread"] = float(spread[0] + spread[1])
                 log.write(last)
-                if eval_manifest is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                    scores = evaluate(model, cfg, eval_manifest, env)
+                if eval_rows is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                    scores = evaluate(model, cfg, eval_rows, env)
                     log.write({"step": step, **scores})
+                    log.sync()
                     if env.rank == 0:
                         bar.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     require_finite(model, env, step)
-                    save_checkpoint(cfg.output, step, model, optimizer, scheduler,
+                    log.sync()
+                    save_checkpoint(output, step, model, optimizer, scheduler,
                                     {"settings": run_config, "taid": schedule.state_dict(), "tokens": tokens, "elapsed_s": elapsed}, env,
                                     lambda folder: describe_student(lm, tokenizer, folder))
                 bar.update(task, advance=1, info=f"loss {loss_value:.4f}" + (f"  t {t:.3f}" if loss_cfg.spec.reads_t else "")
                            + f"  {tokens / max(elapsed, 1e-9):,.0f} tok/s")
         except KeyboardInterrupt:
-            raise Interrupted(interrupted_at(cfg, step) if env.rank == 0 else "") from None
+            raise Interrupted(interrupted_at(output, step) if env.rank == 0 else "") from None
         finally:
             log.close()
     require_finite(model, env, step)
-    save_student(model, tokenizer, cfg.output, env)
+    save_student(model, tokenizer, output, env)
     if env.rank == 0:
-        install_staged(cfg.output)
+        install_staged(output)
         cfg.console.print(f"trained {step} steps ({cfg.loss}); student saved to {cfg.output}")
     return last
 
@@ -295,17 +311,17 @@ def describe_student(lm, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def how_to_continue(output: Path) -> str:
+def how_to_continue(output: Store) -> str:
     """After a stop: resume from the newest checkpoint, or, before the first one, start again."""
     saved = checkpoints(output)
     if not saved:
         return "rerun the same command (no checkpoint yet; --save-every N keeps progress)"
-    return f"rerun with --resume (it continues from the checkpoint of step {int(saved[-1].name[5:])})"
+    return f"rerun with --resume (it continues from the checkpoint of step {step_of(saved[-1])})"
 
 
-def interrupted_at(cfg: TrainConfig, step: int) -> str:
+def interrupted_at(output: Store, step: int) -> str:
     """Ctrl-C or SIGTERM: where the run stopped and how to continue it."""
-    return f"interrupted at step {step}: {how_to_continue(cfg.output)}"
+    return f"interrupted at step {step}: {how_to_continue(output)}"
 
 
 def require_finite(model, env: Dist, step: int) -> None:

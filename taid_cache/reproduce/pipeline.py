@@ -127,7 +127,7 @@ def dump_caches(cfg: ReproduceConfig, teacher: Path, caches: dict[str, tuple[Pat
     engine start for all of them; a finished cache (manifest written) is reused, an interrupted one resumes."""
     dumps = {name: dump_config(cfg, teacher, data, output, top_k, tail_samples, console)
              for name, (data, output, top_k, tail_samples) in caches.items()}
-    missing = [d for d in dumps.values() if not (d.output / "manifest.json").exists()]
+    missing = [d for d in dumps.values() if not (Path(d.output) / "manifest.json").exists()]
     if missing:
         folder = resolve_model(str(teacher))
         engine = open_engine(resolve_engine(cfg.engine), engine_config(missing[0], folder, teacher_facts(folder), cfg.max_length))
@@ -136,7 +136,7 @@ def dump_caches(cfg: ReproduceConfig, teacher: Path, caches: dict[str, tuple[Pat
                 dump_teacher(dump, engine)
         finally:
             engine.close()
-    return {name: d.output for name, d in dumps.items()}
+    return {name: Path(d.output) for name, d in dumps.items()}
 
 
 def student_init(cfg: ReproduceConfig, out: Path, teacher: Path, seed: int) -> Path:
@@ -170,17 +170,17 @@ def method_config(cfg: ReproduceConfig, method: str, seed: int, run: Path, stude
     options = dict(METHODS[method])
     online = options.pop("online", False)
     options.pop("cache", None)  # which cache: the caller's choice
-    return TrainConfig(student=str(student), cache=cache, output=run, max_steps=cfg.max_steps, epochs=cfg.epochs,
+    return TrainConfig(student=str(student), cache=str(cache), output=str(run), max_steps=cfg.max_steps, epochs=cfg.epochs,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        taid_t_start=cfg.taid_t_start, seed=seed, max_length=cfg.max_length,
                        teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
-                       eval_cache=heldout, eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
+                       eval_cache=str(heldout), eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
 
 
 def dump_config(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, tail_samples: int,
                 console: Console) -> DumpConfig:
     """dump-teacher's options for one cache of the reproduction."""
-    return DumpConfig(model=str(teacher), data=[str(data)], output=output, engine=cfg.engine, top_k=top_k, tail_samples=tail_samples,
+    return DumpConfig(model=str(teacher), data=[str(data)], output=str(output), engine=cfg.engine, top_k=top_k, tail_samples=tail_samples,
                       seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size, max_length=cfg.max_length, console=console)
 
 

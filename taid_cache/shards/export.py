@@ -9,22 +9,24 @@
   axolotl renormalises the top-k.
 
 One Parquet file per shard, in the cache's reading order, written into a folder that appears complete or not at
-all.
+all (storage/folders.py: on an object store, complete once its `_SUCCESS` object is there).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..atomic import atomic_path, check_writable_folder
 from ..errors import UserError
+from ..storage import open_store
+from ..storage.folders import new_folder
+from .contract import CacheRecord
 from .manifest import load_manifest
-from .reader import iter_shard
+from .reader import ShardFiles, iter_shard
 
 FORMATS = ("parquet", "axolotl")
 PAD_LOGPROB = -1e9  # axolotl's padding: a large negative log-prob, masked out
@@ -51,35 +53,36 @@ def kept(ids: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
     return [row[mask] for row, mask in zip(values, ids >= 0)]
 
 
-def decoded_table(records: list[dict[str, Any]]) -> pa.Table:
+def decoded_table(records: list[CacheRecord]) -> pa.Table:
     columns: dict[str, pa.Array] = {
-        "sample_id": pa.array([r["sample_id"] for r in records], pa.string()),
-        "input_ids": flat([r["input_ids"] for r in records], pa.int32()),
-        "loss_mask": flat([r["loss_mask"] for r in records], pa.bool_()),
-        "topk_ids": nested([kept(r["topk_ids"], r["topk_ids"]) for r in records], pa.int32()),
-        "topk_logprobs": nested([kept(r["topk_ids"], r["topk_logprobs"]) for r in records], pa.float32()),
-        "tail_logmass": flat([r["tail_logmass"] for r in records], pa.float32()),
+        "sample_id": pa.array([r.sample_id for r in records], pa.string()),
+        "input_ids": flat([r.input_ids for r in records], pa.int32()),
+        "loss_mask": flat([r.loss_mask for r in records], pa.bool_()),
+        "topk_ids": nested([kept(r.topk_ids, r.topk_ids) for r in records], pa.int32()),
+        "topk_logprobs": nested([kept(r.topk_ids, r.topk_logprobs) for r in records], pa.float32()),
+        "tail_logmass": flat([r.tail_logmass for r in records], pa.float32()),
     }
-    if records and "sample_ids" in records[0]:
-        for key, kind in (("sample_ids", pa.int32()), ("sample_draws", pa.int32()), ("sample_logprobs", pa.float32())):
-            columns[key] = nested([kept(r["sample_ids"], r[key]) for r in records], kind)
+    if records and records[0].sampled:
+        columns["sample_ids"] = nested([kept(r.sample_ids, r.sample_ids) for r in records], pa.int32())
+        columns["sample_draws"] = nested([kept(r.sample_ids, r.sample_draws) for r in records], pa.int32())
+        columns["sample_logprobs"] = nested([kept(r.sample_ids, r.sample_logprobs) for r in records], pa.float32())
     return pa.table(columns)
 
 
-def axolotl_table(records: list[dict[str, Any]], k: int) -> pa.Table:
+def axolotl_table(records: list[CacheRecord], k: int) -> pa.Table:
     ids_rows, lp_rows, mask_rows, labels = [], [], [], []
     for r in records:
-        grid_ids = np.where(r["topk_ids"] >= 0, r["topk_ids"], 0)
-        grid_lps = np.where(r["topk_ids"] >= 0, r["topk_logprobs"], PAD_LOGPROB)
-        target = r["loss_mask"][1:, None] & (r["topk_ids"] >= 0)  # position j predicts token j+1
+        grid_ids = np.where(r.topk_ids >= 0, r.topk_ids, 0)
+        grid_lps = np.where(r.topk_ids >= 0, r.topk_logprobs, PAD_LOGPROB)
+        target = r.loss_mask[1:, None] & (r.topk_ids >= 0)  # position j predicts token j+1
         pad = np.zeros((1, k))
         ids_rows.append(list(np.vstack([grid_ids, pad.astype(np.int64)])))
         lp_rows.append(list(np.vstack([grid_lps, pad + PAD_LOGPROB])))
         mask_rows.append(list(np.vstack([target, pad.astype(bool)]).astype(np.int8)))
-        labels.append(np.where(r["loss_mask"], r["input_ids"], -100))
+        labels.append(np.where(r.loss_mask, r.input_ids, -100))
     return pa.table({
-        "input_ids": flat([r["input_ids"] for r in records], pa.int32()),
-        "attention_mask": flat([np.ones(len(r["input_ids"]), np.int8) for r in records], pa.int8()),
+        "input_ids": flat([r.input_ids for r in records], pa.int32()),
+        "attention_mask": flat([np.ones(len(r.input_ids), np.int8) for r in records], pa.int8()),
         "labels": flat(labels, pa.int32()),
         "target_token_ids": nested(ids_rows, pa.int32()),
         "target_logprobs": nested(lp_rows, pa.float32()),
@@ -87,29 +90,31 @@ def axolotl_table(records: list[dict[str, Any]], k: int) -> pa.Table:
     })
 
 
-def shard_tables(cache: Path, manifest: dict[str, Any], fmt: str) -> Iterator[pa.Table]:
-    settings = manifest["settings"]
-    for shard in manifest["shards"]:
-        records = list(iter_shard(cache, shard, settings))
-        yield axolotl_table(records, settings["top_k"]) if fmt == "axolotl" else decoded_table(records)
+def shard_tables(files: ShardFiles, fmt: str) -> Iterator[pa.Table]:
+    settings = files.manifest.settings
+    for index in range(len(files.manifest.shards)):
+        records = list(iter_shard(files, index))
+        yield axolotl_table(records, settings.top_k) if fmt == "axolotl" else decoded_table(records)
 
 
-def export_cache(cache: Path, out: Path, fmt: str) -> int:
-    """Write `out` (a new folder) with the cache in `fmt`; returns the number of sequences written."""
+def export_cache(cache: str | Path, out: str | Path, fmt: str) -> int:
+    """Write `out` (a new folder, or a new prefix of an object store) with the cache in `fmt`; returns the number
+    of sequences written."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    manifest = load_manifest(cache)
-    if fmt == "axolotl" and manifest["settings"]["top_k"] == 0:
+    source = open_store(str(cache))
+    manifest = load_manifest(source)
+    if fmt == "axolotl" and manifest.settings.top_k == 0:
         raise UserError("--format axolotl needs a top-k head: this cache stores only draws (--top-k 0)")
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty folder: export into a new one")
-    check_writable_folder(out.parent, "the output's folder")
-    if out.is_dir():
-        out.rmdir()  # empty: the finished export is renamed into its place
+    target = open_store(str(out))
     written = 0
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        for i, table in enumerate(shard_tables(cache, manifest, fmt)):
-            pq.write_table(table, tmp / f"data-{i:05d}.parquet", compression="zstd")
-            written += table.num_rows
+    files = ShardFiles(source, manifest, read_ahead=1)
+    try:
+        with new_folder(target, "export into a new one") as folder:
+            for i, table in enumerate(shard_tables(files, fmt)):
+                with folder.open_output(f"data-{i:05d}.parquet") as sink:
+                    pq.write_table(table, sink, compression="zstd")
+                written += table.num_rows
+    finally:
+        files.close()
     return written

@@ -13,8 +13,6 @@ The shard writer keeps sums per shard; the manifest adds them up and reports mea
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 SUMS = ("positions", "captured", "hits", "entropy", "kl_uniform_tail")
@@ -52,11 +50,11 @@ def empty() -> dict[str, float]:
     return {key: 0.0 for key in SUMS}
 
 
-def means(shards: list[dict[str, Any]]) -> dict[str, float]:
-    """The manifest's report: per-loss-position means over every shard."""
+def means(sums: list[dict[str, float]]) -> dict[str, float]:
+    """The manifest's report: per-loss-position means over every shard's sums."""
     total = empty()
-    for shard in shards:
-        total = add(total, shard["fidelity"])
+    for part in sums:
+        total = add(total, part)
     n = max(total["positions"], 1.0)
     return {"loss_positions": int(total["positions"]),
             "captured_mass_mean": total["captured"] / n,

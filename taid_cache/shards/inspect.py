@@ -15,31 +15,31 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 def cache_stats(path: str | Path) -> tuple[dict, np.ndarray]:
     """Summary numbers (with a sampled tail: the distinct ids drawn per position), and the captured mass (1 − the exact tail mass: the stored entries' true share) at every
     position."""
-    cache = Path(path)
-    manifest = verify_cache(cache)  # refuse a corrupt cache as `verify` does, rather than summarise it
+    manifest = verify_cache(path)  # refuse a corrupt cache as `verify` does, rather than summarise it
     captured, distinct = [np.zeros(0)], 0
-    for record in read_cache(cache):
-        captured.append(-np.expm1(record["tail_logmass"].astype(np.float64)))
-        distinct += int((record["sample_draws"] > 0).sum()) if "sample_draws" in record else 0
+    for record in read_cache(path):
+        captured.append(-np.expm1(record.tail_logmass.astype(np.float64)))
+        distinct += int((record.sample_draws > 0).sum()) if record.sampled else 0
     captured = np.concatenate(captured)
-    sampled = manifest["settings"].get("tail_samples", 0)
+    settings = manifest.settings
     stats = {
-        "sequences": manifest["records"],
-        "tokens": manifest["tokens"],
+        "sequences": manifest.records,
+        "tokens": manifest.tokens,
         "positions": int(captured.size),
-        "stored_entries": manifest["entries"],
-        "bytes_on_disk": manifest["bytes"],
-        "bytes_per_token": manifest["bytes"] / max(manifest["tokens"], 1),
-        "bytes_per_entry": manifest["bytes"] / max(manifest["entries"], 1),
-        "entries_per_position": manifest["entries"] / max(captured.size, 1),
+        "stored_entries": manifest.entries,
+        "bytes_on_disk": manifest.bytes,
+        "bytes_per_token": manifest.bytes / max(manifest.tokens, 1),
+        "bytes_per_entry": manifest.bytes / max(manifest.entries, 1),
+        "entries_per_position": manifest.entries / max(captured.size, 1),
         "captured_mass_mean": float(captured.mean()) if captured.size else float("nan"),
         **{f"captured_mass_p{p}": float(np.percentile(captured, p)) if captured.size else float("nan") for p in PERCENTILES},
-        **{f"fidelity_{k}": v for k, v in manifest["fidelity"].items()},
-        "dropped": manifest["dropped"],
-        "truncated": manifest["truncated"],
-        **{k: manifest["settings"][k] for k in ("teacher", "vocab_size", "top_k", "top_p", "precision", "engine")},
-        "tail_samples": sampled,  # draws off the head per position (0: none)
-        **({"sampled_ids_per_position": distinct / max(captured.size, 1)} if sampled else {}),
+        **{f"fidelity_{k}": v for k, v in manifest.fidelity.items()},
+        "dropped": manifest.dropped,
+        "truncated": manifest.truncated,
+        "teacher": settings.teacher, "vocab_size": settings.vocab_size, "top_k": settings.top_k, "top_p": settings.top_p,
+        "precision": settings.precision, "engine": settings.engine,
+        "tail_samples": settings.tail_samples,  # draws off the head per position (0: none)
+        **({"sampled_ids_per_position": distinct / max(captured.size, 1)} if settings.sampled else {}),
     }
     return stats, captured
 

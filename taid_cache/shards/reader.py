@@ -1,17 +1,24 @@
-"""Reading a finished cache: one mapping per sequence, decoded to plain numpy arrays."""
+"""Reading a finished cache: typed records (`CacheRecord`), decoded to plain numpy arrays, from a local folder or
+an object store (`ShardFiles`: memory-mapped where local; fetched whole, ahead of need, where remote)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError, first_line
+from ..storage import Store, open_store
 from .codec import decode_logprobs, ragged_grid, unpack_ragged
+from .contract import CacheRecord, CacheSettings, Manifest, ShardEntry
 from .integrity import check_batch
 from .manifest import load_manifest
 
@@ -24,91 +31,149 @@ def _list_rows(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
-def decode_batch(batch: pa.RecordBatch, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def decode_batch(batch: pa.RecordBatch, settings: CacheSettings) -> Iterator[CacheRecord]:
     """Decode every sequence of one record batch."""
-    k, precision = settings["top_k"], settings["precision"]
+    k, n, precision = settings.top_k, settings.tail_samples, settings.precision
     cols = {name: _list_rows(batch.column(name)) for name in batch.schema.names if name != "sample_id"}
     for i, sample_id in enumerate(batch.column("sample_id").to_pylist()):
         row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in cols.items()}
         counts = row["topk_counts"].astype(np.int64)
-        logprobs = decode_logprobs(row["topk_logprobs"], counts, precision)
-        topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], logprobs, counts, k)
-        record = {
-            "sample_id": sample_id,
-            "input_ids": row["input_ids"].astype(np.int64),
-            "loss_mask": row["loss_mask"].astype(bool),
-            "topk_ids": topk_ids,
-            "topk_logprobs": topk_logprobs,
-            "tail_logmass": row["tail_logmass"].astype(np.float32),
-        }
-        if "sample_ids" in row:  # a --tail-samples cache: the draws off the head, N columns per position
-            n, counts = settings["tail_samples"], row["sample_counts"].astype(np.int64)
-            record["sample_ids"], record["sample_logprobs"] = unpack_ragged(
-                row["sample_ids"], decode_logprobs(row["sample_logprobs"], counts, precision), counts, n)
-            record["sample_draws"] = ragged_grid(row["sample_draws"].astype(np.int64), counts, n, 0)
-        yield record
+        topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], decode_logprobs(row["topk_logprobs"], counts, precision), counts, k)
+        sampled = {}
+        if settings.sampled:  # the draws off the head, N columns per position
+            drawn = row["sample_counts"].astype(np.int64)
+            ids, logprobs = unpack_ragged(row["sample_ids"], decode_logprobs(row["sample_logprobs"], drawn, precision), drawn, n)
+            sampled = {"sample_ids": ids, "sample_logprobs": logprobs,
+                       "sample_draws": ragged_grid(row["sample_draws"].astype(np.int64), drawn, n, 0)}
+        yield CacheRecord(sample_id, row["input_ids"].astype(np.int64), row["loss_mask"].astype(bool), topk_ids, topk_logprobs,
+                          row["tail_logmass"].astype(np.float32), **sampled)
+
+
+class ShardFiles:
+    """The shard files of one cache, opened for Arrow's random access.
+
+    Local: memory-mapped in place. Remote: each shard is fetched whole (one GET) and kept in memory, the
+    `capacity` most recent ones; with `read_ahead`, the next shards of `order` (the sequence in which the reader
+    will first need them) are fetched in background threads while the current ones are read. With `local_dir`,
+    fetched shards are also kept there (named by their sha256, checked on the way in) and reused by later runs."""
+
+    def __init__(self, cache: Store, manifest: Manifest, order: Iterator[int] | None = None, read_ahead: int = 0,
+                 local_dir: Path | None = None) -> None:
+        self.cache, self.manifest, self.local_dir = cache, manifest, local_dir
+        self.read_ahead = read_ahead if not cache.is_local else 0
+        self.capacity = self.read_ahead + 2
+        self._order = order if order is not None else itertools.cycle(range(len(manifest.shards)))
+        self._seen: set[int] = set()
+        self._fetched: OrderedDict[int, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.read_ahead, 4)), thread_name_prefix="taid-cache-fetch") \
+            if not cache.is_local else None
+
+    def open(self, index: int) -> pa.NativeFile:
+        entry = self.manifest.shards[index]
+        if self.cache.is_local:
+            return self.cache.open_input(entry.file)
+        with self._lock:
+            if index not in self._seen:
+                self._seen.add(index)
+                self._schedule_ahead(index)
+            future = self._submit(index)
+            self._fetched.move_to_end(index)
+        return pa.BufferReader(future.result())
+
+    def _submit(self, index: int) -> Future:
+        if index not in self._fetched:
+            self._fetched[index] = self._pool.submit(self._fetch, self.manifest.shards[index])
+            while len(self._fetched) > self.capacity:
+                self._fetched.popitem(last=False)
+        return self._fetched[index]
+
+    def _schedule_ahead(self, index: int) -> None:
+        """Walk `order` past `index`, then fetch the `read_ahead` shards after it."""
+        if not self.read_ahead:
+            return
+        for s in self._order:
+            if s == index:
+                break
+        for s in itertools.islice(self._order, self.read_ahead):
+            self._submit(s)
+
+    def _fetch(self, entry: ShardEntry) -> bytes:
+        cached = self.local_dir / f"{entry.sha256}.arrow" if self.local_dir is not None else None
+        if cached is not None and cached.is_file():
+            return cached.read_bytes()
+        data = self.cache.read_bytes(entry.file)
+        if cached is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+            from ..atomic import write_bytes  # kept whole or not at all
+
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes(cached, data)
+        return data
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @contextlib.contextmanager
-def open_shard(cache: Path, shard: dict[str, Any]) -> Iterator[pa.ipc.RecordBatchFileReader]:
+def open_shard(files: ShardFiles, index: int) -> Iterator[pa.ipc.RecordBatchFileReader]:
     """An Arrow reader over one shard of the manifest; a missing or unreadable file is a one-line error."""
+    entry = files.manifest.shards[index]
     try:
-        with pa.memory_map(str(cache / shard["file"])) as source:
+        with files.open(index) as source:
             reader = pa.ipc.open_file(source)
-            if reader.num_record_batches != len(shard["batch_rows"]):
-                raise UserError(f"bad shard {shard['file']}: {reader.num_record_batches} record batches, the manifest says "
-                                f"{len(shard['batch_rows'])}; run `taid-cache verify`")
+            if reader.num_record_batches != len(entry.batch_rows):
+                raise UserError(f"bad shard {entry.file}: {reader.num_record_batches} record batches, the manifest says "
+                                f"{len(entry.batch_rows)}; run `taid-cache verify`")
             yield reader
     except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"bad shard {shard['file']}: cannot read it ({first_line(exc)}); run `taid-cache verify`") from None
+        raise UserError(f"bad shard {entry.file}: cannot read it ({first_line(exc)}); run `taid-cache verify`") from None
 
 
-def checked_batch(reader: pa.ipc.RecordBatchFileReader, shard: dict[str, Any], b: int) -> pa.RecordBatch:
+def checked_batch(reader: pa.ipc.RecordBatchFileReader, shard: ShardEntry, b: int) -> pa.RecordBatch:
     batch = reader.get_batch(b)
-    check_batch(batch, shard["batch_rows"][b], shard["batch_crc32"][b], f"{shard['file']} (record batch {b})")
+    check_batch(batch, shard.batch_rows[b], shard.batch_crc32[b], f"{shard.file} (record batch {b})")
     return batch
 
 
-def iter_shard(cache: Path, shard: dict[str, Any], settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def iter_shard(files: ShardFiles, index: int) -> Iterator[CacheRecord]:
     """Decode every sequence of one shard, each record batch checked against the manifest first."""
-    with open_shard(cache, shard) as reader:
+    entry = files.manifest.shards[index]
+    with open_shard(files, index) as reader:
         for b in range(reader.num_record_batches):
-            yield from decode_batch(checked_batch(reader, shard, b), settings)
+            yield from decode_batch(checked_batch(reader, entry, b), files.manifest.settings)
 
 
 class RandomAccess:
     """Sequences by (shard number, row) for a reader that visits rows nearly in order (a shuffle buffer):
     decoded record batches are kept in a small LRU cache."""
 
-    def __init__(self, cache: Path, manifest: dict[str, Any], capacity: int = 16) -> None:
-        self.cache, self.manifest, self.capacity = cache, manifest, capacity
-        self._starts = [np.cumsum([0, *s["batch_rows"]]) for s in manifest["shards"]]
-        self._decoded: OrderedDict[tuple[int, int], list[dict[str, Any]]] = OrderedDict()
+    def __init__(self, files: ShardFiles, capacity: int = 16) -> None:
+        self.files, self.capacity = files, capacity
+        self._starts = files.manifest.batch_starts()
+        self._decoded: OrderedDict[tuple[int, int], list[CacheRecord]] = OrderedDict()
 
-    def get(self, shard: int, row: int) -> dict[str, Any]:
+    def get(self, shard: int, row: int) -> CacheRecord:
         b = int(np.searchsorted(self._starts[shard], row, side="right")) - 1
         key = (shard, b)
         if key not in self._decoded:
-            entry = self.manifest["shards"][shard]
-            with open_shard(self.cache, entry) as reader:
-                self._decoded[key] = list(decode_batch(checked_batch(reader, entry, b), self.manifest["settings"]))
+            entry = self.files.manifest.shards[shard]
+            with open_shard(self.files, shard) as reader:
+                self._decoded[key] = list(decode_batch(checked_batch(reader, entry, b), self.files.manifest.settings))
             if len(self._decoded) > self.capacity:
                 self._decoded.popitem(last=False)
         self._decoded.move_to_end(key)
         return self._decoded[key][row - int(self._starts[shard][b])]
 
 
-def read_cache(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield every sequence of a finished cache, in dataset order across all workers' shards.
-
-    Each item: `sample_id` (str), `input_ids` [T] int64, `loss_mask` [T] bool, `topk_ids` [T-1, k] int64 and
-    `topk_logprobs` [T-1, k] float32, row j being the teacher's top-k for token j+1, and `tail_logmass` [T-1]
-    float32, the log of the teacher's mass off row j's stored entries. Entries dropped by --top-p hold id -1
-    and log-prob -inf (their mass is in the tail). A `--tail-samples N` cache adds `sample_ids`,
-    `sample_draws` and `sample_logprobs` [T-1, N]: row j's distinct draws off the head, how often each was
-    drawn (summing to N), and its log-prob (id -1, 0 draws, -inf in unused slots).
-    """
-    cache = Path(path)
+def read_cache(location: str | Path) -> Iterator[CacheRecord]:
+    """Every sequence of a finished cache (a folder or a URI such as s3://bucket/cache), in dataset order across
+    all workers' shards, as `CacheRecord`s (shards/contract.py)."""
+    cache = open_store(str(location))
     manifest = load_manifest(cache)
-    for shard in manifest["shards"]:
-        yield from iter_shard(cache, shard, manifest["settings"])
+    files = ShardFiles(cache, manifest, read_ahead=1)
+    try:
+        for index in range(len(manifest.shards)):
+            yield from iter_shard(files, index)
+    finally:
+        files.close()

@@ -6,9 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from .codec import id_dtype, logprob_storage_dtype
-
-# 2: per-batch crc32 in the manifest, checked by every reader. 3: the exact tail mass of every position.
-FORMAT_VERSION = 3
+from .contract import SHARD_LAYOUT_VERSION
 
 
 def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int = 0) -> pa.Schema:
@@ -36,7 +34,7 @@ def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int 
             *sampled,
         ],
         metadata={
-            "taid_cache.format_version": str(FORMAT_VERSION),
+            "taid_cache.format_version": str(SHARD_LAYOUT_VERSION),
             "taid_cache.vocab_size": str(vocab_size),
             "taid_cache.top_k": str(top_k),
             "taid_cache.precision": precision,

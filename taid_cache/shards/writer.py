@@ -1,54 +1,67 @@
 """Writing shards: encode records, append them to an Arrow IPC file, and commit it atomically when full.
 
-A shard becomes visible only when it is complete: it is written under a temporary name, checksummed,
-renamed into place, and only then announced to the caller (which records it in the worker's part file).
-A shard still being written when the process dies is simply absent, and the resumed run redoes its rows.
+A shard becomes part of the cache only when it is complete: it is streamed into the store under a name of its
+own attempt, hashed on the way, and only once stored announced to the caller (which records it in the worker's
+part file). A shard still being written when the process dies is named by no part file: the resumed run
+removes it and redoes its rows.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import hashlib
 import queue
 import threading
-from dataclasses import dataclass
-from pathlib import Path
+import uuid
 from typing import Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from ..atomic import fsync_path, temporary_name
 from ..errors import UserError
+from ..storage import Store
 from . import fidelity
 from .codec import decode_logprobs, encode_logprobs, id_dtype, pack_ragged, unpack_ragged
-from .integrity import batch_crc32, file_sha256
+from .contract import Cursor, ShardEntry, shard_file_name
+from .integrity import batch_crc32
 from .record import TeacherRecord
 from .schema import list_array, shard_schema
 
 
-@dataclass
-class ShardEntry:
-    file: str
-    records: int
-    tokens: int
-    entries: int
-    bytes: int
-    sha256: str
-    batch_rows: list[int]  # records per Arrow record batch: random access without decompressing the shard
-    batch_crc32: list[int]  # per record batch, over its decoded contents: checked by every reader
-    fidelity: dict[str, float | None]  # sums over the shard's loss positions (shards/fidelity.py)
-    # The worker's position in its slice once this shard is in (next source row, rows dropped and
-    # truncated so far): where a resumed run starts, with its counters.
-    cursor: dict[str, int]
+class HashingSink:
+    """A write-only file that hashes what passes through it (sha256 and size, without reading the shard back)."""
+
+    def __init__(self, target) -> None:
+        self.target, self.digest, self.size = target, hashlib.sha256(), 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        self.target.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the store's own context closes the target
 
 
 class ShardWriter:
-    """Appends encoded records to the current shard and rolls to a new one past `shard_bytes`."""
+    """Appends encoded records to the current shard and rolls to a new one past `shard_bytes`.
+
+    Each shard is written under a name of its own attempt (`contract.shard_file_name`), and is announced to
+    `on_commit` once complete and stored; the caller makes it part of the cache by recording it."""
 
     def __init__(
         self,
-        out_dir: Path,
-        name_prefix: str,
+        cache: Store,
+        worker_index: int,
         first_index: int,
         vocab_size: int,
         top_k: int,
@@ -58,9 +71,10 @@ class ShardWriter:
         on_commit: Callable[[ShardEntry], None],
         tail_samples: int = 0,
     ) -> None:
-        self.out_dir = out_dir
-        self.name_prefix = name_prefix
+        self.cache = cache
+        self.worker_index = worker_index
         self.next_index = first_index
+        self.attempt = uuid.uuid4().hex[:8]
         self.schema = shard_schema(vocab_size, top_k, precision, tail_samples)
         self.precision = precision
         self.shard_bytes = shard_bytes
@@ -69,15 +83,12 @@ class ShardWriter:
         self.vocab_size = vocab_size
         self.sampled = tail_samples > 0
         self._ids = id_dtype(vocab_size)
-        self._open: tuple[Path, Path, pa.OSFile, pa.ipc.RecordBatchFileWriter] | None = None
+        self._open: tuple[str, contextlib.ExitStack, HashingSink, pa.ipc.RecordBatchFileWriter] | None = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
         self._fidelity = fidelity.empty()
         self._batch_rows: list[int] = []
         self._batch_crcs: list[int] = []
-        self._cursor: dict[str, int] = {}
-
-    def shard_name(self, index: int) -> str:
-        return f"{self.name_prefix}-{index:05d}.arrow"
+        self._cursor: Cursor | None = None
 
     def _batch(self, records: list[TeacherRecord]) -> pa.RecordBatch:
         counts, ids, stored, tails = [], [], [], []
@@ -119,15 +130,15 @@ class ShardWriter:
         self._stats["entries"] += sum(len(i) for i in ids)
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
-    def write(self, records: list[TeacherRecord], cursor: dict[str, int]) -> None:
+    def write(self, records: list[TeacherRecord], cursor: Cursor) -> None:
         """Append records; `cursor` says where the source stands once they (and rows dropped before them) are in."""
         if records:
             batch = self._batch(records)  # before opening a file: a refused batch leaves nothing behind
             if self._open is None:
-                final = self.out_dir / self.shard_name(self.next_index)
-                tmp = temporary_name(final)
-                sink = pa.OSFile(str(tmp), "wb")
-                self._open = (final, tmp, sink, pa.ipc.new_file(sink, self.schema, options=self.options))
+                name = shard_file_name(self.worker_index, self.next_index, self.attempt)
+                held = contextlib.ExitStack()
+                sink = HashingSink(held.enter_context(self.cache.open_output(name)))
+                self._open = (name, held, sink, pa.ipc.new_file(pa.PythonFile(sink, mode="w"), self.schema, options=self.options))
             self._open[3].write_batch(batch)
             self._batch_rows.append(len(records))
             self._batch_crcs.append(batch_crc32(batch))
@@ -136,22 +147,28 @@ class ShardWriter:
             self.commit()
 
     def commit(self) -> None:
-        """Close the current shard, move it into place and announce it."""
+        """Close the current shard, store it and announce it."""
         if self._open is None:
             return
-        final, tmp, sink, writer = self._open
+        name, held, sink, writer = self._open
         writer.close()
-        sink.close()
-        fsync_path(tmp)
-        entry = ShardEntry(file=final.name, bytes=tmp.stat().st_size, sha256=file_sha256(tmp), batch_rows=self._batch_rows,
-                           batch_crc32=self._batch_crcs, fidelity=self._fidelity, cursor=self._cursor, **self._stats)
-        os.replace(tmp, final)
+        held.close()  # the store's commit: the whole object is there once this returns
+        entry = ShardEntry(file=name, bytes=sink.size, sha256=sink.digest.hexdigest(), batch_rows=tuple(self._batch_rows),
+                           batch_crc32=tuple(self._batch_crcs), fidelity=self._fidelity, cursor=self._cursor, **self._stats)
         self._open = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
         self._fidelity = fidelity.empty()
         self._batch_rows, self._batch_crcs = [], []
         self.next_index += 1
         self.on_commit(entry)
+
+    def abort(self) -> None:
+        """Give up the shard being written: the store keeps nothing of it (a local temporary is removed, an
+        unfinished upload is never completed)."""
+        if self._open is not None:
+            held = self._open[1]
+            self._open = None
+            held.__exit__(RuntimeError, RuntimeError("shard abandoned"), None)
 
 
 class PendingBatch(Protocol):
@@ -169,7 +186,7 @@ class BackgroundWriter:
     def __init__(self, writer: ShardWriter, on_written: Callable[[list[TeacherRecord]], None], depth: int = 4) -> None:
         self.writer = writer
         self.on_written = on_written
-        self._queue: queue.Queue[tuple[PendingBatch, dict[str, int]] | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple[PendingBatch, Cursor] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="taid-cache-writer", daemon=True)
         self._thread.start()
@@ -186,16 +203,18 @@ class BackgroundWriter:
             except BaseException as exc:  # re-raised in the producer's thread
                 self._error = exc
 
-    def put(self, pending: PendingBatch, cursor: dict[str, int]) -> None:
+    def put(self, pending: PendingBatch, cursor: Cursor) -> None:
         """Queue a batch; `cursor` says where the source stands once it is written (the writer's resume point)."""
         self._raise_if_failed()
-        self._queue.put((pending, dict(cursor)))
+        self._queue.put((pending, cursor))
 
     def close(self) -> None:
         """Wait for every queued batch, then commit the last shard."""
         self._queue.put(None)
         self._thread.join()
-        self._raise_if_failed()
+        if self._error is not None:
+            self.writer.abort()
+            raise self._error
         self.writer.commit()
 
     def _raise_if_failed(self) -> None:

@@ -6,9 +6,10 @@ read anyway (a disk error, a truncated copy) is skipped for the one before it, w
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -20,16 +21,30 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..atomic import fsync_path, read_json, remove, temporary_name, write_json
+from ..atomic import fsync_path, remove, temporary_name
 from ..errors import UserError, first_line
+from ..storage import Store, is_remote, open_store
 from .distributed import Dist, all_reduce_max, broadcast_object
 
 KEEP = 2
 
 
-def checkpoints(output: Path) -> list[Path]:
-    folder = output / "checkpoints"
-    return sorted(p for p in folder.glob("step-*") if p.is_dir()) if folder.is_dir() else []
+FOLDER = "checkpoints"
+META = "meta.json"  # written last: on an object store, its presence is what makes a checkpoint complete
+
+
+def checkpoints(output: Store) -> list[str]:
+    """The complete checkpoints' names (step-NNNNNNNN), oldest first. Locally a checkpoint is renamed into place
+    whole; on an object store it is complete once its meta.json is there."""
+    folder = output.child(FOLDER)
+    names = [n for n in folder.list("step-*") if not n.startswith(".")]
+    if output.is_local:
+        return [n for n in names if (folder.local_path(n)).is_dir()]
+    return [n for n in names if folder.is_file(f"{n}/{META}")]
+
+
+def step_of(name: str) -> int:
+    return int(name[5:])
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,39 +62,91 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(output: Path, step: int, model, optimizer, scheduler, extra: dict[str, Any], env: Dist,
+def save_checkpoint(output: Store, step: int, model, optimizer, scheduler, extra: dict[str, Any], env: Dist,
                     describe: Callable[[Path], None]) -> None:
     """`describe(folder)` (rank 0) writes what turns the checkpoint into a model folder: the student's config and
     tokenizer (`checkpoint_to_hf`)."""
-    final = output / "checkpoints" / f"step-{step:08d}"
-    tmp = None
+    folder, name = output.child(FOLDER), f"step-{step:08d}"
+    target = None
     if env.rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(final, ignore_errors=True)  # an unreadable one a resumed run skipped: this step replaces it
-        tmp = temporary_name(final)
-        tmp.mkdir()
-    tmp = broadcast_object(tmp, env)
+        folder.remove(name)  # an unreadable one a resumed run skipped: this step replaces it
+        target = staging_place(folder, name)
+    target = broadcast_object(target, env)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}, checkpoint_id=tmp)
-    torch.save(rng_state(), tmp / f"rng-{env.rank:05d}.pt")
+    state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
+    dcp.save(state, storage_writer=storage_writer(target))
+    where = open_store(target)
+    where.write_bytes(f"rng-{env.rank:05d}.pt", rng_bytes())
     if env.active:
         dist.barrier()
     if env.rank == 0:
-        describe(tmp)
-        write_json(tmp / "meta.json", {"step": step, **extra})
-        fsync_path(tmp)
-        tmp.rename(final)
+        with tempfile.TemporaryDirectory(prefix="taid-cache-describe-") as scratch:
+            describe(Path(scratch))
+            where.upload(Path(scratch), "")
+        where.write_text(META, json.dumps({"step": step, **extra}, indent=2, sort_keys=True) + "\n")
+        commit_staged(folder, name, target)
         for old in checkpoints(output)[:-KEEP]:
-            shutil.rmtree(old)
+            folder.remove(old)
     if env.active:
         dist.barrier()
 
 
-def readable_meta(output: Path) -> dict[str, Any] | None:
+def staging_place(folder: Store, name: str) -> str:
+    """Where a checkpoint is written: locally a hidden temporary sibling (renamed into place when complete), on an
+    object store the checkpoint's own prefix (complete when its meta.json, written last, is there)."""
+    local = folder.local_path(name)
+    if local is None:
+        return folder.where(name)
+    tmp = temporary_name(local)
+    tmp.mkdir(parents=True)
+    return str(tmp)
+
+
+def commit_staged(folder: Store, name: str, target: str) -> None:
+    local = folder.local_path(name)
+    if local is not None:
+        fsync_path(Path(target))
+        Path(target).rename(local)
+
+
+def storage_writer(location: str):
+    """DCP's writer: its file-system writer locally, its fsspec writer for a URI (every rank writes its own files)."""
+    if is_remote(location):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(location)
+    return dcp.FileSystemWriter(location)
+
+
+def storage_reader(location: str):
+    if is_remote(location):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(location)
+    return dcp.FileSystemReader(location)
+
+
+def rng_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    return buffer.getvalue()
+
+
+def read_meta(folder: Store, name: str) -> dict[str, Any]:
+    """A checkpoint's meta.json, parsed; a one-line error naming it when it cannot be."""
+    where = folder.where(f"{name}/{META}")
+    try:
+        return json.loads(folder.read_text(f"{name}/{META}"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {where} (checkpoint meta): {first_line(exc)}") from None
+
+
+def readable_meta(output: Store) -> dict[str, Any] | None:
     """The meta of the newest checkpoint whose meta.json reads, or None when there is none."""
-    for path in reversed(checkpoints(output)):
+    folder = output.child(FOLDER)
+    for name in reversed(checkpoints(output)):
         try:
-            return read_json(path / "meta.json", "checkpoint meta")
+            return read_meta(folder, name)
         except UserError:
             continue
     return None
@@ -88,41 +155,50 @@ def readable_meta(output: Path) -> dict[str, Any] | None:
 UNREADABLE = (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, CheckpointException)
 
 
-def load_newest(output: Path, model, optimizer, scheduler, env: Dist, warn: Callable[[str], None]) -> dict[str, Any]:
+def load_newest(output: Store, model, optimizer, scheduler, env: Dist, warn: Callable[[str], None]) -> dict[str, Any]:
     """Restore the newest checkpoint that loads on every rank, warning about each one skipped; returns its meta.
     Every rank decides together (a failure anywhere skips the checkpoint everywhere), so all load the same step."""
-    for path in reversed(checkpoints(output)):
+    folder = output.child(FOLDER)
+    for name in reversed(checkpoints(output)):
         error = None
         try:
-            meta = read_json(path / "meta.json", "checkpoint meta")
-            rng = torch.load(path / f"rng-{env.rank:05d}.pt", weights_only=False)
+            meta = read_meta(folder, name)
+            rng = torch.load(io.BytesIO(folder.read_bytes(f"{name}/rng-{env.rank:05d}.pt")), weights_only=False)
         except UNREADABLE as exc:
             error = first_line(exc)
         failed = all_reduce_max(torch.tensor(float(error is not None)), env).item() > 0
         if not failed:
             try:  # collective: torch.distributed.checkpoint raises on every rank if any rank fails
-                load_state(path, model, optimizer, scheduler)
+                load_state(folder.where(name), model, optimizer, scheduler)
                 set_rng_state(rng)
                 return meta
             except UNREADABLE as exc:
                 error = first_line(exc)
-        warn(f"warning: checkpoint {path.name} cannot be read ({error or 'on another rank'}); trying the one before it")
-    raise UserError(f"--resume: no checkpoint in {output}/checkpoints can be read")
+        warn(f"warning: checkpoint {name} cannot be read ({error or 'on another rank'}); trying the one before it")
+    raise UserError(f"--resume: no checkpoint in {output.where(FOLDER)} can be read")
 
 
-def load_state(path: Path, model, optimizer, scheduler) -> None:
+def load_state(location: str, model, optimizer, scheduler) -> None:
     """Restore into the (sharded) model and optimizer, each rank reading its own shards."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=storage_reader(location))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
 
 
-def remove_interrupted_saves(output: Path) -> None:
-    """Temporary folders of saves a kill interrupted (each can be checkpoint-sized): never read, so removed."""
-    for tmp in [*(output / "checkpoints").glob(".step-*.tmp-*"), *output.glob(".*.tmp-*")]:
-        remove(tmp)
+def remove_interrupted_saves(output: Store) -> None:
+    """What saves a kill interrupted left (each can be checkpoint-sized): never read, so removed. Locally, hidden
+    temporary folders; on an object store, checkpoint prefixes without their meta.json."""
+    local = output.local_path()
+    if local is not None:
+        for tmp in [*(local / FOLDER).glob(".step-*.tmp-*"), *local.glob(".*.tmp-*")]:
+            remove(tmp)
+        return
+    folder, complete = output.child(FOLDER), set(checkpoints(output))
+    for name in folder.list("step-*"):
+        if name not in complete:
+            folder.remove(name)
 
 
 def checkpoint_to_hf(checkpoint: Path, out: Path) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from ..packing import lay_out
+from ..shards.contract import CacheRecord
 from ..shards.manifest import load_manifest
-from ..shards.reader import RandomAccess
+from ..shards.reader import RandomAccess, ShardFiles
+from ..storage import open_store
 
 
 def epoch_order(shard_rows: list[int], seed: int, epoch: int, buffer: int) -> Iterator[tuple[int, int]]:
@@ -39,6 +41,13 @@ def epoch_order(shard_rows: list[int], seed: int, epoch: int, buffer: int) -> It
             pool[j] = (int(shard), row)
     rng.shuffle(pool)
     yield from pool
+
+
+def shard_sequence(count: int, seed: int, shuffle: bool) -> Iterator[int]:
+    """Endless shard numbers in the order the epochs first reach them (`epoch_order`'s permutation): what a
+    remote cache's reader fetches ahead."""
+    for epoch in itertools.count():
+        yield from (int(s) for s in np.random.default_rng([seed, epoch]).permutation(count)) if shuffle else range(count)
 
 
 def stream(shard_rows: list[int], seed: int, buffer: int, shuffle: bool) -> Iterator[tuple[int, int]]:
@@ -79,53 +88,84 @@ class MicroBatch:
         return {**{k: v.to(device) for k, v in self.inputs.items()}, "use_cache": False}
 
 
-def collate(records: list[dict[str, Any]], max_length: int, pack: bool = False) -> MicroBatch:
+def collate(records: list[CacheRecord], max_length: int, pack: bool = False) -> MicroBatch:
     """Sequences (cut to max_length tokens) laid into rows: one per row, right-padded to the longest, or packed
     several to a row of at most max_length tokens. Either way each position sees only its own sequence, and the
     selected targets are the same positions, so the loss is the same."""
-    lengths = [min(len(r["input_ids"]), max_length) for r in records]
+    lengths = [min(len(r.input_ids), max_length) for r in records]
     layout = lay_out(lengths, max_length, pack)
-    ids = layout.grid([r["input_ids"][:n].astype(np.int64) for r, n in zip(records, lengths)], 0)
+    ids = layout.grid([r.input_ids[:n].astype(np.int64) for r, n in zip(records, lengths)], 0)
 
-    def per_prediction(key: str, fill: float | int, dtype: type, shift: int = 0) -> torch.Tensor:
+    def per_prediction(values: list[np.ndarray], fill: float | int, dtype: type, shift: int = 0) -> torch.Tensor:
         """One value per position j < n−1 of each sequence (position j predicts token j+1 of the same sequence;
         each sequence's last position predicts nothing), on the grid minus its last column. `shift` 1 takes
         the value at token j+1."""
-        values = [r[key][shift : n - 1 + shift].astype(dtype) for r, n in zip(records, lengths)]
-        return layout.grid(values, fill, drop_last=True)[:, :-1]
+        cut = [v[shift : n - 1 + shift].astype(dtype) for v, n in zip(values, lengths)]
+        return layout.grid(cut, fill, drop_last=True)[:, :-1]
 
-    samples = (per_prediction("sample_ids", -1, np.int64), per_prediction("sample_draws", 0, np.int64),
-               per_prediction("sample_logprobs", -float("inf"), np.float32)) if "sample_ids" in records[0] else None
-    return MicroBatch(layout.model_inputs(ids), per_prediction("loss_mask", False, np.bool_, shift=1), ids[:, 1:],
-                      per_prediction("topk_ids", -1, np.int64), per_prediction("topk_logprobs", -float("inf"), np.float32),
-                      per_prediction("tail_logmass", 0.0, np.float32), sum(lengths), samples)
+    samples = (per_prediction([r.sample_ids for r in records], -1, np.int64),
+               per_prediction([r.sample_draws for r in records], 0, np.int64),
+               per_prediction([r.sample_logprobs for r in records], -float("inf"), np.float32)) if records[0].sampled else None
+    return MicroBatch(layout.model_inputs(ids), per_prediction([r.loss_mask for r in records], False, np.bool_, shift=1), ids[:, 1:],
+                      per_prediction([r.topk_ids for r in records], -1, np.int64),
+                      per_prediction([r.topk_logprobs for r in records], -float("inf"), np.float32),
+                      per_prediction([r.tail_logmass for r in records], 0.0, np.float32), sum(lengths), samples)
+
+
+@dataclass(frozen=True)
+class StreamOrder:
+    """Which records of a cache a reader takes, in which order: the seeded shuffle, the global items from `start`
+    (`limit` of them, or endless), and this rank's share of them in runs of `batch_size`."""
+
+    seed: int = 0
+    buffer: int = 1024
+    shuffle: bool = True
+    start: int = 0
+    limit: int | None = None
+    rank: int = 0
+    world: int = 1
+    batch_size: int = 1
+
+
+class CacheRows:
+    """One cache's records in a `StreamOrder`: the one reading path of train-student's stream, its held-out
+    evaluation and the Hugging Face `CacheDataset`. A remote cache's shards are fetched `read_ahead` shards ahead
+    of need (and kept in `local_dir` when given)."""
+
+    def __init__(self, location: str, read_ahead: int = 2, local_dir: str | None = None) -> None:
+        self.location, self.read_ahead, self.local_dir = location, read_ahead, local_dir
+        self.manifest = load_manifest(location)  # a one-line error now, not in a loader worker
+
+    def runs(self, order: StreamOrder) -> Iterator[list[CacheRecord]]:
+        """This rank's (and this loader worker's) runs of `order.batch_size` records."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = self.manifest.shards
+        files = ShardFiles(open_store(self.location), self.manifest, shard_sequence(len(shards), order.seed, order.shuffle),
+                           self.read_ahead, Path(self.local_dir) if self.local_dir else None)
+        reader = RandomAccess(files)
+        refs = stream([s.records for s in shards], order.seed, order.buffer, order.shuffle)
+        try:
+            for chunk in partition(refs, order.start, order.limit, order.rank, order.world, order.batch_size, worker, workers):
+                yield [reader.get(s, r) for s, r in chunk]
+        finally:
+            files.close()
 
 
 class CacheStream(IterableDataset):
-    """This rank's micro-batches, from global item `start` on (endless unless `limit` items are given)."""
+    """This rank's micro-batches of a cache, in `order`."""
 
-    def __init__(self, cache: Path, batch_size: int, rank: int, world: int, max_length: int, seed: int,
-                 buffer: int, shuffle: bool, start: int = 0, limit: int | None = None, pack: bool = False) -> None:
-        self.cache, self.batch_size, self.rank, self.world = cache, batch_size, rank, world
-        self.max_length, self.seed, self.buffer, self.shuffle, self.start, self.limit = max_length, seed, buffer, shuffle, start, limit
-        self.pack = pack
+    def __init__(self, rows: CacheRows, order: StreamOrder, max_length: int, pack: bool = False) -> None:
+        self.rows, self.order, self.max_length, self.pack = rows, order, max_length, pack
 
     def __iter__(self) -> Iterator[MicroBatch | UserError]:
         try:
-            yield from self.micro_batches()
+            for run in self.rows.runs(self.order):
+                yield collate(run, self.max_length, self.pack)
         except UserError as exc:
             if get_worker_info() is None:
                 raise
             yield exc  # in a loader worker: hand it over as an item (see `micro_batches`)
-
-    def micro_batches(self) -> Iterator[MicroBatch]:
-        manifest = load_manifest(self.cache)
-        reader = RandomAccess(self.cache, manifest)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        refs = stream([s["records"] for s in manifest["shards"]], self.seed, self.buffer, self.shuffle)
-        for chunk in partition(refs, self.start, self.limit, self.rank, self.world, self.batch_size, worker, workers):
-            yield collate([reader.get(s, r) for s, r in chunk], self.max_length, self.pack)
 
 
 def micro_batches(dataset: CacheStream, workers: int) -> Iterator[MicroBatch]:

@@ -1,4 +1,7 @@
-"""A run's OUTPUT/metrics.jsonl: one JSON record per optimizer step and per evaluation."""
+"""A run's OUTPUT/metrics.jsonl: one JSON record per optimizer step and per evaluation. Locally each record is
+appended as it comes; an object has no append, so on an object store the file is rewritten whole at every
+checkpoint, evaluation and at the end (a kill loses at most the records since, which the resumed run, starting
+from its checkpoint, writes again)."""
 
 from __future__ import annotations
 
@@ -9,12 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
+from ..storage import Store, open_store
 from .distributed import Dist
 
 
-def read_metrics(run: Path) -> list[dict[str, Any]]:
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """Every record of a run folder's metrics.jsonl."""
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in open_store(str(run)).read_text(METRICS).splitlines()]
 
 
 def parse_line(line: str) -> dict | None:
@@ -30,26 +37,36 @@ class MetricsLog:
     """OUTPUT/metrics.jsonl, written by rank 0 (a resumed run first drops lines past its checkpoint), and the
     same records to tensorboard or wandb (`--report-to`)."""
 
-    def __init__(self, output: Path, env: Dist, resumed_step: int, report_to: str, settings: dict[str, Any]) -> None:
-        self.path, self.enabled = output / "metrics.jsonl", env.rank == 0
+    def __init__(self, output: Store, env: Dist, resumed_step: int, report_to: str, settings: dict[str, Any]) -> None:
+        self.output, self.enabled = output, env.rank == 0
+        self.path = output.local_path(METRICS)  # None on an object store: the records are kept and rewritten
         self.board = self.wandb = None
         if not self.enabled:
             return
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if (record := parse_line(line)) is not None and record.get("step", math.inf) <= resumed_step]
-        write_text(self.path, "".join(line + "\n" for line in kept))
+        lines = output.read_text(METRICS).splitlines() if output.is_file(METRICS) else []
+        self.lines = [line for line in lines if (record := parse_line(line)) is not None and record.get("step", math.inf) <= resumed_step]
+        self.flush()
+        local = output.local_path()
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(output / "tensorboard"))
+            self.board = SummaryWriter(str(local / "tensorboard"))
         elif report_to == "wandb":
-            self.wandb = wandb_run(output, settings)
+            self.wandb = wandb_run(local, settings)
+
+    def flush(self) -> None:
+        """The records so far, stored whole (locally only at the start: later ones are appended)."""
+        if self.enabled:
+            self.output.write_text(METRICS, "".join(line + "\n" for line in self.lines))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        self.lines.append(line)
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(line + "\n")
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.board is not None:
             for key, value in scalars.items():
@@ -57,7 +74,13 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
 
+    def sync(self) -> None:
+        """On an object store, store the records so far (a checkpoint's or an evaluation's moment)."""
+        if self.path is None:
+            self.flush()
+
     def close(self) -> None:
+        self.sync()
         if self.board is not None:
             self.board.close()
         if self.wandb is not None:

@@ -3,7 +3,6 @@ FSDP2 sharding and saving. The process group and its collectives are in distribu
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,6 +12,8 @@ from ..fingerprints import resolve_model, tokenizer_hash
 from ..heads import LogitMap
 from ..losses import ChunkFn, chunked_lm_loss
 from ..packing import keeps_sequences_apart
+from ..shards.contract import CacheSettings
+from ..storage import Store
 from .distributed import Dist
 from .run_folder import staged_student
 
@@ -29,13 +30,13 @@ def load_causal_lm(model: str, what: str, dtype: torch.dtype, attention: str):
     return model, tokenizer
 
 
-def check_vocabulary(model, tokenizer, settings: dict, what: str) -> None:
+def check_vocabulary(model, tokenizer, settings: CacheSettings, what: str) -> None:
     """Same tokenizer as the cache, and an LM head covering every token of it (padding rows are fine)."""
-    if tokenizer_hash(tokenizer) != settings["tokenizer_hash"]:
-        raise UserError(f"the {what}'s tokenizer differs from the one the cache was made with (teacher {settings['teacher']})")
+    if tokenizer_hash(tokenizer) != settings.tokenizer_hash:
+        raise UserError(f"the {what}'s tokenizer differs from the one the cache was made with (teacher {settings.teacher})")
     rows = model.get_output_embeddings().weight.shape[0]
-    if rows < settings["tokenizer_size"]:
-        raise UserError(f"the {what} has {rows} vocabulary rows, fewer than the tokenizer's {settings['tokenizer_size']} tokens")
+    if rows < settings.tokenizer_size:
+        raise UserError(f"the {what} has {rows} vocabulary rows, fewer than the tokenizer's {settings.tokenizer_size} tokens")
 
 
 def check_packing(model, pack: bool, what: str) -> None:
@@ -85,7 +86,7 @@ def shard_model(model: LossModel, env: Dist, precision: str, checkpointing: bool
     return model
 
 
-def save_student(model: LossModel, tokenizer, out: Path, env: Dist) -> None:
+def save_student(model: LossModel, tokenizer, out: Store, env: Dist) -> None:
     """The final student as safetensors via save_pretrained, gathered to rank 0 and written whole into the run
     folder's staging place (`run_folder.install_staged` then moves it in)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

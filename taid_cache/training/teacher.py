@@ -12,18 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import LmHead, model_head
+from ..shards.contract import CacheSettings
 from ..losses import DenseTeacher, SampledTeacher, TopKTeacher
 from .data import MicroBatch
 from .distributed import Dist
 from .student import attention_implementation, check_packing, check_vocabulary, load_causal_lm
 
 
-def cached_teacher(mb: MicroBatch, settings: dict, tail: str, env: Dist) -> Union[TopKTeacher, SampledTeacher]:
-    """The cache's teacher at the micro-batch's target positions. `settings`: the cache's manifest settings."""
+def cached_teacher(mb: MicroBatch, settings: CacheSettings, tail: str, env: Dist) -> Union[TopKTeacher, SampledTeacher]:
+    """The cache's teacher at the micro-batch's target positions."""
     head = [x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass)]
     if mb.samples is None:
-        return TopKTeacher(*head, settings["tokenizer_size"], tail)
-    return SampledTeacher(*head, *(x[mb.targets].to(env.device) for x in mb.samples), settings["tokenizer_size"])
+        return TopKTeacher(*head, settings.tokenizer_size, tail)
+    return SampledTeacher(*head, *(x[mb.targets].to(env.device) for x in mb.samples), settings.tokenizer_size)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TeacherSource:
     """Where a run's teacher comes from: the training cache, or `--teacher-model` loaded once, checked against the
     cache's tokenizer and its own logits, and frozen."""
 
-    def __init__(self, settings: dict, tail: str, student_rows: int, env: Dist, model: Optional[str] = None, pack: bool = False) -> None:
+    def __init__(self, settings: CacheSettings, tail: str, student_rows: int, env: Dist, model: Optional[str] = None, pack: bool = False) -> None:
         self.settings, self.tail, self.student_rows, self.model = settings, tail, student_rows, None
         if model is not None:
             lm, tokenizer = load_causal_lm(model, "teacher", torch.float32, attention_implementation())
@@ -60,4 +61,4 @@ class TeacherSource:
         with torch.no_grad():
             out = self.model.get_decoder()(**mb.model_inputs(env.device))
         hidden = out.last_hidden_state[:, :-1][mb.targets.to(env.device)]
-        return OnlineTeacher(hidden, self.head, self.settings["tokenizer_size"], self.student_rows)
+        return OnlineTeacher(hidden, self.head, self.settings.tokenizer_size, self.student_rows)

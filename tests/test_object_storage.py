@@ -1,0 +1,186 @@
+"""Caches and runs on object storage, against a real S3 API: moto's server on loopback (tests/conftest.py's
+`s3_server`), reached the way every S3 client is, through AWS_ENDPOINT_URL and the credentials in the environment.
+Each result is compared with the same command on local disk: record for record, byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, kill_group, run_cli
+from taid_cache.shards import load_manifest, read_cache
+from taid_cache.shards.manifest import load_parts
+from taid_cache.storage import open_store
+from taid_cache.training.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("s3_server")
+DUMP = ["--engine", "hf", "--max-length", "256", "--top-k", "16", "--no-progress"]
+TRAIN = ["--batch-size", "4", "--max-length", "128", "--max-steps", "6", "--save-every", "2", "--lr", "3e-3", "--no-progress"]
+
+
+def s3() -> fsspec.AbstractFileSystem:
+    return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+
+
+def objects(url: str) -> list[str]:
+    """Every object under `url`, as names relative to it."""
+    root = url.removeprefix("s3://").rstrip("/")
+    return sorted(p[len(root) + 1:] for p in s3().find(root))
+
+
+def same_records(a: str | Path, b: str | Path) -> None:
+    for x, y in zip(read_cache(a), read_cache(b), strict=True):
+        mine, theirs = x.as_dict(), y.as_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
+
+
+def dump_two_workers(teacher: Path, data: Path, out: str) -> None:
+    for index in (0, 1):
+        run_cli("dump-teacher", "--model", str(teacher), "--data", str(data), "--output", out, *DUMP,
+                "--num-workers", "2", "--worker-index", str(index))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_one_line(result, *words: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_dump_verify_inspect_train_export_on_s3_equal_local_disk(teacher_dir, student_dir, data_dir, s3_bucket, tmp_path) -> None:
+    data = data_dir / "chat.jsonl"
+    local, remote = tmp_path / "cache", f"{s3_bucket}/cache"
+    dump_two_workers(teacher_dir, data, str(local))
+    dump_two_workers(teacher_dir, data, remote)
+    assert not Path("s3:").exists() and not (ROOT / "s3:").exists()  # never a local folder named after the URI
+    same_records(local, remote)
+    # The same bytes in every shard (names differ only by their attempt), and nothing else stored.
+    here, there = load_manifest(str(local)), load_manifest(remote)
+    assert [s.sha256 for s in here.shards] == [s.sha256 for s in there.shards] and here.settings == there.settings
+    listed = {s.file for s in there.shards} | {"manifest.json"} | {f"parts/{p}" for p in open_store(f"{remote}/parts").list("*.json")}
+    assert set(objects(remote)) == listed
+    assert run_cli("verify", remote).stdout.startswith(f"ok: {len(there.shards)} shards")
+    assert run_cli("inspect", "--json", remote).stdout == run_cli("inspect", "--json", str(local)).stdout
+
+    # Train from and to S3: the same steps and the same student as from and to local disk.
+    run_cli("train-student", "--student", str(student_dir), "--cache", str(local), "--output", str(tmp_path / "run"), *TRAIN)
+    run_cli("train-student", "--student", str(student_dir), "--cache", remote, "--output", f"{s3_bucket}/run", *TRAIN)
+    run = open_store(f"{s3_bucket}/run")
+    steps = [{k: m.get(k) for k in ("step", "loss", "t", "tokens", "eval_kl_cache")} for m in read_metrics(tmp_path / "run")]
+    assert [{k: m.get(k) for k in ("step", "loss", "t", "tokens", "eval_kl_cache")} for m in read_metrics(f"{s3_bucket}/run")] == steps
+    assert sha(run.read_bytes("model.safetensors")) == sha((tmp_path / "run" / "model.safetensors").read_bytes())
+    assert {n for n in run.list()} >= {"config.json", "model.safetensors", "checkpoints", "metrics.jsonl"}
+    assert run.child("checkpoints").list("step-*") == sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+
+    # Export from S3 to S3: the Parquet files of a local export, byte for byte, and the _SUCCESS marker.
+    run_cli("export", str(local), str(tmp_path / "export"))
+    run_cli("export", remote, f"{s3_bucket}/export")
+    exported = open_store(f"{s3_bucket}/export")
+    assert exported.list() == sorted([p.name for p in (tmp_path / "export").iterdir()] + ["_SUCCESS"])
+    for part in (tmp_path / "export").iterdir():
+        assert exported.read_bytes(part.name) == part.read_bytes()
+
+
+def test_a_flipped_byte_in_an_object_is_refused_as_on_disk(teacher_dir, data_dir, s3_bucket) -> None:
+    remote = f"{s3_bucket}/cache"
+    run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", remote, *DUMP)
+    shard = load_manifest(remote).shards[0].file
+    store = open_store(remote)
+    data = bytearray(store.read_bytes(shard))
+    data[len(data) // 2] ^= 0x01
+    store.write_bytes(shard, bytes(data))
+    result = run_cli("verify", remote, check=False)
+    assert result.returncode == 2 and f"bad shard {shard}: checksum does not match" in result.stderr
+
+
+@pytest.mark.parametrize("fault", ["missing bucket", "unreachable endpoint"])
+@pytest.mark.parametrize("command", ["dump-teacher", "train-student", "verify"])
+def test_a_bad_uri_is_one_line_before_any_write(fault, command, teacher_dir, student_dir, caches, data_dir, s3_bucket, tmp_path,
+                                                monkeypatch) -> None:
+    bucket = f"{s3_bucket}-absent" if fault == "missing bucket" else s3_bucket
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if fault == "unreachable endpoint":
+        env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    uri = f"{bucket}/x"
+    args = {"dump-teacher": ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", uri, *DUMP],
+            "train-student": ["--student", str(student_dir), "--cache", str(caches["top16"]), "--output", uri, *TRAIN],
+            "verify": [uri]}[command]
+    result = subprocess.run([sys.executable, "-m", "taid_cache.cli", command, *args], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=env)
+    assert_one_line(result, uri)
+    assert not any(tmp_path.iterdir())  # nothing local, no folder named after the URI
+    if fault == "missing bucket" or command == "verify":
+        return
+    assert objects(s3_bucket) == []  # nothing written before the failure either
+
+
+@pytest.mark.slow
+def test_kill_9_mid_dump_then_resume_is_identical_and_nothing_half_visible(teacher_dir, data_dir, s3_bucket, tmp_path) -> None:
+    rows = data_dir / "chat.jsonl"
+    args = ["dump-teacher", "--model", str(teacher_dir), "--data", str(rows), *DUMP, "--batch-tokens", "300", "--shard-size-mb", "0.02"]
+    run_cli(*args, "--output", str(tmp_path / "clean"))
+    remote = f"{s3_bucket}/cache"
+    proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args, "--output", remote], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            parts = load_parts(open_store(remote)) if open_store(f"{remote}/parts").list("*.json") else []
+            if parts and len(parts[0].shards) >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        kill_group(proc, signal.SIGKILL)
+        proc.wait()
+    assert not open_store(remote).is_file("manifest.json")
+    run_cli(*args, "--output", remote)  # the same command resumes
+    same_records(tmp_path / "clean", remote)
+    manifest = load_manifest(remote)
+    # What the killed attempt left of a shard it never recorded is gone: every object is named by the manifest.
+    listed = {s.file for s in manifest.shards} | {"manifest.json", "parts/worker-00000-of-00001.json"}
+    assert set(objects(remote)) == listed
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_resume_from_s3_equals_uninterrupted(student_dir, caches, s3_bucket, tmp_path) -> None:
+    args = ["train-student", "--student", str(student_dir), "--cache", str(caches["top16"]), "--batch-size", "2",
+            "--max-length", "256", "--max-steps", "12", "--save-every", "4", "--lr", "3e-3", "--no-progress"]
+    run_cli(*args, "--output", str(tmp_path / "clean"))
+    remote = f"{s3_bucket}/run"
+    proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args, "--output", remote], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=0)
+    try:
+        deadline = time.monotonic() + 300
+        checkpoints = open_store(f"{remote}/checkpoints")
+        while proc.poll() is None and time.monotonic() < deadline and not checkpoints.is_file("step-00000004/meta.json"):
+            time.sleep(0.05)
+    finally:
+        kill_group(proc, signal.SIGKILL)
+        proc.wait()
+    run = open_store(remote)
+    assert not run.is_file("config.json")  # nothing that looks finished
+    run_cli(*args, "--output", remote, "--resume")
+    clean = load_file(tmp_path / "clean" / "model.safetensors")
+    with open_store(remote).open_input("model.safetensors") as f:
+        (tmp_path / "resumed.safetensors").write_bytes(f.read())
+    resumed = load_file(tmp_path / "resumed.safetensors")
+    assert clean.keys() == resumed.keys()
+    for name in clean:
+        assert (clean[name] == resumed[name]).all(), name
