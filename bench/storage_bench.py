@@ -15,8 +15,8 @@ steps/s: the steps over the run's own `elapsed_s` at its last step (the training
 included; not the cache check before it, whose whole-call seconds are recorded beside). tok/s: the cache's
 tokens (from its manifest) over the `dump_teacher` call, with the engine opened once beforehand.
 
-Usage: python bench/storage_bench.py [--work runs/bench-storage] [--rounds 5] [--shard-size-mb 0.2]
-       [--rows 96] [--steps 10] [--profile CONFIG]   (CONFIG: train-s3-ra2, train-s3-ra0, dump-s3, ...: one
+Usage: python bench/storage_bench.py [--work runs/bench-storage] [--rounds 5] [--shard-size-mb 0.1]
+       [--rows 48] [--steps 3] [--batch-size 4] [--profile CONFIG]   (CONFIG: train-s3-ra2, train-s3-ra0, dump-s3, ...: one
        extra run under cProfile, its top functions printed)
 """
 
@@ -52,7 +52,7 @@ from taid_cache.storage import open_store
 from train_student_bench import STUDENT
 
 MAX_LENGTH = 512
-BATCH_TOKENS = 4096  # tokens per engine call: one Arrow record batch; with --shard-size-mb 0.2 about one per shard
+BATCH_TOKENS = 2048  # tokens per engine call: one Arrow record batch (~260 KiB); with --shard-size-mb 0.1 one per shard
 TRAIN = {"train-local": None, "train-s3-ra2": 2, "train-s3-ra0": 0}  # name: read-ahead (None: the local cache)
 DUMP = ("dump-local", "dump-s3")
 
@@ -109,11 +109,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-storage")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--shard-size-mb", type=float, default=0.2)
-    parser.add_argument("--rows", type=int, default=96, help="text rows of <= 512 tokens in the cache")
-    parser.add_argument("--steps", type=int, default=10, help="train-student steps per run")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shuffle-buffer", type=int, default=8, help="train-student --shuffle-buffer (see the note)")
+    parser.add_argument("--shard-size-mb", type=float, default=0.1)
+    parser.add_argument("--rows", type=int, default=48, help="text rows of <= 512 tokens in the cache")
+    parser.add_argument("--steps", type=int, default=3, help="train-student steps per run")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--shuffle-buffer", type=int, default=4, help="train-student --shuffle-buffer (see the note)")
     parser.add_argument("--profile", choices=[*TRAIN, *DUMP], help="one more run of this configuration under cProfile")
     args = parser.parse_args()
     load_before = os.getloadavg()

@@ -5,6 +5,8 @@ Each result is compared with the same command on local disk: record for record, 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -111,7 +113,7 @@ def test_a_flipped_byte_in_an_object_is_refused_as_on_disk(teacher_dir, data_dir
 
 
 @pytest.mark.parametrize("fault", ["missing bucket", "unreachable endpoint"])
-@pytest.mark.parametrize("command", ["dump-teacher", "train-student", "verify"])
+@pytest.mark.parametrize("command", ["dump-teacher", "train-student", "train-student --cache", "verify"])
 def test_a_bad_uri_is_one_line_before_any_write(fault, command, teacher_dir, student_dir, caches, data_dir, s3_bucket, tmp_path,
                                                 monkeypatch) -> None:
     bucket = f"{s3_bucket}-absent" if fault == "missing bucket" else s3_bucket
@@ -121,12 +123,13 @@ def test_a_bad_uri_is_one_line_before_any_write(fault, command, teacher_dir, stu
     uri = f"{bucket}/x"
     args = {"dump-teacher": ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", uri, *DUMP],
             "train-student": ["--student", str(student_dir), "--cache", str(caches["top16"]), "--output", uri, *TRAIN],
+            "train-student --cache": ["--student", str(student_dir), "--cache", uri, "--output", str(tmp_path / "run"), *TRAIN],
             "verify": [uri]}[command]
-    result = subprocess.run([sys.executable, "-m", "taid_cache.cli", command, *args], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path, env=env)
+    result = subprocess.run([sys.executable, "-m", "taid_cache.cli", command.split()[0], *args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=env)
     assert_one_line(result, uri)
     assert not any(tmp_path.iterdir())  # nothing local, no folder named after the URI
-    if fault == "missing bucket" or command == "verify":
+    if fault == "missing bucket" or command in ("verify", "train-student --cache"):
         return
     assert objects(s3_bucket) == []  # nothing written before the failure either
 
@@ -184,3 +187,71 @@ def test_kill_9_mid_training_then_resume_from_s3_equals_uninterrupted(student_di
     assert clean.keys() == resumed.keys()
     for name in clean:
         assert (clean[name] == resumed[name]).all(), name
+
+
+def run_fresh(command: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "taid_cache.cli", command, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+
+
+@pytest.mark.parametrize("uri,words", [("nosuch://b/c", ["unknown storage scheme 'nosuch://'", "nosuch://b/c"]),
+                                       ("gs://b/c", ["storage scheme 'gs://' in gs://b/c needs a package that is not installed",
+                                                     "gcsfs"])])
+def test_an_unknown_scheme_or_a_missing_package_is_one_line(uri, words, teacher_dir, student_dir, caches, data_dir, tmp_path) -> None:
+    pytest.importorskip("s3fs")
+    if uri.startswith("gs://") and importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    dump = run_fresh("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", uri, *DUMP,
+                     cwd=tmp_path)
+    assert_one_line(dump, *words)
+    train = run_fresh("train-student", "--student", str(student_dir), "--cache", uri, "--output", str(tmp_path / "run"), *TRAIN,
+                      cwd=tmp_path)
+    assert_one_line(train, *words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_uri_holding_a_cache_of_other_settings_is_refused_and_a_second_worker_of_one_index_too(teacher_dir, data_dir, s3_bucket) -> None:
+    remote = f"{s3_bucket}/cache"
+    common = ["dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", remote]
+    run_cli(*common, *DUMP)
+    before = {name: open_store(remote).read_bytes(name) for name in objects(remote)}
+    other = run_cli(*common, *DUMP[:-3], "--top-k", "8", "--no-progress", check=False)
+    assert other.returncode == 2 and "holds a cache made with other settings: top_k (16 there, 8 now)" in other.stderr
+    assert {name: open_store(remote).read_bytes(name) for name in objects(remote)} == before  # nothing touched
+
+    # A live worker 0 of another dump into a new prefix holds its lease: a second worker 0 is refused at once.
+    second = f"{s3_bucket}/second"
+    with open_store(f"{second}/parts").lease("worker-00000.lock", "worker 0 of 1"):
+        result = run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", second,
+                         *DUMP, check=False)
+    assert result.returncode == 2 and "another process is already writing worker 0 of 1" in result.stderr
+    assert not open_store(second).is_file("manifest.json") and not open_store(f"{second}/parts").list("*.json")
+
+
+def test_evaluate_reads_students_data_and_teacher_from_uris(teacher_dir, student_dir, data_dir, s3_bucket, tmp_path) -> None:
+    store = open_store(s3_bucket)
+    store.upload(student_dir, "student")
+    store.upload(teacher_dir, "teacher")
+    store.upload(data_dir / "chat.jsonl", "data/heldout.jsonl")
+    args = ["--prompts", "3", "--max-new-tokens", "4", "--max-length", "128"]
+    local = run_cli("evaluate", str(student_dir), "--data", str(data_dir / "chat.jsonl"), "--teacher", str(teacher_dir), *args,
+                    "--json", str(tmp_path / "local.json"))
+    remote = run_cli("evaluate", f"{s3_bucket}/student", "--data", f"{s3_bucket}/data/heldout.jsonl", "--teacher",
+                     f"{s3_bucket}/teacher", *args, "--json", str(tmp_path / "remote.json"))
+    assert local.returncode == remote.returncode == 0
+    here, there = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
+    assert here.pop(str(student_dir)) == there.pop(f"{s3_bucket}/student") and here == there
+
+
+def test_training_keeps_the_fetched_shards_in_the_local_cache_folder(student_dir, caches, s3_bucket, tmp_path) -> None:
+    remote = f"{s3_bucket}/cache"
+    open_store(s3_bucket).upload(caches["top16"], "cache")
+    kept = tmp_path / "kept"
+    run_cli("train-student", "--student", str(student_dir), "--cache", remote, "--output", str(tmp_path / "run"), *TRAIN,
+            "--local-cache", str(kept), "--read-ahead", "1")
+    manifest = load_manifest(remote)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(f"{s.sha256}.arrow" for s in manifest.shards)
+    for shard in manifest.shards:
+        assert sha((kept / f"{shard.sha256}.arrow").read_bytes()) == shard.sha256
+    run_cli("train-student", "--student", str(student_dir), "--cache", str(caches["top16"]), "--output", str(tmp_path / "local"), *TRAIN)
+    assert sha((tmp_path / "run" / "model.safetensors").read_bytes()) == sha((tmp_path / "local" / "model.safetensors").read_bytes())

@@ -84,12 +84,12 @@ def lr_schedule(cfg: TrainConfig, optimizer, total: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def verified(cache: str, env: Dist) -> Manifest:
+def verified(cache: str, env: Dist, local_dir: str | None) -> Manifest:
     """The cache's manifest, checked in full once per run by rank 0; the other ranks wait for its verdict."""
     error = None
     if env.rank == 0:
         try:
-            verify_cache(cache)
+            verify_cache(cache, local_dir)
         except UserError as exc:
             error = str(exc)
         except Exception as exc:  # an unreadable file: the other ranks must hear of it, not wait
@@ -171,6 +171,9 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def run(cfg: TrainConfig, env: Dist) -> dict[str, Any]:
+    for location in (cfg.cache, cfg.eval_cache):  # a missing or unreachable cache is one line before any write
+        if location is not None:
+            load_manifest(location)
     output = open_store(cfg.output)
     with remote_errors(output.url, "--output"):
         output.check_writable("--output")
@@ -183,7 +186,7 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
         cfg.console.print(f"finished installing the student an interrupted run had saved in {cfg.output}")
     if env.rank == 0:
         remove_interrupted_saves(output)
-    manifest = verified(cfg.cache, env)
+    manifest = verified(cfg.cache, env, cfg.local_cache)
     settings = manifest.settings
     if manifest.records == 0:
         raise UserError(f"the cache {cfg.cache} holds no sequences")
@@ -198,7 +201,7 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
         raise UserError(f"--batch-size {cfg.batch_size} is more than the {manifest.records} sequences of {cfg.cache}")
     eval_rows = None
     if cfg.eval_cache is not None:
-        verified(cfg.eval_cache, env)
+        verified(cfg.eval_cache, env, cfg.local_cache)
         eval_rows = CacheRows(cfg.eval_cache, cfg.read_ahead, cfg.local_cache)
         held_out = eval_rows.manifest.settings
         for what, theirs, ours in (("tokenizer", held_out.tokenizer_hash, settings.tokenizer_hash),

@@ -250,7 +250,7 @@ def evaluate_runs(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], teache
     if missing or "teacher" not in evaluation:
         rows = [json.loads(line) for line in heldout_file.read_text().splitlines()]
         settings = EvaluationSettings(cfg.generation_prompts, cfg.max_length, GenerationSettings(cfg.max_new_tokens))
-        evaluation.update(evaluate_students(missing, rows, lambda: ((r["input_ids"], r["loss_mask"]) for r in read_cache(heldout_cache)),
+        evaluation.update(evaluate_students(missing, rows, lambda: ((r.input_ids, r.loss_mask) for r in read_cache(heldout_cache)),
                                             settings, teacher, progress=lambda name: console.print(f"evaluating {name}"),
                                             teacher_row="teacher" not in evaluation))
         write_json(path, evaluation)

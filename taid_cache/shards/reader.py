@@ -59,7 +59,8 @@ class ShardFiles:
 
     def __init__(self, cache: Store, manifest: Manifest, order: Iterator[int] | None = None, read_ahead: int = 0,
                  local_dir: Path | None = None) -> None:
-        self.cache, self.manifest, self.local_dir = cache, manifest, local_dir
+        self.cache, self.manifest = cache, manifest
+        self._local = open_store(str(local_dir)) if local_dir is not None else None
         self.read_ahead = read_ahead if not cache.is_local else 0
         self.capacity = self.read_ahead + 2
         self._order = order if order is not None else itertools.cycle(range(len(manifest.shards)))
@@ -73,13 +74,17 @@ class ShardFiles:
         entry = self.manifest.shards[index]
         if self.cache.is_local:
             return self.cache.open_input(entry.file)
+        return pa.BufferReader(self.fetched(index))
+
+    def fetched(self, index: int) -> bytes:
+        """A remote shard's bytes: from memory, the local folder, or the store (what a reader ahead asked for)."""
         with self._lock:
             if index not in self._seen:
                 self._seen.add(index)
                 self._schedule_ahead(index)
             future = self._submit(index)
             self._fetched.move_to_end(index)
-        return pa.BufferReader(future.result())
+        return future.result()
 
     def _submit(self, index: int) -> Future:
         if index not in self._fetched:
@@ -99,15 +104,12 @@ class ShardFiles:
             self._submit(s)
 
     def _fetch(self, entry: ShardEntry) -> bytes:
-        cached = self.local_dir / f"{entry.sha256}.arrow" if self.local_dir is not None else None
-        if cached is not None and cached.is_file():
-            return cached.read_bytes()
+        name = f"{entry.sha256}.arrow"
+        if self._local is not None and self._local.is_file(name):
+            return self._local.read_bytes(name)
         data = self.cache.read_bytes(entry.file)
-        if cached is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
-            from ..atomic import write_bytes  # kept whole or not at all
-
-            self.local_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes(cached, data)
+        if self._local is not None and hashlib.sha256(data).hexdigest() == entry.sha256:  # only what the manifest names
+            self._local.write_bytes(name, data)
         return data
 
     def close(self) -> None:
