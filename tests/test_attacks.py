@@ -34,7 +34,7 @@ from taid_cache.shards.manifest import load_manifest, save_part
 from taid_cache.storage import open_store
 from taid_cache.shards.record import TeacherRecord
 from taid_cache.shards.writer import ShardWriter
-from taid_cache.pipelines.train_student import step_batches
+from taid_cache.training.trainer import step_batches
 from taid_cache.training.metrics import read_metrics
 from taid_cache.training.data import CacheRows, CacheStream, StreamOrder, micro_batches
 from taid_cache.training.distributed import Dist

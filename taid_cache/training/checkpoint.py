@@ -12,7 +12,7 @@ import pickle
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -150,6 +150,36 @@ def readable_meta(output: Store) -> dict[str, Any] | None:
         except UserError:
             continue
     return None
+
+
+class Stateful(Protocol):
+    """What a checkpoint keeps of an object (torch.distributed.checkpoint's Stateful, in JSON here)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointManager:
+    """A run's checkpoints: the model, the optimizer and the LR schedule through DCP (each rank its own shards),
+    each rank's RNG, and in meta.json the run's settings, `progress` (its keys at the top: step, tokens, elapsed
+    time) and every other Stateful of `states` under its name."""
+
+    def __init__(self, output: Store, progress: Stateful, states: dict[str, Stateful], settings: dict[str, Any],
+                 describe: Callable[[Path], None]) -> None:
+        self.output, self.progress, self.states, self.settings, self.describe = output, progress, states, settings, describe
+
+    def save(self, step: int, model, optimizer, scheduler, env: Dist) -> None:
+        extra = {"settings": self.settings, **self.progress.state_dict(), **{k: s.state_dict() for k, s in self.states.items()}}
+        extra.pop("step")
+        save_checkpoint(self.output, step, model, optimizer, scheduler, extra, env, self.describe)
+
+    def restore(self, model, optimizer, scheduler, env: Dist, warn: Callable[[str], None]) -> None:
+        """The newest readable checkpoint into the model, optimizer, schedule and every state."""
+        meta = load_newest(self.output, model, optimizer, scheduler, env, warn)
+        self.progress.load_state_dict(meta)
+        for name, state in self.states.items():
+            state.load_state_dict(meta[name])
 
 
 UNREADABLE = (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, CheckpointException)

@@ -1,0 +1,61 @@
+"""The step policy of distillation, one object for every front-end (train-student's `Trainer`, the Hugging Face
+`CacheDistillationTrainer`, on-policy rounds): what a cache serves, how many steps and epochs a run has, where
+ctkd's curriculum stands, and TAID's t, moved once per optimizer step from the step's global loss."""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from ..losses import SAMPLED_LOSSES, LossConfig, TaidSchedule
+from ..shards.contract import CacheSettings
+
+
+def check_serves(settings: CacheSettings, loss: str, tail: str) -> None:
+    """Refuse a loss or a tail mode a cache cannot serve, in one line (before anything is loaded)."""
+    if settings.sampled and loss not in SAMPLED_LOSSES:
+        raise UserError(f"--loss {loss}: a cache with a sampled tail (--tail-samples) serves {', '.join(SAMPLED_LOSSES)}; "
+                        "the other losses need the teacher's log-probs at tokens it never drew")
+    if settings.sampled and tail != "student":
+        raise UserError(f"--tail {tail}: a cache with a sampled tail (--tail-samples) has its tail in its draws; "
+                        "--tail shapes the tail of a top-k cache only")
+
+
+def total_steps(max_steps: int | None, epochs: float | None, records: int, global_batch: int) -> int:
+    """Optimizer steps of a run: as given, or enough global batches for `epochs` passes over the cache."""
+    return max_steps or max(1, math.ceil(epochs * records / global_batch))
+
+
+class DistillationPolicy:
+    """One run's loss and the state it carries between optimizer steps (TAID's schedule). Stateful: its
+    `state_dict` is what a checkpoint keeps of it."""
+
+    def __init__(self, loss: LossConfig, schedule: TaidSchedule, records: int, global_batch: int) -> None:
+        self.loss, self.schedule, self.records, self.global_batch = loss, schedule, records, global_batch
+
+    @property
+    def reads_t(self) -> bool:
+        return self.loss.spec.reads_t
+
+    @property
+    def t(self) -> float:
+        return self.schedule.t
+
+    def epochs_done(self, step: int) -> float:
+        """Passes over the cache after `step` optimizer steps."""
+        return step * self.global_batch / self.records
+
+    def epoch(self, step: int) -> int:
+        """The epoch step `step + 1` trains in, counted from 1 (as ctkd's curriculum counts)."""
+        return 1 + step * self.global_batch // self.records
+
+    def after_step(self, loss: float) -> None:
+        """The step's loss, averaged over its micro-batches and ranks: t moves once (a loss that reads it only)."""
+        if self.reads_t:
+            self.schedule.update(loss)
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
