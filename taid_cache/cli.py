@@ -24,6 +24,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Pay for the teacher once: cache its top-k log-probs, then distil from the cache.")
 
 
+def package_version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taid-cache")
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"] if pyproject.is_file() else "unknown"
+
+
+def print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"taid-cache {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", help="Print taid-cache's version and exit.", callback=print_version,
+                                      is_eager=True)) -> None:
+    pass
+
+
 def option_help(f) -> str:
     """An option's help as --help shows it: its text, its choices, its range."""
     meta = f.metadata
@@ -56,8 +81,9 @@ def config_command(name: str, config: type, run: Callable[[Any], Any]) -> None:
                                         annotation=annotation))
     params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-        None, "--config", help="A YAML or JSON file of these options (their names, as here or with underscores); an option "
-        "given on the command line wins. The same file serves torchrun's ranks.")))
+        None, "--config", help="A YAML or JSON file of these options (their names, as here or with underscores"
+        + ("; or transformers' TrainingArguments names: learning_rate, per_device_train_batch_size, ..." if config is TrainConfig else "")
+        + "); an option given on the command line wins. The same file serves torchrun's ranks.")))
 
     def command(ctx: typer.Context, config_file: Optional[Path] = None, **options: Any) -> None:
         given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name != "DEFAULT"}

@@ -25,8 +25,12 @@ from .shards.codec import PRECISIONS as STORAGE_PRECISIONS
 
 TAILS = ("student", "uniform", "renorm")
 COMPUTE_PRECISIONS = ("fp32", "bf16")
-LR_SCHEDULERS = ("cosine", "linear", "constant")
-REPORT_TO = ("none", "tensorboard", "wandb")
+# transformers' schedulers that run on the optimizer, the warm-up and the step count alone (training/optim.py says
+# why the others are left out). Our `constant` is transformers' constant_with_warmup, as it always was here.
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt")
+REPORT_BACKENDS = ("tensorboard", "wandb")
+REPORT_TO = ("none", *REPORT_BACKENDS, "all")  # none and all as transformers reads them (all: every backend installed)
+ONE_OR_MORE = {"report_to"}  # list options a file (or JSON) may also give as one string, as transformers' report_to
 OVERLONG = ("truncate", "drop")
 MAX_TAIL_SAMPLES = 4096
 SEEDS = "[0, 2^64)"  # what numpy and torch.manual_seed both take
@@ -77,9 +81,23 @@ def option(default: Any = MISSING, help: str = "", *, factory: Any = None, choic
 
 
 def loss_option(name: str) -> Any:
-    """An option for a loss parameter, its default, help and range declared in the loss registry."""
+    """An option for a loss parameter, its default, help and range declared once, in its loss class (losses/)."""
     param = PARAMS[name]
     return option(param.default, param.help, within=param.within)
+
+
+# The loss parameters registered by now (every built-in loss's): each an option of TrainConfig. A loss registered
+# later (`register_loss`) gets none; LossConfig still takes its parameters from Python.
+LOSS_PARAMETERS = tuple(PARAMS)
+
+
+def loss_options(namespace: dict[str, Any]) -> None:
+    """Write a field for every loss parameter (`loss_option`, in the order the losses declare them) into a config
+    class's body: `loss_options(locals())`."""
+    annotations = namespace.setdefault("__annotations__", {})
+    for name in LOSS_PARAMETERS:
+        annotations[name] = PARAMS[name].type
+        namespace[name] = loss_option(name)
 
 
 def stderr_console() -> Console:
@@ -108,8 +126,9 @@ def check_fields(cfg: Any) -> None:
         value, choices, within = getattr(cfg, f.name), f.metadata["choices"], f.metadata["within"]
         if value is None:
             continue
-        if choices and value not in choices:
-            raise UserError(f"{flag(f.name)} must be one of {', '.join(choices)}, not {value!r}")
+        for item in value if isinstance(value, list) else [value]:  # a list option: each of its values
+            if choices and item not in choices:
+                raise UserError(f"{flag(f.name)} must be one of {', '.join(choices)}, not {item!r}")
         if within is not None and value not in within:
             raise UserError(f"{flag(f.name)} must be {within}, not {value}")
 
@@ -140,12 +159,95 @@ def json_value(name: str, value: Any, hint: Any) -> Any:
     raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {value!r}")
 
 
-def checked_options(cls: type, values: Any, where: str) -> dict[str, Any]:
-    """A mapping of option names (underscores or dashes) to JSON-like values, each checked against its option's
-    type: the values of a config file or of `to_json`."""
+# A train-student config file may name an option as transformers.TrainingArguments does, so a Trainer user's file
+# reads as it is: the TrainingArguments name -> our field (a name both use is listed too: this is the whole map).
+HF_NAMES = {
+    "learning_rate": "lr",
+    "lr_scheduler_type": "lr_scheduler",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup_ratio",  # transformers 4's; transformers 5 reads a warmup_steps below 1 as this ratio
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "grad_clip",
+    "seed": "seed",
+    "report_to": "report_to",
+    "num_train_epochs": "epochs",
+    "max_steps": "max_steps",
+    "output_dir": "output",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "dataloader_num_workers": "num_workers",
+    "gradient_checkpointing": "activation_checkpointing",
+    "bf16": "precision",  # true: bf16, false: fp32 (what a Trainer computes in without bf16 or fp16)
+}
+# TrainingArguments names (of transformers 4 or 5) taid-cache has no option for: refused by name, never ignored.
+HF_REFUSED = {
+    "fp16": "--precision is fp32 or bf16", "tf32": "--precision is fp32 or bf16",
+    "bf16_full_eval": "", "fp16_full_eval": "",
+    "logging_steps": "every optimizer step is logged to metrics.jsonl",
+    "logging_strategy": "every optimizer step is logged to metrics.jsonl",
+    "logging_first_step": "every optimizer step is logged to metrics.jsonl",
+    "logging_dir": "--report-to tensorboard writes OUTPUT/tensorboard",
+    "save_strategy": "save_steps alone sets the checkpoints", "save_total_limit": "every checkpoint is kept",
+    "save_safetensors": "", "overwrite_output_dir": "",
+    "eval_strategy": "eval_steps with --eval-cache", "evaluation_strategy": "eval_steps with --eval-cache",
+    "per_device_eval_batch_size": "", "load_best_model_at_end": "", "metric_for_best_model": "",
+    "optim": "taid-cache trains with torch's AdamW", "optim_args": "taid-cache trains with torch's AdamW",
+    "adam_beta1": "AdamW's betas and epsilon are torch's defaults", "adam_beta2": "AdamW's betas and epsilon are torch's defaults",
+    "adam_epsilon": "AdamW's betas and epsilon are torch's defaults",
+    "lr_scheduler_kwargs": "--lr-scheduler takes transformers' schedulers that need no arguments",
+    "resume_from_checkpoint": "resume: true continues from the newest checkpoint in the output folder",
+    "deepspeed": "taid-cache shards with FSDP2 under torchrun", "fsdp": "taid-cache shards with FSDP2 under torchrun",
+    "fsdp_config": "taid-cache shards with FSDP2 under torchrun", "ddp_backend": "NCCL on GPU, gloo on CPU",
+    "use_cpu": "", "torch_compile": "", "gradient_checkpointing_kwargs": "", "data_seed": "seed orders the data too",
+    "full_determinism": "", "label_smoothing_factor": "", "neftune_noise_alpha": "", "group_by_length": "",
+    "remove_unused_columns": "", "dataloader_pin_memory": "", "dataloader_drop_last": "",
+    "do_train": "", "do_eval": "", "do_predict": "", "push_to_hub": "", "hub_model_id": "", "hub_token": "", "run_name": "",
+}
+
+
+def hf_value(key: str, value: Any) -> tuple[str, Any]:
+    """A TrainingArguments name and value as our field and value (bf16's flag as a precision; transformers 5's
+    warmup_steps below 1 as the warm-up ratio it means)."""
+    if key == "bf16":
+        if not isinstance(value, bool):
+            raise UserError(f"bf16 must be true or false, not {value!r}")
+        return "precision", "bf16" if value else "fp32"
+    if key == "warmup_steps" and isinstance(value, float) and 0 <= value < 1:
+        return "warmup_ratio", value
+    if key == "warmup_steps" and isinstance(value, float) and value.is_integer():
+        return "warmup_steps", int(value)
+    return HF_NAMES[key], value
+
+
+def named_options(values: dict, where: str, hf: bool) -> dict[str, Any]:
+    """The keys as field names (dashes to underscores; with `hf`, TrainingArguments names to ours). Two keys for one
+    option, or a TrainingArguments name taid-cache does not take: one line."""
+    named: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    refused = [str(k) for k in values if hf and str(k).replace("-", "_") in HF_REFUSED]
+    if refused:
+        hints = "; ".join(sorted({HF_REFUSED[k.replace("-", "_")] for k in refused} - {""}))
+        what = "is a transformers TrainingArguments option" if len(refused) == 1 else "are transformers TrainingArguments options"
+        raise UserError(f"{where}: {', '.join(refused)} {what} taid-cache does not take" + (f" ({hints})" if hints else ""))
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if hf and name in HF_NAMES:
+            name, value = hf_value(name, value)
+        if name in keys:
+            raise UserError(f"{where}: {keys[name]} and {key} both give {flag(name)}; keep one")
+        named[name], keys[name] = value, str(key)
+    return named
+
+
+def checked_options(cls: type, values: Any, where: str, hf: bool = False) -> dict[str, Any]:
+    """A mapping of option names (underscores or dashes; with `hf`, also transformers' TrainingArguments names) to
+    JSON-like values, each checked against its option's type: the values of a config file or of `to_json`."""
     if not isinstance(values, dict):
         raise UserError(f"{where} must be a mapping of options, not {type(values).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = named_options(values, where, hf)
+    values.update({k: [values[k]] for k in ONE_OR_MORE if isinstance(values.get(k), str)})
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - {f.name for f in options_of(cls)})
     if unknown:
@@ -158,16 +260,46 @@ def from_json(cls: type, values: Any) -> Any:
     return cls(**checked_options(cls, values, f"a {cls.__name__}"))
 
 
+def unique_keys_loader() -> type:
+    """yaml's safe loader, except that a mapping naming one key twice is a UserError (safe_load keeps the last)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                lines: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in lines:
+                            raise UserError(f"{key} is given twice (lines {lines[key]} and {line})")
+                    except TypeError:  # an unhashable key: the safe loader's own error follows
+                        continue
+                    lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    # YAML 1.1 reads 2e-5 (no dot), as transformers' users write learning rates, as a string; YAML 1.2 and JSON a float.
+    UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
+    return UniqueKeys
+
+
 def read_options(cls: type, path: Path) -> dict[str, Any]:
-    """A YAML (or JSON) file of options, checked (`checked_options`); a one-line error naming the file."""
+    """A YAML (or JSON) file of options, checked (`checked_options`; train-student's may use transformers'
+    TrainingArguments names); a one-line error naming the file, also for a key given twice."""
     import yaml
 
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=unique_keys_loader())
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read the config {path}: {' '.join(str(exc).split())}") from None
+    except UserError as exc:
+        raise UserError(f"config {path}: {exc}") from None
     try:
-        return checked_options(cls, {} if values is None else values, f"config {path}")
+        return checked_options(cls, {} if values is None else values, f"config {path}", hf=cls is TrainConfig)
     except UserError as exc:
         raise UserError(str(exc) if str(exc).startswith(f"config {path}") else f"config {path}: {exc}") from None
 
@@ -238,8 +370,9 @@ class TrainConfig:
     batch_size: int = option(8, "Sequences per micro-batch per rank.", within="[1, inf)")
     grad_accum: int = option(1, "Micro-batches per optimizer step.", within="[1, 4096]")
     lr: float = option(1e-4, "Peak learning rate (AdamW).", within="(0, inf)")
-    lr_scheduler: str = option("cosine", "How the learning rate falls after the warm-up (transformers' schedulers).",
-                               choices=LR_SCHEDULERS)
+    lr_scheduler: str = option("cosine", "How the learning rate falls after the warm-up: transformers' scheduler of that "
+                               "name (get_scheduler), except constant, which is warm-up then constant (transformers' "
+                               "constant_with_warmup; its own constant is that with no warm-up).", choices=LR_SCHEDULERS)
     warmup_steps: int = option(0, "Linear warm-up steps (wins over --warmup-ratio).", within="[0, inf)")
     warmup_ratio: float = option(0.0, "Linear warm-up over this share of the steps.", within="[0, 1)")
     weight_decay: float = option(0.0, "AdamW weight decay.", within="[0, inf)")
@@ -251,18 +384,8 @@ class TrainConfig:
     tail: str = option("student", "Where the teacher mass off the top-k goes: spread like the student's, uniformly, "
                        "or nowhere (renorm). A top-k cache only: a --tail-samples cache's tail is its draws.", choices=TAILS)
     distil_ratio: float = option(1.0, "r: train on r * distillation + (1 - r) * CE.", within="[0, 1]")
-    # The loss parameters (losses/registry.py): each is read by the losses that declare it.
-    temperature: float = loss_option("temperature")
-    skew_beta: float = loss_option("skew_beta")
-    js_beta: float = loss_option("js_beta")
-    adaptive_mu: float = loss_option("adaptive_mu")
-    dkd_alpha: float = loss_option("dkd_alpha")
-    dkd_beta: float = loss_option("dkd_beta")
-    ctkd_t_start: float = loss_option("ctkd_t_start")
-    ctkd_t_end: float = loss_option("ctkd_t_end")
-    ctkd_lambda_max: float = loss_option("ctkd_lambda_max")
-    ctkd_lambda_min: float = loss_option("ctkd_lambda_min")
-    ctkd_loops: float = loss_option("ctkd_loops")
+    # The loss parameters, declared once in the loss classes (losses/): one field each, read by the losses that declare it.
+    loss_options(locals())
     beta: Optional[float] = option(None, "Replaced by --skew-beta (skew-fkl, skew-rkl) and --js-beta (js); refused.")
     mu: Optional[float] = option(None, "Replaced by --adaptive-mu (adaptive-kl); refused.")
     taid_t_start: float = option(0.4, "TAID's first t.", within="[0, 1)")
@@ -287,15 +410,16 @@ class TrainConfig:
                             "reduction) [default: bf16 on CUDA, fp32 on CPU].", factory=default_compute_precision,
                             choices=COMPUTE_PRECISIONS)
     activation_checkpointing: bool = option(False, "Recompute activations in the backward pass.")
-    report_to: str = option("none", "Also log the metrics to tensorboard (OUTPUT/tensorboard) or wandb (OUTPUT/wandb; "
-                            "WANDB_MODE=offline works without an account).", choices=REPORT_TO, resumable=True)
+    report_to: list[str] = option(help="Also log the metrics to tensorboard (OUTPUT/tensorboard) and/or wandb (OUTPUT/wandb; "
+                                  "WANDB_MODE=offline works without an account); repeatable; all: every one installed "
+                                  "[default: none].", factory=list, choices=REPORT_TO, resumable=True)
     progress: bool = option(True, "Show a progress bar.", resumable=True)
     console: Console = field(default_factory=stderr_console)
 
     def loss_config(self) -> LossConfig:
         """The loss and every loss parameter, by keyword (sft trains on the data alone)."""
         return LossConfig(name=self.loss, distil_ratio=0.0 if self.loss == "sft" else self.distil_ratio,
-                          **{name: getattr(self, name) for name in PARAMS})
+                          **{name: getattr(self, name) for name in LOSS_PARAMETERS})
 
     def settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues. Paths are not settings: the run records what

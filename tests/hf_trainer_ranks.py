@@ -1,21 +1,23 @@
-"""Run by test_hf_trainer.py under torchrun: DistillationTrainer on a cache (DDP over gloo), the per-step losses
-and t written by rank 0 as JSON."""
+"""Run by test_hf_trainer.py under torchrun: CacheDistillationTrainer on a cache (DDP over gloo) for each loss named,
+one after the other in this process group; rank 0 writes each run's per-step losses and t as JSON."""
 
 import json
 import sys
 
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from taid_cache.integrations import DistillationTrainer
-from taid_cache.losses import LossConfig, TaidSchedule
+from taid_cache.integrations import CacheDistillationConfig, CacheDistillationTrainer
 
-student, cache, out, steps, batch, lr = sys.argv[1:7]
-args = TrainingArguments(output_dir=out, max_steps=int(steps), per_device_train_batch_size=int(batch), learning_rate=float(lr),
-                         lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, seed=0, report_to=[],
-                         save_strategy="no", dataloader_num_workers=0, use_cpu=True, ddp_backend="gloo")
-trainer = DistillationTrainer(AutoModelForCausalLM.from_pretrained(student), cache, args, LossConfig("taid"), TaidSchedule(), max_length=256)
-trainer.train()
-if dist.get_rank() == 0:
-    with open(f"{out}/history.json", "w") as fh:
-        json.dump(trainer.taid.history, fh)
+student, cache, out, steps, batch, lr, losses = sys.argv[1:8]
+for loss in losses.split(","):
+    args = CacheDistillationConfig(output_dir=f"{out}/{loss}", max_steps=int(steps), per_device_train_batch_size=int(batch),
+                                   learning_rate=float(lr), lr_scheduler_type="cosine", weight_decay=0.0, max_grad_norm=1.0,
+                                   logging_steps=1, seed=0, report_to=[], save_strategy="no", dataloader_num_workers=0, use_cpu=True,
+                                   ddp_backend="gloo", loss=loss, max_length=256)
+    trainer = CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=args, train_dataset=cache,
+                                       processing_class=AutoTokenizer.from_pretrained(student))
+    trainer.train()
+    if dist.get_rank() == 0:
+        with open(f"{out}/{loss}.json", "w") as fh:
+            json.dump(trainer.steps.history, fh)

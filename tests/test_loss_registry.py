@@ -5,14 +5,14 @@ bound where it samples."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pytest
 import torch
 
 from taid_cache import losses as L
-from taid_cache.config import TrainConfig, options_of
+from taid_cache.config import LOSS_PARAMETERS, TrainConfig, options_of
 from taid_cache.losses.registry import LOSSES, PARAMS, REGISTRY, SAMPLED_LOSSES, LossConfig
 from test_attacks import assert_one_line, train
 from test_tail_samples import Teacher
@@ -21,16 +21,23 @@ N, V = 7, 30
 
 
 def test_every_parameter_is_declared_once_and_reaches_the_command_line() -> None:
-    assert {f.name for f in fields(LossConfig)} - {"name", "distil_ratio"} == set(PARAMS)
+    assert list(PARAMS) == [n for n in LOSS_PARAMETERS]  # every built-in parameter is an option, in declaration order
     options = {f.name: f for f in options_of(TrainConfig)}
     for name, param in PARAMS.items():
         f = options[name]
         assert f.default == param.default and f.metadata["help"] == param.help and f.metadata["within"].text == param.within
-    assert options["loss"].metadata["choices"] == LOSSES
+        assert getattr(LossConfig("taid"), name) == param.default
+        assert any(name in spec.reads for spec in REGISTRY.values())
+    assert options["loss"].metadata["choices"] == LOSSES == tuple(REGISTRY)
     assert all(name in PARAMS for spec in REGISTRY.values() for name in spec.reads)
     assert set(SAMPLED_LOSSES) == {"taid", "fkl", "dkd", "ctkd", "sft"}
+    # One declaration per shared parameter: the very same field in every loss that reads it.
+    assert len({id(f) for spec in REGISTRY.values() for f in fields(spec.Params) if f.name == "temperature"}) == 1
     loss = TrainConfig(student="s", cache="c", output="o", loss="dkd", dkd_beta=2.0).loss_config()
-    assert (loss.name, loss.dkd_beta, loss.params()) == ("dkd", 2.0, {"dkd_alpha": 1.0, "dkd_beta": 2.0})
+    assert (loss.name, loss.dkd_beta, loss.params()) == ("dkd", 2.0, {"dkd_alpha": 1.0, "dkd_beta": 2.0, "temperature": 1.0})
+    assert loss.loss.params == REGISTRY["dkd"].Params(dkd_beta=2.0) and loss == LossConfig("dkd", dkd_beta=2.0)
+    with pytest.raises(TypeError, match="unknown loss parameters"):
+        LossConfig("dkd", dkd_gamma=1.0)
 
 
 def teacher_and_student(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,3 +158,137 @@ def test_bad_loss_options_are_one_line_before_any_write(student_dir, caches, tmp
 
     assert_one_line(train(student_dir, caches["top16"], tmp_path / "o", *flags), words)
     assert nothing_written(tmp_path / "o")
+
+
+# A loss from outside the package: one class, registered with its own parameter (tests below).
+
+
+SCALE = L.param(2.0, "(0, inf)", "scaled-fkl: the factor on the forward KL.")
+
+
+class ScaledFKL(L.Loss):
+    """c · KL(p‖q), tempered like the KL family, with a sampled form on the cache's estimate."""
+
+    name = "scaled-fkl"
+    summary = "a scaled forward KL (a test's loss)"
+    tempered = True
+    sampled_how = "on the sampled estimate"
+
+    @dataclass(frozen=True)
+    class Params:
+        scaled_fkl_scale: float = SCALE
+        temperature: float = L.TEMPERATURE
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        p, log_q = teacher_logprobs.exp(), torch.log_softmax(logits.float(), -1)
+        return self.params.scaled_fkl_scale * torch.where(p > 0, p * (teacher_logprobs - log_q), 0.0).sum(-1)
+
+    def sampled(self, logits, teacher, ctx):
+        est = teacher.weights(ctx.temperature)
+        log_q = torch.log_softmax(logits.float() / ctx.temperature, -1)
+        kl = torch.where(est.usable, est.w * (est.ell - est.at(log_q)), 0.0).sum(-1)
+        return self.params.scaled_fkl_scale * kl * ctx.temperature**2
+
+
+@pytest.fixture()
+def own_registry():
+    """The registry as it was, after the test (a test's losses do not leak into the others)."""
+    saved, params = dict(REGISTRY), dict(PARAMS)
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+    PARAMS.clear()
+    PARAMS.update(params)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_a_loss_registered_from_outside_the_package(own_registry, tau: float) -> None:
+    L.register_loss(ScaledFKL)
+    assert "scaled-fkl" in LOSSES and "scaled-fkl" in SAMPLED_LOSSES and PARAMS["scaled_fkl_scale"].default == 2.0
+    assert ScaledFKL.reads == ("scaled_fkl_scale", "temperature")
+    assert "scaled_fkl_scale" not in {f.name for f in options_of(TrainConfig)}  # registered after config: no option
+    logp, s, labels = teacher_and_student(4)
+    cfg = LossConfig("scaled-fkl", scaled_fkl_scale=3.0, temperature=tau)
+    assert (cfg.scaled_fkl_scale, LossConfig("scaled-fkl").scaled_fkl_scale) == (3.0, 2.0)
+    p, q_log = torch.softmax(logp / tau, -1), torch.log_softmax(s / tau, -1)
+    want = 3.0 * tau**2 * (p * (p.log() - q_log)).sum(-1)  # its formula, in float64
+    values, ids = logp.topk(V, -1)
+    for teacher in (L.DenseTeacher(logp.float()), L.TopKTeacher(ids, values.float(), None, V)):
+        out = L.chunk_loss(cfg, teacher, s.float(), labels, 0.0)
+        assert out.grad is None
+        torch.testing.assert_close(out.report.double(), want.sum(), rtol=1e-4, atol=1e-4)
+    mixed = L.chunk_loss(LossConfig("scaled-fkl", distil_ratio=0.25, scaled_fkl_scale=3.0, temperature=tau),
+                         L.DenseTeacher(logp.float()), s.float(), labels, 0.0)
+    ce = torch.nn.functional.cross_entropy(s, labels, reduction="sum")
+    torch.testing.assert_close(mixed.train.double(), 0.25 * want.sum() + 0.75 * ce, rtol=1e-4, atol=1e-4)
+    # Its sampled form against the built-in FKL's on the same cache: the same estimate, scaled.
+    sampled = Teacher().estimate(64, 0)
+    logits = Teacher().student.clone()
+    fkl = L.distillation(LossConfig("fkl", temperature=tau), sampled, logits, 0.0)
+    torch.testing.assert_close(L.distillation(cfg, sampled, logits, 0.0), 3.0 * fkl)
+
+
+def test_a_duplicate_registration_is_refused(own_registry) -> None:
+    before = (dict(REGISTRY), dict(PARAMS))
+
+    class Again(ScaledFKL):
+        name = "fkl"
+
+    with pytest.raises(ValueError, match="'fkl' is already registered"):
+        L.register_loss(Again)
+
+    class OtherTemperature(L.Loss):
+        name = "hot-fkl"
+        tempered = True
+
+        @dataclass(frozen=True)
+        class Params:
+            temperature: float = L.param(2.0, "(0, inf)", "another τ")
+
+    with pytest.raises(ValueError, match="parameter temperature .* declared by fkl"):
+        L.register_loss(OtherTemperature)
+    assert (dict(REGISTRY), dict(PARAMS)) == before  # nothing half-registered
+    with pytest.raises(TypeError, match="param"):
+        class Undeclared(L.Loss):  # noqa: F841  a parameter without its range and help
+            @dataclass(frozen=True)
+            class Params:
+                scale: float = 1.0
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_the_shared_sampled_estimate_against_a_direct_computation(tau: float) -> None:
+    """`SampledTeacher.weights`: ŵ (the head's p, m·c/N at a draw; at τ ≠ 1 reweighted by p^(1/τ − 1)) normalised over
+    the usable entries, computed here entry by entry in float64; a row with nothing usable weighs nothing."""
+    teacher = Teacher().estimate(16, 1)
+    valid = 500  # some head entries and draws past it: dropped
+    teacher = L.SampledTeacher(teacher.ids, teacher.logprobs, teacher.tail_logmass, teacher.sample_ids, teacher.sample_draws,
+                               teacher.sample_logprobs, valid)
+    teacher.ids[0] = valid + 1  # a row whose head is all past valid_vocab ...
+    teacher.sample_ids[0] = -1  # ... and has no draws
+    teacher.sample_draws[0] = 0
+    est = teacher.weights(tau)
+    lps = teacher.logprobs.double()
+    log_m = teacher.tail_logmass.double()
+    head_scale = torch.log1p(-log_m.exp()) - lps.logsumexp(-1)
+    draws = teacher.sample_draws.double()
+    for row in range(teacher.ids.shape[0]):
+        entries = []  # (id, ŵ, ℓ) of every usable entry
+        for v, lp in zip(teacher.ids[row].tolist(), lps[row].tolist()):
+            if 0 <= v < valid:
+                entries.append((v, math.exp(lp + head_scale[row].item()), lp + head_scale[row].item()))
+        total = draws[row].sum().item()
+        for v, c, lp in zip(teacher.sample_ids[row].tolist(), draws[row].tolist(), teacher.sample_logprobs[row].double().tolist()):
+            if 0 <= v < valid and c > 0:
+                entries.append((v, math.exp(log_m[row].item()) * c / total, lp))
+        weights = [w * math.exp((1 / tau - 1) * ell) for _, w, ell in entries]
+        got_w = est.w[row][est.usable[row]].double()
+        assert est.ids[row][est.usable[row]].tolist() == [v for v, _, _ in entries]
+        if not entries:
+            assert (est.w[row] == 0).all()
+            continue
+        torch.testing.assert_close(got_w, torch.tensor(weights, dtype=torch.float64) / sum(weights), rtol=1e-5, atol=1e-7)
+        assert (est.w[row][~est.usable[row]] == 0).all()
+    log_q = torch.log_softmax(torch.randn(teacher.ids.shape[0], 512, generator=torch.Generator().manual_seed(0)), -1)
+    gathered = est.at(log_q)
+    usable_ids = est.ids.clamp(min=0)
+    assert torch.equal(gathered[est.usable], log_q.gather(1, usable_ids)[est.usable])

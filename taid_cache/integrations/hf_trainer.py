@@ -1,48 +1,125 @@
-"""Distilling from a cache with Hugging Face's `Trainer`: the student and its loss as one module
-(`DistillationModel`, so DDP and accelerate wrap and call it as any model), a `Trainer` that feeds it the cache
-(`DistillationTrainer`) and saves the student alone, and TAID's t moved once per optimizer step, from the step's
-loss over every micro-batch and process (`TaidCallback`).
+"""Distilling from a cache with Hugging Face's `Trainer`, shaped like TRL's trainers: `CacheDistillationConfig` (a
+`TrainingArguments` that also carries the loss, TAID's schedule and how the cache is read, so one YAML drives it)
+and `CacheDistillationTrainer(model=, args=, train_dataset=, eval_dataset=, processing_class=)`.
 
-With the same data order, initialisation, optimizer and schedule it takes the steps train-student takes: the
-loss per step is the sum over the step's target tokens divided by their count over all processes (the
-Trainer's `num_items_in_batch`), the LM head and loss are applied chunk by chunk, TAID in closed form."""
+The names are TRL's pattern without TRL's names: `trl.DistillationTrainer` is TRL's own (an on-policy GKD
+trainer with a live teacher), and a second class of that name with other arguments would be a trap for anyone
+who imports both. The Trainer drives the loop (optimizer, `lr_scheduler_type`, accumulation, logging,
+checkpoints, DDP); the step policy is train-student's (`training/policy.py`): the same loss, the same t moved
+once per optimizer step from the step's loss over every micro-batch and process, the same epochs, the same
+checks of the cache. With the same data order, initialisation, optimizer and schedule it takes train-student's
+steps: the loss per step is the sum over the step's target tokens divided by their count over all processes
+(the Trainer's `num_items_in_batch`), the LM head and loss applied chunk by chunk, TAID in closed form."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..config import Range
+from ..errors import UserError
 from ..heads import check_head
+from ..losses import LOSSES, PARAMS, LossConfig, TaidSchedule
 from ..shards.contract import CacheSettings
-from ..losses import SAMPLED_LOSSES, CurriculumTemperature, LossConfig, TaidSchedule
 from ..training.distributed import Dist
+from ..training.evaluate import evaluate
 from ..training.loss_step import micro_batch_loss
+from ..training.policy import DistillationPolicy, check_parameters, check_serves, total_steps
 from ..training.student import LossModel, check_vocabulary
 from ..training.teacher import TeacherSource
 from .cache_dataset import CacheDataset
 from .collator import DistillationCollator, micro_batch
 
+STATE = "taid_cache_state.json"  # in each Trainer checkpoint: the step policy's state (TAID's t)
+TEMPERATURE = "taid_cache_temperature.pt"  # ctkd's learned temperature, trained beside the student
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+_OWN = [
+    ("loss", str, _field("taid", f"Distillation loss: {', '.join(LOSSES)}.")),
+    ("distil_ratio", float, _field(1.0, "r: train on r * distillation + (1 - r) * CE.")),
+    ("tail", str, _field("student", "A top-k cache's missing mass: student, uniform or renorm.")),
+    ("max_length", int, _field(2048, "Longest sequence; longer ones are cut.")),
+    ("pack", bool, _field(False, "Pack each batch's sequences into rows of max_length tokens.")),
+    ("shuffle_buffer", int, _field(1024, "Sequences in the cache stream's shuffle buffer.")),
+    ("read_ahead", int, _field(2, "A cache on an object store: shards fetched ahead of need.")),
+    ("local_cache", str | None, _field(None, "A cache on an object store: a local folder keeping its shards.")),
+    ("loss_chunk", int, _field(1024, "Positions per LM-head/loss chunk.")),
+    ("taid_t_start", float, _field(0.4, "TAID's first t.")),
+    ("taid_t_end", float, _field(1.0, "TAID's last t.")),
+    ("taid_alpha", float, _field(5e-4, "TAID's adaptive step size alpha.")),
+    ("taid_beta", float, _field(0.99, "TAID's momentum beta.")),
+    ("taid_disable_adaptive", bool, _field(False, "Linear t schedule only.")),
+]
+# Every loss parameter, declared once by its loss (losses/): the same names as train-student's options (those
+# registered when this module is imported, as for train-student's).
+_PARAMS = [(name, float, _field(p.default, p.help)) for name, p in PARAMS.items()]
+_NAMES = tuple(name for name, _, _ in _PARAMS)
+
+
+def _check(self) -> None:
+    TrainingArguments.__post_init__(self)
+    if self.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+    for name in _NAMES:
+        if (value := getattr(self, name)) not in (within := Range.parse(PARAMS[name].within)):
+            raise ValueError(f"{name} must be {within}, not {value}")
+    check_parameters(self.loss, {name: getattr(self, name) for name in _NAMES}, str)
+
+
+def _loss_config(self) -> LossConfig:
+    """The loss and its parameters (sft trains on the data alone)."""
+    return LossConfig(name=self.loss, distil_ratio=0.0 if self.loss == "sft" else self.distil_ratio,
+                      **{name: getattr(self, name) for name in _NAMES})
+
+
+def _schedule(self, steps: int) -> TaidSchedule:
+    return TaidSchedule(self.taid_t_start, self.taid_t_end, self.taid_alpha, self.taid_beta, steps, not self.taid_disable_adaptive)
+
+
+CacheDistillationConfig = dataclasses.make_dataclass(
+    "CacheDistillationConfig", _OWN + _PARAMS, bases=(TrainingArguments,),
+    namespace={"__post_init__": _check, "loss_config": _loss_config, "schedule": _schedule, "__module__": __name__,
+               "__doc__": "TrainingArguments, plus the loss (and its parameters, named as train-student's options), TAID's "
+                          "schedule and how the cache is read: one YAML or `HfArgumentParser` drives a run."})
+
+
+def as_cache_dataset(data: Any, args: Any, shuffle: bool) -> CacheDataset | None:
+    """A cache folder or URI, or a `CacheDataset` as it is."""
+    if data is None or isinstance(data, CacheDataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return CacheDataset(data, seed=args.seed, shuffle_buffer=args.shuffle_buffer, shuffle=shuffle,
+                            batch_size=args.per_device_train_batch_size, read_ahead=args.read_ahead, local_dir=args.local_cache)
+    raise TypeError(f"a dataset must be a cache folder, a URI or a CacheDataset, not {type(data).__name__}")
+
 
 class DistillationModel(nn.Module):
     """A student and its distillation loss against a cache's teacher: `forward(**batch)` (a
     `DistillationCollator` batch) returns {"loss": …} normalised by `num_items_in_batch` (or the batch's own
-    target count). The student is `.student`."""
+    target count). The student is `.student`; the step policy (t, the epoch) is `.policy`."""
 
     accepts_loss_kwargs = True  # the Trainer then passes num_items_in_batch and does not rescale the loss itself
+    _keys_to_ignore_on_save = None  # what the Trainer asks of a model it saves (the student is saved alone: `_save`)
 
-    def __init__(self, student: nn.Module, settings: CacheSettings, loss: LossConfig, schedule: TaidSchedule | None = None,
-                 tail: str = "student", chunk: int = 1024) -> None:
+    def __init__(self, student: nn.Module, settings: CacheSettings, policy: DistillationPolicy, tail: str = "student",
+                 chunk: int = 1024) -> None:
         super().__init__()
-        if settings.sampled and loss.name not in SAMPLED_LOSSES:
-            raise ValueError(f"a cache with a sampled tail serves {', '.join(SAMPLED_LOSSES)}, not {loss.name}")
-        temperature = CurriculumTemperature(loss.ctkd_t_start, loss.ctkd_t_end) if loss.spec.learns_temperature else None
+        loss = policy.loss
+        temperature = loss.loss.learned_temperature() if loss.spec.learns_temperature else None
         self.loss_model = LossModel(student, chunk, check_head(student, "student"), temperature)
-        self.loss, self.schedule = loss, schedule or TaidSchedule()
-        self.epoch = 1  # where ctkd's curriculum stands (TaidCallback moves it)
+        self.policy = policy
+        self.epoch = 1  # where ctkd's curriculum stands (PolicyCallback moves it)
         self.teacher = TeacherSource(settings, tail, student.get_output_embeddings().weight.shape[0], Dist())
         self.register_buffer("step_loss", torch.zeros(()), persistent=False)  # this process's share of the step's loss
 
@@ -53,64 +130,117 @@ class DistillationModel(nn.Module):
     def forward(self, num_items_in_batch: torch.Tensor | int | None = None, **batch: Any) -> dict[str, torch.Tensor]:
         mb = micro_batch(batch)
         env = Dist(device=self.step_loss.device)
-        combined, reported = micro_batch_loss(self.loss_model, self.teacher, mb, self.loss, self.schedule.t, env, self.epoch)
+        combined, reported = micro_batch_loss(self.loss_model, self.teacher, mb, self.policy.loss, self.policy.t, env, self.epoch)
         count = num_items_in_batch if num_items_in_batch is not None else mb.targets.sum().clamp(min=1)
         self.step_loss += reported.detach() / count
         return {"loss": combined / count}
 
 
-class TaidCallback(TrainerCallback):
+class PolicyCallback(TrainerCallback):
     """After each optimizer step: the step's loss summed over processes (each process held its micro-batches'
-    sums over the global token count), t moved once from it, and the step recorded in `history`. Before each:
-    the epoch (from 1) ctkd's curriculum reads, from the steps taken and the cache's size."""
+    sums over the global token count), the policy moved once from it, and the step recorded in `history`.
+    Before each: the epoch ctkd's curriculum reads."""
 
-    def __init__(self, model: DistillationModel, records: int) -> None:
-        self.model, self.records = model, records
+    def __init__(self, model: DistillationModel) -> None:
+        self.model = model
         self.history: list[dict[str, float]] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        self.model.epoch = 1 + state.global_step * global_batch // self.records
+        self.model.epoch = self.model.policy.epoch(state.global_step)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         loss = self.model.step_loss.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss)
-        t = self.model.schedule.t
-        if self.model.loss.name == "taid":
-            self.model.schedule.update(loss.item())
+        t = self.model.policy.t
+        self.model.policy.after_step(loss.item())
         self.history.append({"step": state.global_step, "loss": loss.item(), "t": t})
         self.model.step_loss.zero_()
         return control
 
 
-class DistillationTrainer(Trainer):
-    """`Trainer` on a cache. `student`: a causal LM with the cache's tokenizer; `cache`: a dump-teacher folder;
-    `loss`: a `LossConfig` (TAID's t settings in `schedule`, its total steps taken from `args.max_steps`). The
-    training data is the cache's stream (`CacheDataset`, seeded with `args.seed`); everything else is the
-    Trainer's own (optimizer, `lr_scheduler_type`, accumulation, logging, checkpoints, DDP)."""
+def tokenizer_of(model: nn.Module):
+    """The student's own tokenizer, from the folder it was loaded from; None when it cannot be found."""
+    from transformers import AutoTokenizer
 
-    def __init__(self, student: nn.Module, cache: str | Path, args, loss: LossConfig | None = None,
-                 schedule: TaidSchedule | None = None, tail: str = "student", max_length: int = 2048, pack: bool = False,
-                 shuffle_buffer: int = 1024, tokenizer=None, **kwargs: Any) -> None:
-        if args.max_steps <= 0:
-            raise ValueError("DistillationTrainer streams the cache: give TrainingArguments(max_steps=...)")
+    try:
+        return AutoTokenizer.from_pretrained(model.name_or_path)
+    except Exception:
+        return None
+
+
+class CacheDistillationTrainer(Trainer):
+    """`Trainer` on a cache. `model`: a causal LM with the cache's tokenizer; `args`: a `CacheDistillationConfig`;
+    `train_dataset` / `eval_dataset`: cache folders or URIs, or `CacheDataset`s (the training stream is seeded
+    with `args.seed`); `processing_class`: the student's tokenizer (checked against the cache's; taken from the
+    model's folder when not given). `args.max_steps`, or else `num_train_epochs` passes over the cache, is the
+    run's length. Evaluation logs `eval_loss` (the loss at the current t), `eval_kl_cache`, `eval_top1` and
+    `eval_ce`; every training log carries TAID's `t` (and ctkd's learned `temperature`) and the epochs done."""
+
+    def __init__(self, model: nn.Module, args: Any, train_dataset: Any, eval_dataset: Any = None, processing_class: Any = None,
+                 callbacks: list | None = None, **kwargs: Any) -> None:
+        if not hasattr(args, "loss_config"):
+            raise TypeError("args must be a CacheDistillationConfig (TrainingArguments with the loss and TAID settings)")
+        train = as_cache_dataset(train_dataset, args, shuffle=True)
+        if train is None:
+            raise ValueError("train_dataset: give the cache (a folder, a URI or a CacheDataset)")
+        settings = train.settings
+        tokenizer = processing_class if processing_class is not None else tokenizer_of(model)
+        if tokenizer is None:
+            raise UserError("pass processing_class=<the student's tokenizer>: it must be checked against the cache's, and "
+                            f"{getattr(model, 'name_or_path', 'the model')!r} has none")
+        check_vocabulary(model, tokenizer, settings, "student")
+        check_serves(settings, args.loss, args.tail)
+        held_out = as_cache_dataset(eval_dataset, args, shuffle=False)
+        if held_out is not None and (held_out.settings.teacher_hash, held_out.settings.tokenizer_hash) != \
+                (settings.teacher_hash, settings.tokenizer_hash):
+            raise UserError("eval_dataset was dumped from another teacher or tokenizer than train_dataset: its KL would "
+                            "measure the student against the wrong teacher")
         args.remove_unused_columns = False  # every field of a cache batch is one the model reads
         # Each process reads its own share of the one stream (batches of different widths cannot be dispatched).
         args.accelerator_config.dispatch_batches = False
-        data = CacheDataset(cache, seed=args.seed, shuffle_buffer=shuffle_buffer, batch_size=args.per_device_train_batch_size)
-        if tokenizer is not None:
-            check_vocabulary(student, tokenizer, data.settings, "student")
-        schedule = schedule or TaidSchedule()
-        schedule.total_steps = args.max_steps
-        model = DistillationModel(student, data.settings, loss or LossConfig("taid"), schedule, tail)
-        self.taid = TaidCallback(model, data.manifest.records)
-        super().__init__(model=model, args=args, train_dataset=data, data_collator=DistillationCollator(max_length, pack),
-                         processing_class=tokenizer, callbacks=[self.taid, *kwargs.pop("callbacks", [])], **kwargs)
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        records = train.manifest.records
+        if args.max_steps <= 0:  # the stream is endless: its length in steps, from the epochs asked for
+            args.max_steps = total_steps(None, args.num_train_epochs, records, global_batch)
+        self.policy = DistillationPolicy(args.loss_config(), args.schedule(args.max_steps), records, global_batch)
+        distillation = DistillationModel(model, settings, self.policy, args.tail, args.loss_chunk)
+        self.steps = PolicyCallback(distillation)
+        super().__init__(model=distillation, args=args, train_dataset=train, eval_dataset=held_out,
+                         data_collator=DistillationCollator(args.max_length, args.pack), processing_class=tokenizer,
+                         callbacks=[self.steps, *(callbacks or [])], **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every training log with t (the last step's), ctkd's temperature, and the epochs done over the cache."""
+        self.state.epoch = self.policy.epochs_done(self.state.global_step)
+        if "loss" in logs and self.steps.history:
+            if self.policy.reads_t:
+                logs["t"] = self.steps.history[-1]["t"]
+            temperature = self.model.loss_model.temperature if hasattr(self.model, "loss_model") else None
+            if temperature is not None:
+                logs["temperature"] = temperature.value()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The held-out cache: the loss at the current t, KL to the cache's teacher, top-1 agreement, CE. Never
+        moves t."""
+        data = as_cache_dataset(eval_dataset, self.args, shuffle=False) or self.eval_dataset
+        if data is None:
+            raise ValueError("evaluate: no eval_dataset (a cache folder, a URI or a CacheDataset)")
+        args = self.args
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        env = Dist(torch.distributed.get_rank() if ready else 0, torch.distributed.get_world_size() if ready else 1, args.device)
+        scores = evaluate(self.model.loss_model, data.rows, env, args.per_device_eval_batch_size, args.max_length, args.pack,
+                          args.tail, self.policy.loss, self.policy.t)
+        metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in scores.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(args, self.state, self.control, metrics)
+        return metrics
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The student alone, as a Hugging Face folder (`from_pretrained` loads it)."""
+        """The student alone, as a Hugging Face folder (`from_pretrained` loads it), with the step policy's state
+        and ctkd's temperature beside it (what a resumed run needs besides the student)."""
         output_dir = output_dir or self.args.output_dir
         prefix = "loss_model.lm."
         student_state = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -118,3 +248,25 @@ class DistillationTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, Path(output_dir) / "training_args.bin")
+        (Path(output_dir) / STATE).write_text(json.dumps(self.policy.state_dict()))
+        if self.model.loss_model.temperature is not None:
+            torch.save(self.model.loss_model.temperature.state_dict(), Path(output_dir) / TEMPERATURE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """A checkpoint `_save` wrote: the student's weights into the student, the policy's state, the temperature."""
+        from safetensors.torch import load_file
+
+        folder = Path(resume_from_checkpoint)
+        student = self.model.student
+        index = folder / "model.safetensors.index.json"  # save_pretrained's shards of a large student
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        weights = {name: value for file in files for name, value in load_file(folder / file).items()}
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+        # Tied weights (an LM head sharing the embeddings) are saved once: only they may be missing.
+        tied = set(dict(student.named_parameters(remove_duplicate=False))) - set(dict(student.named_parameters()))
+        if unexpected or set(missing) - tied:
+            raise UserError(f"{folder} does not hold this student's weights (missing {sorted(set(missing) - tied)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]})")
+        self.policy.load_state_dict(json.loads((folder / STATE).read_text()))
+        if self.model.loss_model.temperature is not None:
+            self.model.loss_model.temperature.load_state_dict(torch.load(folder / TEMPERATURE, weights_only=True))

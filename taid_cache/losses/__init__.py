@@ -1,37 +1,43 @@
 """Distillation losses, usable on their own (any training loop) and by the trainer.
 
-- registry.py: every loss declared once (`REGISTRY`, `LossSpec`, its `Param`s) and `LossConfig`, by keyword.
-- dense.py: per-position losses against dense teacher log-probs (TAID and the baselines), CE; dkd.py, ctkd.py:
-  decoupled KD and curriculum temperature KD.
-- sparse.py: the teacher as a cache holds it (`TopKTeacher`, `SampledTeacher`; `DenseTeacher` for one run
-  in-process), `rebuild_teacher` (top-k + a tail mode -> dense), TAID in closed form (`taid_sparse`) and the
-  sampled-tail FKL.
+- base.py: the protocol. A loss is a class (`Loss`): its parameters declared once (`Params`, each a `param`),
+  what it reads (t, labels, a temperature), its dense form, its sampled form where a sampled tail serves it, its
+  closed form where it has one; `register_loss` registers it (from inside the package or outside).
+- registry.py: `REGISTRY` (name -> class), `PARAMS`, `LOSSES`, `SAMPLED_LOSSES`, and `LossConfig` (a loss and its
+  parameters, by keyword); it imports the built-in losses: dense.py (TAID and the KL family), dkd.py (decoupled
+  KD), ctkd.py (curriculum temperature KD; its learned temperature in temperature.py), sft.py.
+- sparse.py: the teacher as a cache holds it (`TopKTeacher`, `SampledTeacher` and its one estimate
+  `SampledTeacher.weights`; `DenseTeacher` for one run in-process), `rebuild_teacher` (top-k + a tail mode ->
+  dense) and TAID in closed form (`taid_sparse`).
 - objective.py: one config against one teacher per chunk of positions (`chunk_loss` -> `ChunkLoss`), where a
-  loss's path (dense, sampled, closed form) is chosen.
+  loss's path (dense, sampled, closed form) is chosen by the teacher.
 - chunked.py: `chunked_lm_loss`, the LM head and a `chunk_loss` applied chunk by chunk (one autograd function).
 - schedule.py: `TaidSchedule`, the adaptive t.
-All maths is in float32; docs/LOSSES.md has the formulas. The registry is imported at once (the command line
-reads it without torch); everything else on first use.
+All maths is in float32; docs/LOSSES.md has the formulas. The registry and the loss classes are imported at
+once without torch (the command line reads them); everything else on first use.
 """
 
 from importlib import import_module
 
-from .registry import LOSSES, PARAMS, REGISTRY, SAMPLED_LOSSES, LossConfig, LossSpec, Param
+from .base import TEMPERATURE, Context, Loss, param
+from .registry import LOSSES, PARAMS, REGISTRY, SAMPLED_LOSSES, LossConfig, Param, register_loss
 
 _EXPORTS = {
     "chunked": ("chunked_lm_loss",),
-    "ctkd": ("CurriculumTemperature", "ctkd", "ctkd_sampled", "curriculum_lambda"),
-    "dense": ("LOG_FLOOR", "adaptive_kl", "cross_entropy", "fkl", "js", "reduce_masked", "rkl", "skew_fkl", "skew_rkl", "taid",
-              "taid_loss", "tvd"),
+    "ctkd": ("ctkd", "ctkd_sampled", "curriculum_lambda"),
+    "dense": ("LOG_FLOOR", "adaptive_kl", "cross_entropy", "fkl", "js", "reduce_masked", "rkl", "sampled_fkl", "skew_fkl",
+              "skew_rkl", "taid", "taid_loss", "tvd"),
     "dkd": ("dkd", "dkd_sampled"),
-    "objective": ("ChunkFn", "ChunkLoss", "chunk_loss", "closed_form", "distillation", "per_position_fn", "with_gradient"),
+    "objective": ("ChunkFn", "ChunkLoss", "chunk_loss", "distillation", "per_position_fn", "with_gradient"),
     "schedule": ("TaidSchedule",),
-    "sparse": ("DenseTeacher", "SampledTeacher", "TopKTeacher", "head_logprobs", "log1mexp", "rebuild_teacher", "sampled_fkl",
+    "sparse": ("DenseTeacher", "SampledTeacher", "TopKTeacher", "Weights", "head_logprobs", "log1mexp", "rebuild_teacher",
                "split_teacher", "taid_sparse"),
+    "temperature": ("CurriculumTemperature", "GradientReversal"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = ["LOSSES", "PARAMS", "REGISTRY", "SAMPLED_LOSSES", "LossConfig", "LossSpec", "Param", *_MODULE_OF]
+__all__ = ["LOSSES", "PARAMS", "REGISTRY", "SAMPLED_LOSSES", "TEMPERATURE", "Context", "Loss", "LossConfig", "Param", "param",
+           "register_loss", *_MODULE_OF]
 
 
 def __getattr__(name: str):

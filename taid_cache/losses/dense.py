@@ -1,11 +1,17 @@
-"""Per-position losses against a dense teacher: student logits [..., V] and teacher log-probs [..., V] in, one
-value per position out (float32). Each is declared, with its parameters, in registry.py."""
+"""TAID and the KL family: each loss's class (its parameters, what it reads, its paths; base.py has the protocol)
+beside its maths, per position: student logits [..., V] and teacher log-probs [..., V] in, one value per position
+out (float32). `torch` and `F` are base.py's, imported on first use (the command line reads these classes)."""
 
 from __future__ import annotations
 
 import math
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
+
+from .base import TEMPERATURE, F, Loss, param, register_loss, torch, with_gradient
+
+SKEW_BETA = param(0.1, "(0, 1)", "β of skew-fkl / skew-rkl (DistiLLM): the mixture β·p + (1−β)·q.")
+JS_BETA = param(0.1, "(0, 1)", "β of js, the generalised Jensen-Shannon divergence (0.5: the symmetric one).")
+ADAPTIVE_MU = param(0.5, "(0, 1)", "μ of adaptive-kl: the teacher mass of its head.")
 
 LOG_FLOOR = -100.0  # where a loss needs log p of a token the teacher gives no mass (rkl family): e^-100
 
@@ -96,3 +102,139 @@ def reduce_masked(per_position: torch.Tensor, mask: torch.Tensor | None) -> torc
 def taid_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar TAID loss for dense teacher log-probs [..., V], averaged over mask-true positions."""
     return reduce_masked(taid(student_logits, teacher_logprobs, t), mask)
+
+
+def sampled_fkl(student_logits: torch.Tensor, teacher, t: float | None = None, labels: torch.Tensor | None = None,
+                temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Σ ŵ (ℓ − log q) per position against a head + sampled tail (`SampledTeacher.weights`): an unbiased estimate of
+    KL(p‖q) whose gradient q − ŵ is unbiased too (at τ ≠ 1: of τ²·KL(p_τ‖q_τ), on the importance-weighted
+    estimate). Entries at or past `valid_vocab` are dropped (the others' weights renormalised); differentiable."""
+    est = teacher.weights(temperature)
+    log_q = F.log_softmax(student_logits.float() / temperature, -1)
+    return torch.where(est.usable, est.w * (est.ell - est.at(log_q)), 0.0).sum(-1) * temperature**2
+
+
+# The losses, in the order of `--loss`.
+
+
+@register_loss
+class TAID(Loss):
+    name = "taid"
+    summary = "TAID: cross-entropy to p_t ∝ q^(1−t) p^t, t moving from t_start to 1"
+    reads_t = True
+    sampled_how = "closed form; the tail's shape linear in the draws"
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return taid(logits, teacher_logprobs, ctx.t)
+
+    def closed_form(self, logits, teacher, ctx):
+        """`taid_sparse` on a cached teacher whose tail is spread like the student's, or sampled."""
+        from .sparse import SampledTeacher, TopKTeacher, taid_sparse
+
+        if isinstance(teacher, SampledTeacher) or (isinstance(teacher, TopKTeacher) and teacher.tail == "student"):
+            return taid_sparse(logits, teacher, ctx.t)
+        return None
+
+    def sampled(self, logits, teacher, ctx):
+        from .sparse import taid_sparse
+
+        value, grad = taid_sparse(logits, teacher, ctx.t)
+        return with_gradient(value, logits, grad)
+
+
+@dataclass(frozen=True)
+class Tempered:
+    temperature: float = TEMPERATURE
+
+
+@register_loss
+class FKL(Loss):
+    name = "fkl"
+    summary = "forward KL(p‖q)"
+    Params = Tempered
+    tempered = True
+    sampled_how = "unbiased (the draws' counts); at τ ≠ 1 importance-weighted"
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return fkl(logits, teacher_logprobs)
+
+    def sampled(self, logits, teacher, ctx):
+        return sampled_fkl(logits, teacher, temperature=ctx.temperature)
+
+
+@register_loss
+class RKL(Loss):
+    name = "rkl"
+    summary = "reverse KL(q‖p)"
+    Params = Tempered
+    tempered = True
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return rkl(logits, teacher_logprobs)
+
+
+@register_loss
+class TVD(Loss):
+    name = "tvd"
+    summary = "total variation distance"
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return tvd(logits, teacher_logprobs)
+
+
+@register_loss
+class JS(Loss):
+    name = "js"
+    summary = "generalised Jensen-Shannon divergence"
+    tempered = True
+
+    @dataclass(frozen=True)
+    class Params:
+        js_beta: float = JS_BETA
+        temperature: float = TEMPERATURE
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return js(logits, teacher_logprobs, self.params.js_beta)
+
+
+@dataclass(frozen=True)
+class Skewed:
+    skew_beta: float = SKEW_BETA
+    temperature: float = TEMPERATURE
+
+
+@register_loss
+class SkewFKL(Loss):
+    name = "skew-fkl"
+    summary = "skew forward KL (DistiLLM)"
+    Params = Skewed
+    tempered = True
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return skew_fkl(logits, teacher_logprobs, self.params.skew_beta)
+
+
+@register_loss
+class SkewRKL(Loss):
+    name = "skew-rkl"
+    summary = "skew reverse KL (DistiLLM)"
+    Params = Skewed
+    tempered = True
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return skew_rkl(logits, teacher_logprobs, self.params.skew_beta)
+
+
+@register_loss
+class AdaptiveKL(Loss):
+    name = "adaptive-kl"
+    summary = "FKL and RKL weighted by the head and tail gaps"
+    tempered = True
+
+    @dataclass(frozen=True)
+    class Params:
+        adaptive_mu: float = ADAPTIVE_MU
+        temperature: float = TEMPERATURE
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return adaptive_kl(logits, teacher_logprobs, self.params.adaptive_mu)

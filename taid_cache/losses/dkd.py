@@ -6,10 +6,9 @@ for the KL family) both distributions are at τ and the loss is × τ², as the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from .base import TEMPERATURE, F, Loss, param, register_loss, torch
 from .dense import xlogy_ratio
 
 
@@ -39,9 +38,8 @@ def dkd_sampled(student_logits: torch.Tensor, teacher, t: float, labels: torch.T
     (as the sampled FKL does), so the entropy-like terms carry no plug-in bias. p̂_g of a target never drawn is 0,
     its unbiased estimate. TCKD and NCKD are not linear in p̂, so this is consistent as the draws grow, not
     unbiased (docs/LOSSES.md)."""
-    ids, log_w, ell = teacher.estimate(temperature)
-    usable = (ids >= 0) & (ids < teacher.valid_vocab) & torch.isfinite(log_w)
-    w = torch.softmax(log_w.float().masked_fill(~usable, -math.inf), -1).nan_to_num(0.0)
+    est = teacher.weights(temperature)
+    ids, w, ell, usable = est
     log_q = F.log_softmax(student_logits.float() / temperature, -1)
     gold = labels.long()[:, None]
     at_gold = usable & (ids == gold)
@@ -55,6 +53,27 @@ def dkd_sampled(student_logits: torch.Tensor, teacher, t: float, labels: torch.T
             + torch.where(rest > 0, rest * (log_rest - log_q_rest), 0.0))
     others = usable & ~at_gold
     share = torch.where(others, w / rest.clamp(min=1e-30)[:, None], 0.0)
-    log_q_e = log_q.gather(1, ids.long().clamp(0, log_q.shape[1] - 1))
+    log_q_e = est.at(log_q)
     nckd = torch.where(others, share * ((ell.float() - log_rest[:, None]) - (log_q_e - log_q_rest[:, None])), 0.0).sum(-1)
     return (dkd_alpha * tckd + dkd_beta * nckd) * temperature**2
+
+
+@register_loss
+class DKD(Loss):
+    name = "dkd"
+    summary = "decoupled KD: target-class and non-target KL"
+    tempered = True
+    needs_labels = True
+    sampled_how = "on the sampled estimate (consistent, not unbiased)"
+
+    @dataclass(frozen=True)
+    class Params:
+        dkd_alpha: float = param(1.0, "[0, inf)", "α of dkd: the weight of the target-class KL.")
+        dkd_beta: float = param(0.5, "[0, inf)", "β of dkd: the weight of the non-target KL.")
+        temperature: float = TEMPERATURE
+
+    def dense(self, logits, teacher_logprobs, ctx):
+        return dkd(logits, teacher_logprobs, ctx.labels, self.params.dkd_alpha, self.params.dkd_beta)
+
+    def sampled(self, logits, teacher, ctx):
+        return dkd_sampled(logits, teacher, ctx.t, ctx.labels, self.params.dkd_alpha, self.params.dkd_beta, ctx.temperature)

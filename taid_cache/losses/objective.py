@@ -1,6 +1,7 @@
 """One loss config against one teacher, per chunk of positions: the typed interface between the losses and the
-chunked LM head, and the one place that picks a loss's path: its dense function (a rebuilt top-k teacher), its
-sampled-tail estimator, or its closed form, each named in registry.py."""
+chunked LM head, and the one place that picks a loss's path by the teacher it meets: the loss object's closed
+form where it has one for that teacher, its sampled form against a head + sampled tail, else its dense form
+(against a dense or rebuilt top-k teacher). Each loss answers for itself (base.py's protocol)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
+from .base import Context, Loss, with_gradient  # noqa: F401  (with_gradient: exported here too)
 from .dense import cross_entropy
 from .registry import SAMPLED_LOSSES, LossConfig
-from .sparse import DenseTeacher, SampledTeacher, TopKTeacher, taid_sparse
+from .sparse import DenseTeacher, SampledTeacher, TopKTeacher
 
 AnyTeacher = Union[DenseTeacher, TopKTeacher, SampledTeacher]
 Temperature = Union[float, torch.Tensor]
@@ -31,57 +32,25 @@ class ChunkLoss:
 ChunkFn = Callable[[torch.Tensor, slice], ChunkLoss]
 
 
-def with_gradient(value: torch.Tensor, logits: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """`value` (per position), differentiable in `logits` with the given gradient: a closed form usable in any
-    autograd loop."""
-    linear = torch.linalg.vecdot(logits.float(), grad)
-    return value + linear - linear.detach()
-
-
-def taid_sampled(student_logits: torch.Tensor, teacher: SampledTeacher, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """TAID against a head + sampled tail, differentiable (its closed form, `taid_sparse`)."""
-    value, grad = taid_sparse(student_logits, teacher, t)
-    return with_gradient(value, student_logits, grad)
-
-
-def temperature_of(cfg: LossConfig, learned: Temperature | None) -> Temperature:
-    """The temperature a loss runs at: a learned one (ctkd), else --temperature for the KL family, else 1."""
-    if cfg.spec.learns_temperature:
-        if learned is None:
-            raise ValueError(f"{cfg.name} trains its own temperature: pass it (CurriculumTemperature)")
-        return learned
-    return cfg.temperature if cfg.spec.tempered else 1.0
-
-
-def arguments(cfg: LossConfig, t: float, labels: torch.Tensor | None, temperature: Temperature) -> dict:
-    """The keyword arguments the loss's own functions take (registry.py), but t."""
-    spec = cfg.spec
-    kwargs = cfg.params()
-    if spec.needs_labels:
-        if labels is None:
-            raise ValueError(f"{cfg.name} needs the labels (the data's next tokens)")
-        kwargs["labels"] = labels
-    if spec.learns_temperature:
-        kwargs["temperature"] = temperature
-    return kwargs
+def _distil(loss: Loss, teacher: AnyTeacher, logits: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if isinstance(teacher, SampledTeacher):
+        if loss.sampled_how is None:
+            raise ValueError(f"a sampled tail serves {', '.join(SAMPLED_LOSSES)}, not {loss.name}")
+        return loss.sampled(logits, teacher, ctx)
+    dense = teacher.logprobs if isinstance(teacher, DenseTeacher) else teacher.dense(logits)
+    return loss.per_position(logits, dense, ctx)
 
 
 def per_position_fn(cfg: LossConfig) -> Callable[..., torch.Tensor]:
     """The distillation term of `cfg` against dense teacher log-probs, as f(student_logits, teacher_logprobs, t,
-    labels=None, temperature=None) -> [positions]; --temperature wraps the KL family's functions (both sides at
-    τ, × τ²)."""
-    spec = cfg.spec
-    if not spec.uses_teacher:
+    labels=None, temperature=None) -> [positions] (`Loss.per_position`: --temperature around the KL family)."""
+    loss = cfg.loss
+    if not loss.uses_teacher:
         raise ValueError(f"{cfg.name} has no teacher term")
-    fn = spec.function()
 
     def apply(logits: torch.Tensor, teacher_logprobs: torch.Tensor, t: float, labels: torch.Tensor | None = None,
               temperature: Temperature | None = None) -> torch.Tensor:
-        tau = temperature_of(cfg, temperature)
-        kwargs = {**arguments(cfg, t, labels, tau), **({"t": t} if spec.reads_t else {})}
-        if spec.tempered and not (isinstance(tau, (int, float)) and tau == 1):
-            return fn(logits.float() / tau, F.log_softmax(teacher_logprobs.float() / tau, -1), **kwargs) * tau**2
-        return fn(logits, teacher_logprobs, **kwargs)
+        return loss.per_position(logits, teacher_logprobs, loss.context(t, labels, temperature))
 
     return apply
 
@@ -89,36 +58,27 @@ def per_position_fn(cfg: LossConfig) -> Callable[..., torch.Tensor]:
 def distillation(cfg: LossConfig, teacher: AnyTeacher, logits: torch.Tensor, t: float, labels: torch.Tensor | None = None,
                  temperature: Temperature | None = None) -> torch.Tensor:
     """The distillation term of `cfg` per position, differentiable in `logits`: a dense or rebuilt top-k teacher
-    through the loss's dense function; a sampled tail through its own estimator."""
-    if isinstance(teacher, SampledTeacher):
-        spec = cfg.spec
-        if spec.sampled is None:
-            raise ValueError(f"a sampled tail serves {', '.join(SAMPLED_LOSSES)}, not {cfg.name}")
-        tau = temperature_of(cfg, temperature)
-        kwargs = {**arguments(cfg, t, labels, tau), **({"temperature": tau} if spec.tempered else {})}
-        return spec.sampled_function()(logits, teacher, t, **kwargs)
-    dense = teacher.logprobs if isinstance(teacher, DenseTeacher) else teacher.dense(logits)
-    return per_position_fn(cfg)(logits, dense, t, labels, temperature)
-
-
-def closed_form(cfg: LossConfig, teacher: AnyTeacher) -> bool:
-    """A loss with a closed form (TAID), alone (no CE mix), on a cached teacher whose tail is spread like the
-    student's, or sampled."""
-    sparse = isinstance(teacher, SampledTeacher) or (isinstance(teacher, TopKTeacher) and teacher.tail == "student")
-    return cfg.spec.closed_form and cfg.distil_ratio == 1 and sparse
+    through the loss's dense form; a sampled tail through its sampled form. `temperature`: ctkd's learned one."""
+    loss = cfg.loss
+    if not loss.uses_teacher:
+        raise ValueError(f"{cfg.name} has no teacher term")
+    return _distil(loss, teacher, logits, loss.context(t, labels, temperature))
 
 
 def chunk_loss(cfg: LossConfig, teacher: Optional[AnyTeacher], logits: torch.Tensor, labels: torch.Tensor, t: float,
                temperature: Temperature | None = None) -> ChunkLoss:
     """`cfg` on one chunk: r · distillation + (1 − r) · CE (r = distil_ratio; a loss without a teacher, or no
-    teacher: CE alone), reporting the distillation term (CE for sft). `temperature`: ctkd's learned one."""
-    if not cfg.spec.uses_teacher or teacher is None:
+    teacher: CE alone), reporting the distillation term (CE for sft). Alone (r = 1), a loss's closed form is taken
+    where it has one for this teacher (TAID on a top-k teacher with the student tail, or a sampled one)."""
+    loss = cfg.loss
+    if not loss.uses_teacher or teacher is None:
         ce = cross_entropy(logits, labels).sum()
         return ChunkLoss(ce, ce)
-    if closed_form(cfg, teacher):
-        value, grad = taid_sparse(logits, teacher, t)
+    ctx = loss.context(t, labels, temperature)
+    if cfg.distil_ratio == 1 and (found := loss.closed_form(logits, teacher, ctx)) is not None:
+        value, grad = found
         return ChunkLoss(value.sum(), value.sum(), grad)
-    d = distillation(cfg, teacher, logits, t, labels, temperature)
+    d = _distil(loss, teacher, logits, ctx)
     if cfg.distil_ratio == 1:
         return ChunkLoss(d.sum(), d.sum())
     ce = cross_entropy(logits, labels)

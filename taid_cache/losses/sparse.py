@@ -2,15 +2,15 @@
 
 `TopKTeacher`: the top-k log-probs and the exact mass off them; `rebuild_teacher` spreads that mass by a tail
 mode into dense log-probs for any loss of dense.py. `SampledTeacher`: a head plus N draws off it, an unbiased
-estimate of the rest (`--tail-samples`). `taid_sparse` is TAID in closed form against either (value and
-gradient, one exp pass over [N, V]); `sampled_fkl` the unbiased FKL over a sampled tail. docs/LOSSES.md has
-the maths."""
+estimate of the rest (`--tail-samples`), read by every loss a sampled tail serves through one helper,
+`SampledTeacher.weights`. `taid_sparse` is TAID in closed form against either (value and gradient, one exp pass
+over [N, V]). docs/LOSSES.md has the maths."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +94,34 @@ class SampledTeacher:
         log_z = log_w.logsumexp(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
         return ids, log_w - log_z, ell * inverse - log_z
 
+    def weights(self, temperature: float | torch.Tensor = 1.0) -> Weights:
+        """The estimate at `temperature` as the losses read it: its entries' weights normalised over the usable ones
+        (an id below `valid_vocab` with a finite ŵ; 0 elsewhere, and in a row with none), with their exact log-probs
+        ℓ. The one gather and softmax over the cache that the sampled FKL, DKD and CTKD share."""
+        ids, log_w, ell = self.estimate(temperature)
+        usable = (ids >= 0) & (ids < self.valid_vocab) & torch.isfinite(log_w)
+        has_any = usable.any(-1, keepdim=True)
+        w = torch.where(has_any, torch.softmax(torch.where(has_any, log_w.masked_fill(~usable, -math.inf), 0.0), -1), 0.0)
+        return Weights(ids, w, ell, usable)
+
     def top1(self) -> torch.Tensor:
         """The estimate's largest entry: the head's first (a head of 0 entries: the most drawn token)."""
         ids, log_w, _ = self.estimate()
         return ids.gather(1, log_w.argmax(-1, keepdim=True))[:, 0]
+
+
+class Weights(NamedTuple):
+    """`SampledTeacher.weights`: per entry [N, k + S] its id (−1 unused), normalised weight, exact log-prob ℓ, and
+    whether it is usable."""
+
+    ids: torch.Tensor
+    w: torch.Tensor
+    ell: torch.Tensor
+    usable: torch.Tensor
+
+    def at(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` [N, V] (the student's log-probs, say) at each entry's id; unused entries read a column to mask."""
+        return values.gather(1, self.ids.clamp(0, values.shape[1] - 1))
 
 
 SparseTeacher = Union[TopKTeacher, SampledTeacher]
@@ -241,17 +265,3 @@ def taid_sparse(student_logits: torch.Tensor, teacher: SparseTeacher, t: float) 
         loss = loss - (to_draws * s.gather(1, draw_at)).sum(-1)
         q.scatter_add_(1, draw_at, -to_draws)
     return loss, q
-
-
-def sampled_fkl(student_logits: torch.Tensor, teacher: SampledTeacher, t: float | None = None, labels: torch.Tensor | None = None,
-                temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Σ ŵ (ℓ − log q) per position: an unbiased estimate of KL(p‖q) whose gradient q − ŵ is unbiased too (at
-    τ ≠ 1: of τ²·KL(p_τ‖q_τ), on the importance-weighted estimate). Entries at or past `valid_vocab` are dropped
-    (the others' weights renormalised); differentiable."""
-    ids, log_w, ell = teacher.estimate(temperature)
-    log_q = F.log_softmax(student_logits.float() / temperature, -1)
-    usable = (ids >= 0) & (ids < teacher.valid_vocab) & torch.isfinite(log_w)
-    log_q_e = log_q.gather(1, ids.clamp(0, log_q.shape[1] - 1))
-    has_any = usable.any(-1, keepdim=True)
-    w = torch.where(has_any, torch.softmax(torch.where(has_any, log_w.masked_fill(~usable, -math.inf), 0.0), -1), 0.0)
-    return torch.where(usable, w * (ell - log_q_e), 0.0).sum(-1) * temperature**2

@@ -8,31 +8,30 @@ loss -> log, evaluate, checkpoint -> save the student with save_pretrained.
 
 from __future__ import annotations
 
-import importlib.util
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import TrainConfig, check_fields, flag, read_config
+from ..config import LOSS_PARAMETERS, TrainConfig, check_fields, flag, read_config
 from ..errors import UserError, first_line, user_errors, write_errors
 from ..fingerprints import model_hash, resolve_model
 from ..heads import check_head
-from ..losses import PARAMS, REGISTRY, CurriculumTemperature, TaidSchedule
+from ..losses import TaidSchedule
 from ..progress import only_our_bars
 from ..settings import describe_differences
 from ..shards.contract import CacheSettings, Manifest
 from ..shards.manifest import load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
-from ..storage import Store, is_remote, open_store, remote_errors
-from ..training.policy import DistillationPolicy, check_serves, total_steps
+from ..storage import Store, open_store, remote_errors
+from ..training.policy import DistillationPolicy, check_parameters, check_serves, total_steps
 from ..training.trainer import Progress, Trainer
 from ..training.checkpoint import CheckpointManager, checkpoints, readable_meta, remove_interrupted_saves, step_of
 from ..training.data import CacheRows, CacheStream, StreamOrder, micro_batches
 from ..training.distributed import Dist, broadcast_object, close_distributed, init_distributed
-from ..training.metrics import MetricsLog
+from ..training.metrics import MetricsLog, check_report_to
+from ..training.optim import lr_schedule
 from ..training.run_folder import clear_unrecoverable, install_staged, is_finished, refuse_non_empty, run_lock
 from ..training.teacher import TeacherSource
 from ..training.student import (
@@ -51,11 +50,7 @@ def check_options(cfg: TrainConfig) -> None:
         raise UserError(f"--taid-t-start ({cfg.taid_t_start}) must be below --taid-t-end ({cfg.taid_t_end})")
     if cfg.eval_every and cfg.eval_cache is None:
         raise UserError("--eval-every needs --eval-cache (the held-out cache to evaluate on)")
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise UserError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package (pip install 'taid-cache[{cfg.report_to}]')")
-    if cfg.report_to != "none" and is_remote(cfg.output):
-        raise UserError(f"--report-to {cfg.report_to} writes its logs into a local --output folder; with --output {cfg.output} "
-                        "the metrics are in its metrics.jsonl")
+    check_report_to(cfg.report_to, cfg.output)
     for location in (cfg.cache, cfg.eval_cache, cfg.output):
         if location is not None:
             open_store(location)  # an unknown scheme, or one whose package is missing, in one line
@@ -67,28 +62,15 @@ def check_loss_parameters(cfg: TrainConfig) -> None:
         raise UserError("--beta is replaced by --skew-beta (skew-fkl, skew-rkl) and --js-beta (js)")
     if cfg.mu is not None:
         raise UserError("--mu is replaced by --adaptive-mu (adaptive-kl)")
-    spec = REGISTRY[cfg.loss]
-    for name, param in PARAMS.items():
-        if name not in spec.reads and getattr(cfg, name) != param.default:
-            readers = ", ".join(n for n, s in REGISTRY.items() if name in s.reads)
-            raise UserError(f"{flag(name)} {getattr(cfg, name)}: --loss {cfg.loss} does not read it (it is a parameter of {readers})")
-
-
-def lr_schedule(cfg: TrainConfig, optimizer, total: int):
-    """transformers' scheduler of that name (what a Trainer run with the same arguments uses)."""
-    from transformers import get_scheduler
-
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
-    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    check_parameters(cfg.loss, {name: getattr(cfg, name) for name in LOSS_PARAMETERS}, flag)
 
 
 def verified(cache: str, env: Dist, local_dir: str | None) -> Manifest:
     """The cache's manifest, checked in full once per run by rank 0; the other ranks wait for its verdict."""
-    error = None
+    error = manifest = None
     if env.rank == 0:
         try:
-            verify_cache(cache, local_dir)
+            manifest = verify_cache(cache, local_dir)
         except UserError as exc:
             error = str(exc)
         except Exception as exc:  # an unreadable file: the other ranks must hear of it, not wait
@@ -96,7 +78,7 @@ def verified(cache: str, env: Dist, local_dir: str | None) -> Manifest:
     error = broadcast_object(error, env)
     if error is not None:
         raise UserError(error)
-    return load_manifest(cache)
+    return manifest or load_manifest(cache)
 
 
 def check_loss_tokens(cache: str, max_length: int) -> None:
@@ -182,7 +164,7 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
     rows = lm.get_output_embeddings().weight.shape[0]
     teacher = TeacherSource(settings, cfg.tail, rows, env, cfg.teacher_model, cfg.pack)
     loss_cfg = cfg.loss_config()
-    temperature = CurriculumTemperature(cfg.ctkd_t_start, cfg.ctkd_t_end) if loss_cfg.spec.learns_temperature else None
+    temperature = loss_cfg.loss.learned_temperature() if loss_cfg.spec.learns_temperature else None
     model = shard_model(LossModel(lm, cfg.loss_chunk, check_head(lm, "student"), temperature), env, cfg.precision,
                         cfg.activation_checkpointing)
     steps = total_steps(cfg.max_steps, cfg.epochs, manifest.records, global_batch)
@@ -198,7 +180,7 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
             cfg.console.print(f"resumed from step {progress.step} of {steps} ({cfg.output})")
     log = MetricsLog(output, env, progress.step, cfg.report_to, run_config)
     order = StreamOrder(cfg.seed, cfg.shuffle_buffer, True, progress.step * global_batch, None, env.rank, env.world, cfg.batch_size)
-    data = micro_batches(CacheStream(CacheRows(cfg.cache, cfg.read_ahead, cfg.local_cache), order, cfg.max_length, cfg.pack),
+    data = micro_batches(CacheStream(CacheRows(cfg.cache, cfg.read_ahead, cfg.local_cache, manifest), order, cfg.max_length, cfg.pack),
                          cfg.num_workers)
     model.train()
     trainer = Trainer(cfg, env, model, optimizer, scheduler, policy, teacher, data, eval_rows, steps, checkpoints, progress, log,
@@ -215,8 +197,7 @@ def held_out_rows(cfg: TrainConfig, settings: CacheSettings, env: Dist) -> Cache
     """--eval-cache, verified, and of the same teacher and tokenizer as --cache (its KL is to that teacher)."""
     if cfg.eval_cache is None:
         return None
-    verified(cfg.eval_cache, env, cfg.local_cache)
-    rows = CacheRows(cfg.eval_cache, cfg.read_ahead, cfg.local_cache)
+    rows = CacheRows(cfg.eval_cache, cfg.read_ahead, cfg.local_cache, verified(cfg.eval_cache, env, cfg.local_cache))
     held_out = rows.manifest.settings
     for what, theirs, ours in (("tokenizer", held_out.tokenizer_hash, settings.tokenizer_hash),
                                ("teacher", held_out.teacher_hash, settings.teacher_hash)):

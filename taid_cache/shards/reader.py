@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import itertools
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -64,11 +64,15 @@ class ShardFiles:
         self.read_ahead = read_ahead if not cache.is_local else 0
         self.capacity = self.read_ahead + 2
         self._order = order if order is not None else itertools.cycle(range(len(manifest.shards)))
-        self._seen: set[int] = set()
+        self._upcoming: deque[int] = deque()  # `order` from the reader's position on
         self._fetched: OrderedDict[int, Future] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.read_ahead, 4)), thread_name_prefix="taid-cache-fetch") \
-            if not cache.is_local else None
+        self._pool = None
+        if not cache.is_local:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, min(self.read_ahead, 4)), thread_name_prefix="taid-cache-fetch")
+            with self._lock:
+                for s in self._peek(self.read_ahead):  # the first ones start now, while the student loads
+                    self._submit(s)
 
     def open(self, index: int) -> pa.NativeFile:
         entry = self.manifest.shards[index]
@@ -79,12 +83,28 @@ class ShardFiles:
     def fetched(self, index: int) -> bytes:
         """A remote shard's bytes: from memory, the local folder, or the store (what a reader ahead asked for)."""
         with self._lock:
-            if index not in self._seen:
-                self._seen.add(index)
-                self._schedule_ahead(index)
+            self._advance(index)
             future = self._submit(index)
             self._fetched.move_to_end(index)
         return future.result()
+
+    def _peek(self, n: int) -> list[int]:
+        while len(self._upcoming) < n:
+            self._upcoming.append(next(self._order))
+        return list(itertools.islice(self._upcoming, n))
+
+    def _advance(self, index: int) -> None:
+        """A shard the order reaches next (within a few places: a shuffle buffer mixes neighbours) moves the
+        reader's position past it and fetches the `read_ahead` after it; one it has passed (rows of a previous
+        shard still in the buffer) changes nothing."""
+        if not self.read_ahead:
+            return
+        window = self._peek(self.read_ahead + 4)
+        if index in window:
+            for _ in range(window.index(index) + 1):
+                self._upcoming.popleft()
+            for s in self._peek(self.read_ahead):
+                self._submit(s)
 
     def _submit(self, index: int) -> Future:
         if index not in self._fetched:
@@ -92,16 +112,6 @@ class ShardFiles:
             while len(self._fetched) > self.capacity:
                 self._fetched.popitem(last=False)
         return self._fetched[index]
-
-    def _schedule_ahead(self, index: int) -> None:
-        """Walk `order` past `index`, then fetch the `read_ahead` shards after it."""
-        if not self.read_ahead:
-            return
-        for s in self._order:
-            if s == index:
-                break
-        for s in itertools.islice(self._order, self.read_ahead):
-            self._submit(s)
 
     def _fetch(self, entry: ShardEntry) -> bytes:
         name = f"{entry.sha256}.arrow"

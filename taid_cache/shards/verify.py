@@ -37,13 +37,14 @@ def verify_cache(location: str | Path, local_dir: str | None = None) -> Manifest
 def check_shard(cache: Store, files: ShardFiles, index: int, shard: ShardEntry, expected: pa.Schema) -> None:
     """One shard against its manifest entry: present, its bytes' size and sha256, readable, its schema and rows."""
     with remote_errors(cache.url):
-        if not cache.is_file(shard.file):
-            raise UserError(f"bad shard {shard.file}: file is missing")
-        if cache.is_local:
-            with cache.open_input(shard.file) as source:  # memory-mapped: hashed without a copy
-                data = source.read_buffer()
-        else:
-            data = pa.py_buffer(files.fetched(index))
+        try:
+            if cache.is_local:
+                with cache.open_input(shard.file) as source:  # memory-mapped: hashed without a copy
+                    data = source.read_buffer()
+            else:
+                data = pa.py_buffer(files.fetched(index))
+        except FileNotFoundError:
+            raise UserError(f"bad shard {shard.file}: file is missing") from None
     if data.size != shard.bytes or hashlib.sha256(memoryview(data)).hexdigest() != shard.sha256:
         raise UserError(f"bad shard {shard.file}: checksum does not match the manifest")
     try:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from ..packing import lay_out
-from ..shards.contract import CacheRecord
+from ..shards.contract import CacheRecord, Manifest
 from ..shards.manifest import load_manifest
 from ..shards.reader import RandomAccess, ShardFiles
 from ..storage import open_store
@@ -132,9 +132,9 @@ class CacheRows:
     evaluation and the Hugging Face `CacheDataset`. A remote cache's shards are fetched `read_ahead` shards ahead
     of need (and kept in `local_dir` when given)."""
 
-    def __init__(self, location: str, read_ahead: int = 2, local_dir: str | None = None) -> None:
+    def __init__(self, location: str, read_ahead: int = 2, local_dir: str | None = None, manifest: Manifest | None = None) -> None:
         self.location, self.read_ahead, self.local_dir = location, read_ahead, local_dir
-        self.manifest = load_manifest(location)  # a one-line error now, not in a loader worker
+        self.manifest = manifest or load_manifest(location)  # a one-line error now, not in a loader worker
 
     def runs(self, order: StreamOrder) -> Iterator[list[CacheRecord]]:
         """This rank's (and this loader worker's) runs of `order.batch_size` records."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import LossConfig, chunk_loss, curriculum_lambda
+from ..losses import LossConfig, chunk_loss
 from .data import MicroBatch
 from .distributed import Dist
 from .student import LossModel
@@ -18,7 +18,7 @@ def micro_batch_loss(model: LossModel, teacher: TeacherSource, mb: MicroBatch, l
     learned temperature's curriculum stands (ctkd)."""
     labels = mb.labels[mb.targets].to(env.device)
     batch_teacher = teacher.for_batch(mb, env) if loss.spec.uses_teacher else None
-    lam = curriculum_lambda(epoch, loss.ctkd_lambda_max, loss.ctkd_lambda_min, loss.ctkd_loops) if loss.spec.learns_temperature else None
+    lam = loss.loss.curriculum(epoch) if loss.spec.learns_temperature else None
     return model(mb.model_inputs(env.device), mb.targets.to(env.device),
                  lambda logits, sl, *temperature: chunk_loss(loss, None if batch_teacher is None else batch_teacher[sl], logits,
                                                              labels[sl], t, *temperature), lam)

@@ -5,6 +5,7 @@ from its checkpoint, writes again)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import uuid
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from ..storage import Store, open_store
+from ..config import REPORT_BACKENDS
+from ..errors import UserError
+from ..storage import Store, is_remote, open_store
 from .distributed import Dist
 
 
@@ -33,11 +36,45 @@ def parse_line(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def installed(backend: str) -> bool:
+    return importlib.util.find_spec(backend) is not None
+
+
+def report_backends(names: list[str] | str) -> list[str]:
+    """`--report-to` as the backends it logs to, as transformers reads it: none (or nothing) is none, all is every
+    backend installed; each named once, in the order given."""
+    names = [names] if isinstance(names, str) else list(names)
+    if "all" in names:
+        return [b for b in REPORT_BACKENDS if installed(b)]
+    return list(dict.fromkeys(n for n in names if n != "none"))
+
+
+def check_report_to(names: list[str], output: str | None = None) -> None:
+    """Every backend of `--report-to` known and installed (and, given the run's `output`, a local folder for their
+    logs), in one line."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in ("none", "all", *REPORT_BACKENDS):
+            raise UserError(f"--report-to must be one of none, {', '.join(REPORT_BACKENDS)}, all, not {name!r}")
+    alone = [n for n in ("none", "all") if n in names]
+    if alone and len(set(names)) > 1:
+        raise UserError(f"--report-to {alone[0]} stands alone, not with {', '.join(n for n in dict.fromkeys(names) if n != alone[0])}")
+    backends = report_backends(names)
+    missing = [b for b in backends if not installed(b)]
+    if missing:
+        packages = ",".join(missing)
+        raise UserError(f"--report-to {' '.join(missing)} needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)} "
+                        f"(pip install 'taid-cache[{packages}]')")
+    if backends and output is not None and is_remote(output):
+        raise UserError(f"--report-to {' '.join(backends)} writes its logs into a local --output folder; with --output {output} "
+                        "the metrics are in its metrics.jsonl")
+
+
 class MetricsLog:
     """OUTPUT/metrics.jsonl, written by rank 0 (a resumed run first drops lines past its checkpoint), and the
-    same records to tensorboard or wandb (`--report-to`)."""
+    same records to each backend of `--report-to` (tensorboard, wandb)."""
 
-    def __init__(self, output: Store, env: Dist, resumed_step: int, report_to: str, settings: dict[str, Any]) -> None:
+    def __init__(self, output: Store, env: Dist, resumed_step: int, report_to: list[str] | str, settings: dict[str, Any]) -> None:
         self.output, self.enabled = output, env.rank == 0
         self.path = output.local_path(METRICS)  # None on an object store: the records are kept and rewritten
         self.board = self.wandb = None
@@ -47,11 +84,12 @@ class MetricsLog:
         self.lines = [line for line in lines if (record := parse_line(line)) is not None and record.get("step", math.inf) <= resumed_step]
         self.flush()
         local = output.local_path()
-        if report_to == "tensorboard":
+        backends = report_backends(report_to)
+        if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self.board = SummaryWriter(str(local / "tensorboard"))
-        elif report_to == "wandb":
+        if "wandb" in backends:
             self.wandb = wandb_run(local, settings)
 
     def flush(self) -> None:

@@ -5,9 +5,10 @@ ctkd's curriculum stands, and TAID's t, moved once per optimizer step from the s
 from __future__ import annotations
 
 import math
+from typing import Callable, Mapping
 
 from ..errors import UserError
-from ..losses import SAMPLED_LOSSES, LossConfig, TaidSchedule
+from ..losses import PARAMS, REGISTRY, SAMPLED_LOSSES, LossConfig, TaidSchedule
 from ..shards.contract import CacheSettings
 
 
@@ -19,6 +20,16 @@ def check_serves(settings: CacheSettings, loss: str, tail: str) -> None:
     if settings.sampled and tail != "student":
         raise UserError(f"--tail {tail}: a cache with a sampled tail (--tail-samples) has its tail in its draws; "
                         "--tail shapes the tail of a top-k cache only")
+
+
+def check_parameters(loss: str, values: Mapping[str, float], named: Callable[[str], str]) -> None:
+    """A loss parameter set (away from its default) for a loss that does not read it: one line, naming it as the
+    front-end does (`named`: train-student's --flag, or the config field)."""
+    reads = REGISTRY[loss].reads
+    for name, value in values.items():
+        if name not in reads and value != PARAMS[name].default:
+            readers = ", ".join(n for n, s in REGISTRY.items() if name in s.reads)
+            raise UserError(f"{named(name)} {value}: --loss {loss} does not read it (it is a parameter of {readers})")
 
 
 def total_steps(max_steps: int | None, epochs: float | None, records: int, global_batch: int) -> int:

@@ -161,7 +161,8 @@ class Trainer:
         step, every = self.progress.step, self.cfg.eval_every
         if self.eval_rows is None or not ((every and step % every == 0) or step == self.total_steps):
             return
-        scores = evaluate(self.model, self.cfg, self.eval_rows, self.env)
+        cfg = self.cfg
+        scores = evaluate(self.model, self.eval_rows, self.env, cfg.batch_size, cfg.max_length, cfg.pack, cfg.tail)
         self.log.write({"step": step, **scores})
         self.log.sync()
         if self.env.rank == 0:
