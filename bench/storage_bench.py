@@ -4,7 +4,7 @@
     default) and without (0). Target >= 0.95 with it.
 (b) dump-teacher tok/s writing the cache to S3 ÷ writing it to local disk. Target >= 0.95.
 
-S3 is a moto server on loopback started here (in this process, on threads); the endpoint and test credentials
+S3 is a moto server on loopback started here (a process of its own); the endpoint and test credentials
 go into os.environ, as any S3 client reads them. The teacher (bench/dump_teacher_bench.py's TRAINED size,
 random), the student (bench/train_student_bench.py's STUDENT) and the tokenizer are built here in --work; the
 data is standard-library source as text rows. Each measured call gets a fresh output folder; the configurations
@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import logging
 import os
 import platform
 import pstats
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -57,22 +58,30 @@ TRAIN = {"train-local": None, "train-s3-ra2": 2, "train-s3-ra0": 0}  # name: rea
 DUMP = ("dump-local", "dump-s3")
 
 
-def start_s3() -> tuple[object, str, str]:
-    """A moto server on a free loopback port, its endpoint and credentials in os.environ, and a fresh bucket."""
+def start_s3() -> tuple[subprocess.Popen, str, str]:
+    """A moto server in a process of its own on a free loopback port (in this process, its request handling would
+    take this process's interpreter lock from the run it serves), its endpoint and credentials in os.environ,
+    and a fresh bucket."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(name, None)
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"})
     bucket = f"taid-bench-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for _ in range(200):  # until it listens (a bounded wait)
+        try:
+            client.create_bucket(Bucket=bucket)
+            break
+        except Exception:
+            time.sleep(0.05)
     return server, endpoint, bucket
 
 
@@ -186,7 +195,8 @@ def main() -> None:
             profile = str(args.work / f"profile-{args.profile}.pstats")
         engine.close()
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
         shutil.rmtree(scratch, ignore_errors=True)
     load_after = os.getloadavg()
 
@@ -197,9 +207,9 @@ def main() -> None:
               "dump_s3_over_local": median["dump-s3"] / median["dump-local"]}
     facts = machine_facts()
     unit = {**{n: "steps/s" for n in TRAIN}, **{n: "tok/s" for n in DUMP}}
-    note = ("moto is an in-process Python server (werkzeug, on threads of the measured process, sharing its GIL and its "
-            f"{facts['affinity']} CPUs): its per-request overhead and bandwidth are not S3's, and its CPU time is charged to "
-            "the run. Other test processes may have been running on the machine (the load averages are recorded). "
+    note = ("moto is a Python server (werkzeug) in a process of its own on this machine, sharing its "
+            f"{facts['affinity']} CPUs with the run: its per-request overhead and bandwidth are not S3's, and the CPU it takes is "
+            "the run's loss. Other test processes may have been running on the machine (the load averages are recorded). "
             f"--shuffle-buffer {args.shuffle_buffer} is about one shard's records here, as train-student's default 1024 is "
             "within one 256 MB shard of a real cache; a buffer spanning many small shards would make the reader hop "
             "between shards.")
@@ -220,7 +230,7 @@ def main() -> None:
               f"| dump-teacher | {ratios['dump_s3_over_local']:.3f} | >= 0.95 |", "", f"Note: {note}"]
     publish("storage", "\n".join(lines), {
         "machine_facts": facts, "loadavg_before": load_before, "loadavg_after": load_after, "loadavg_per_round": load_during,
-        "endpoint": "moto ThreadedMotoServer on 127.0.0.1", "cache": cache_facts,
+        "endpoint": "moto_server in its own process on 127.0.0.1", "cache": cache_facts,
         "settings": {"rounds": args.rounds, "shard_size_mb": args.shard_size_mb, "rows": args.rows, "steps": args.steps,
                      "batch_size": args.batch_size, "shuffle_buffer": args.shuffle_buffer, "max_length": MAX_LENGTH,
                      "batch_tokens": BATCH_TOKENS, "top_k": 64, "vocab": VOCAB},

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .config import DumpConfig, TrainConfig, flag, options_of, read_options
+from .config import DumpConfig, GenerateConfig, TrainConfig, flag, options_of, read_options
 from .errors import UserError, run_and_exit, user_errors
 from .progress import only_our_bars
 
@@ -119,7 +119,15 @@ def run_train(cfg: Any) -> None:
     train_student(cfg)
 
 
+def run_generate(cfg: Any) -> None:
+    from .pipelines.generate import generate
+
+    only_our_bars()
+    generate(cfg)
+
+
 config_command("dump-teacher", DumpConfig, run_dump)
+config_command("generate", GenerateConfig, run_generate)
 config_command("train-student", TrainConfig, run_train)
 
 

@@ -330,6 +330,8 @@ class DumpConfig:
     tail_samples: int = option(0, "Also draw N tokens per position from the teacher off the top-k (stored as distinct ids, "
                                "counts and log-probs): an unbiased sampled tail.", within=f"[0, {MAX_TAIL_SAMPLES}]")
     seed: int = option(0, "Seed of the --tail-samples draws.", within=SEEDS)
+    target_logprobs: bool = option(False, "Also store, per position, the teacher's exact float32 log-prob of the actual next "
+                                   "token, in the head or not (a target_logprob column: what an on-policy loss needs).")
     precision: str = option("compact", "Log-prob storage: compact (1/64-nat grid, error <= 0.0078) or fp32 (exact).",
                             choices=STORAGE_PRECISIONS)
     tensor_parallel_size: int = option(1, "vLLM: devices each layer is split over.", within="[1, inf)")
@@ -352,6 +354,34 @@ class DumpConfig:
     zstd_level: int = option(3, "zstd level of the Arrow IPC buffers.", within="[-131072, 22]")
     lm_head_chunk: Optional[int] = option(None, "Positions per LM-head chunk, bounding the float32 [chunk, vocab] buffers "
                                           "[default: as many as keep each within 128 MiB].", within="[1, inf)")
+    progress: bool = option(True, "Show a progress bar.")
+    console: Console = field(default_factory=stderr_console)
+
+
+@dataclass
+class GenerateConfig:
+    """`taid-cache generate`: a student answers a prompt set (on-policy data): token rows of prompt + answer, the
+    answer as the loss mask, for dump-teacher to score (its cache then records the student as its lineage)."""
+
+    student: str = option(help="Student: a local model folder or a hub id (it needs a chat template).")
+    data: list[str] = option(help="Prompts: chat rows (a 'messages' column; the prompt is every turn before the last "
+                             "assistant turn, or the whole conversation when it ends with another turn); local files "
+                             "(repeatable, or a glob pattern) or a hub dataset name.")
+    output: str = option(help="Generation folder, or an object-store URI (created; a rerun of the same command resumes "
+                         "it). dump-teacher --data takes it.")
+    split: str = option("train", "Dataset split (hub datasets).")
+    engine: str = option("auto", "Generation engine: hf (transformers), or auto (hf: vllm is not supported by generate "
+                         "yet).", choices=("auto", "hf", "vllm"))
+    max_new_tokens: int = option(512, "Longest answer in tokens.", within="[1, inf)")
+    temperature: float = option(0.0, "Sampling temperature (0: greedy).", within="[0, inf)")
+    top_p: float = option(1.0, "Nucleus sampling's p (recorded; the hf engine takes 1 only, for now).", within="(0, 1]")
+    seed: int = option(0, "Seed of the sampling (each batch's seed derived from it and the batch's place).", within=SEEDS)
+    batch_size: int = option(16, "Prompts generated together.", within="[1, inf)")
+    max_length: Optional[int] = option(None, "Longest prompt + answer in tokens; a prompt longer than this less "
+                                       "--max-new-tokens is dropped (counted) [default: the student's context, or 2048].",
+                                       within="[2, inf)")
+    rows_per_part: int = option(256, "Prompts per rows-NNNNNNNNN.jsonl part (each written whole: what a rerun "
+                                "resumes from).", within="[1, inf)")
     progress: bool = option(True, "Show a progress bar.")
     console: Console = field(default_factory=stderr_console)
 

@@ -109,6 +109,16 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
+def assert_one_line(result, *words: str) -> None:
+    """A CLI result (CliRunner's or a process's): exit status 2 and exactly one line, `error: ...`, naming every word."""
+    code, text = (result.exit_code, result.output) if hasattr(result, "exit_code") else (result.returncode, result.stderr)
+    assert code == 2, text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
 def run_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh process: for what only a process shows (everything it writes to
     stderr, libraries' own logging included; vLLM's worker processes)."""

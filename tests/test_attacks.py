@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import run_process, write_jsonl
+from conftest import assert_one_line, run_process, write_jsonl
 from taid_cache.atomic import atomic_path, exclusive_lock, remove_temporaries, temporary_name
 from taid_cache.cli import app
 from taid_cache.errors import UserError
@@ -42,15 +42,6 @@ from taid_cache.training.distributed import Dist
 
 def cli(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def assert_one_line(result, *words: str) -> None:
-    """Exit status 2 and exactly one line, `error: ...`, naming every word."""
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def dump(teacher: Path, data: Path, out: Path, *extra: str):

@@ -3,6 +3,7 @@ format read as it is, and the round trip of every record through its JSON."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -48,6 +49,9 @@ def test_a_cache_of_format_3_opens_as_it_is(cache, tmp_path) -> None:
     (old / "manifest.json").write_text(json.dumps(manifest))
     settings = load_manifest(str(old)).settings
     assert settings.format_version == 3 and settings.lineage.kind == "dataset"
+    # Its identity is the previous release's (the hash of the manifest as stored), so a run it started resumes.
+    stored = json.loads((old / "manifest.json").read_text())
+    assert load_manifest(str(old)).identity == hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
     assert settings.lineage.fingerprint == manifest["settings"]["dataset_fingerprint"]
     for x, y in zip(read_cache(old), read_cache(cache), strict=True):
         assert x.sample_id == y.sample_id and np.array_equal(x.topk_logprobs, y.topk_logprobs)
@@ -98,9 +102,9 @@ def test_totals_must_add_up_and_shard_entries_agree_with_themselves(cache) -> No
         Cursor.from_json({"next_row": -1}, "c")
 
 
-@pytest.mark.parametrize("version", [2, 5, "4", None])
+@pytest.mark.parametrize("version", [2, 6, "5", None])
 def test_another_format_version_is_refused_naming_it(cache, version) -> None:
     manifest = json.loads((cache / "manifest.json").read_text())
     with pytest.raises(UserError) as error:
         Manifest.from_json({**manifest, "format_version": version}, "the manifest")
-    assert f"cache format {version!r}" in str(error.value) and "reads formats 3 and 4" in str(error.value)
+    assert f"cache format {version!r}" in str(error.value) and "reads formats 3, 4 and 5" in str(error.value)

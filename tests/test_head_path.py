@@ -125,3 +125,18 @@ def test_materialize_splits_per_sequence() -> None:
         np.testing.assert_array_equal(rec.tail_logmass, out.tail_logmass[at : at + n].numpy())
         assert rec.samples.counts.shape == (n,) and (rec.samples.draws.sum() == 8 * n)
         at += n
+
+
+def test_a_top_k_only_dump_never_runs_the_draw_code(monkeypatch) -> None:
+    """Without --tail-samples, no chunk calls `draw_off_head` (its in-place [P, V] cumsum and searchsorted): a
+    local reused for the chunk's length once made every non-empty chunk draw nothing at that cost."""
+    from taid_cache.engines import head_path
+
+    calls = []
+    real = head_path.draw_off_head
+    monkeypatch.setattr(head_path, "draw_off_head", lambda *args: calls.append(1) or real(*args))
+    head, hidden, sequences = random_batch(300, 16)
+    plain = apply_head(head, hidden, sequences, HeadSettings(6, None, 0, seed=5, chunk=7))
+    assert calls == [] and plain.sample_ids.shape == (len(hidden), 0)
+    apply_head(head, hidden, sequences, HeadSettings(6, None, 8, seed=5, chunk=7))
+    assert len(calls) == math.ceil(len(hidden) / 7)  # with draws: once per chunk

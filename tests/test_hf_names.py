@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import assert_one_line
 from taid_cache.cli import app
 from taid_cache.config import (
     HF_NAMES, HF_REFUSED, LR_SCHEDULERS, DumpConfig, TrainConfig, check_fields, from_json, options_of, read_options, to_json,
@@ -27,14 +28,6 @@ from taid_cache.training.optim import EXCLUDED, TRANSFORMERS_NAME, lr_schedule
 # TrainingArguments names of transformers 4 that transformers 5 dropped (still in files people have).
 TRANSFORMERS_4 = {"warmup_ratio", "evaluation_strategy", "overwrite_output_dir", "logging_dir", "save_safetensors", "group_by_length"}
 REQUIRED = "student: s\ncache: c\n"
-
-
-def assert_one_line(result, *words: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def trained_with(monkeypatch, *args: str) -> TrainConfig:

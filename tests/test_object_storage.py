@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_group, run_cli
+from conftest import ROOT, assert_one_line, kill_group, run_cli
 from taid_cache.shards import load_manifest, read_cache
 from taid_cache.shards.manifest import load_parts
 from taid_cache.storage import open_store
@@ -54,15 +54,18 @@ def dump_two_workers(teacher: Path, data: Path, out: str) -> None:
                 "--num-workers", "2", "--worker-index", str(index))
 
 
+def pending(bucket: str, start: str | None = None) -> list[str]:
+    """The bucket's unfinished multipart uploads (after starting one at key `start`)."""
+    import boto3
+
+    client, name = boto3.client("s3"), bucket.removeprefix("s3://")
+    if start is not None:
+        client.create_multipart_upload(Bucket=name, Key=start)
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=name).get("Uploads", [])]
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def assert_one_line(result, *words: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.mark.slow
@@ -153,7 +156,9 @@ def test_kill_9_mid_dump_then_resume_is_identical_and_nothing_half_visible(teach
         kill_group(proc, signal.SIGKILL)
         proc.wait()
     assert not open_store(remote).is_file("manifest.json")
+    pending(s3_bucket, "cache/shard-w00000-00099-killed.arrow")  # what a kill mid-upload of a large shard leaves
     run_cli(*args, "--output", remote)  # the same command resumes
+    assert pending(s3_bucket) == []  # aborted: nothing stored that no manifest names
     same_records(tmp_path / "clean", remote)
     manifest = load_manifest(remote)
     # What the killed attempt left of a shard it never recorded is gone: every object is named by the manifest.
@@ -179,7 +184,9 @@ def test_kill_9_mid_training_then_resume_from_s3_equals_uninterrupted(student_di
         proc.wait()
     run = open_store(remote)
     assert not run.is_file("config.json")  # nothing that looks finished
+    pending(s3_bucket, "run/checkpoints/step-00000008/__0_0.distcp")  # a kill mid-upload of a large checkpoint file
     run_cli(*args, "--output", remote, "--resume")
+    assert pending(s3_bucket) == []
     clean = load_file(tmp_path / "clean" / "model.safetensors")
     with open_store(remote).open_input("model.safetensors") as f:
         (tmp_path / "resumed.safetensors").write_bytes(f.read())

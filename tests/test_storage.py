@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from taid_cache.errors import UserError
-from taid_cache.storage import FsspecStore, LocalStore, attempt_name, attempt_pattern, is_remote, join, open_store, remote_errors
+from taid_cache.storage import FsspecStore, LocalStore, attempt_name, is_remote, join, open_store, remote_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,7 +284,7 @@ def test_attempt_names_are_unique_and_listed_by_stem(store):
     for name in list(names)[:3]:
         store.write_bytes(name, b"")
     store.write_bytes("part-1.arrow", b"")
-    assert store.list(attempt_pattern("part-0", ".arrow")) == sorted(list(names)[:3])
+    assert store.list("part-0-*.arrow") == sorted(list(names)[:3])
 
 
 # -- local only ------------------------------------------------------------------------------------------------
@@ -465,3 +465,30 @@ def test_remote_errors_name_the_url(s3_bucket):
         with remote_errors(url):
             open_store(url).read_text("manifest.json")
     assert one_line_error(excinfo).startswith(f"{url}: not found")
+
+
+def test_two_takers_of_one_stale_lease_exactly_one_wins(s3_bucket):
+    """A killed holder's expired lease, and two reruns taking it over at once: S3's If-Match lets one replace it."""
+    first, second = FsspecStore(f"{s3_bucket}/x"), FsspecStore(f"{s3_bucket}/x")
+    first.write_bytes("l", json.dumps({"host": "elsewhere", "pid": 1, "expires": 0, "token": "dead"}).encode())
+    replace = first._put_if_match
+
+    def overtaken(path, body, etag):  # the second takes over between the first's judgement and its replace
+        assert second._take(second._path("l"), "second") is not None
+        return replace(path, body, etag)
+
+    first._put_if_match = overtaken
+    assert first._take(first._path("l"), "first") is None
+    assert json.loads(first.read_bytes("l"))["token"] == "second"
+
+
+def test_unfinished_uploads_are_discarded_under_their_prefix_only(s3_bucket):
+    import boto3
+
+    store = open_store(f"{s3_bucket}/cache")
+    client, bucket = boto3.client("s3"), s3_bucket.removeprefix("s3://")
+    for key in ("cache/shard-w00000-00001-dead.arrow", "cache/shard-w00001-00000-live.arrow", "elsewhere/x"):
+        client.create_multipart_upload(Bucket=bucket, Key=key)
+    store.discard_unfinished("shard-w00000")
+    left = sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    assert left == ["cache/shard-w00001-00000-live.arrow", "elsewhere/x"]

@@ -2,8 +2,9 @@
 
 Chunk by chunk of positions (so a [positions, vocab] float32 tensor never exists for a whole batch): the LM head
 (`heads.LmHead`: bias, scale, soft-cap), the log-softmax, the top-k, cut per position by --top-p, the exact mass
-off the stored entries, the teacher's entropy at loss positions (the fidelity report) and, for a
---tail-samples cache, the draws off the head (`tail_sampling.py`). The results stay on the device until the
+off the stored entries, the teacher's entropy at loss positions (the fidelity report), for a
+--tail-samples cache the draws off the head (`tail_sampling.py`) and, for a --target-logprobs cache, the log-prob
+of each position's actual next token (gathered from the same float32 log-softmax: no further [P, V] pass). The results stay on the device until the
 writer thread copies them out (`HeadBatch.materialize`), so the engine computes the next batch meanwhile.
 """
 
@@ -32,6 +33,7 @@ class HeadSettings:
     tail_samples: int = 0  # draws off the head per position
     seed: int = 0  # of those draws
     chunk: int | None = None  # positions per LM-head chunk; None: CHUNK_ELEMENTS // vocab
+    target_logprobs: bool = False  # also the log-prob of each position's actual next token
 
     def positions_per_chunk(self, vocab: int) -> int:
         return self.chunk or max(1, CHUNK_ELEMENTS // vocab)
@@ -98,17 +100,20 @@ class HeadBatch:
     entropy: torch.Tensor  # [P] at loss positions, NaN elsewhere
     sample_ids: torch.Tensor  # [P, N] draws off the head (N = --tail-samples, may be 0)
     sample_logprobs: torch.Tensor  # [P, N] their log-probs under the full distribution
+    target_logprob: torch.Tensor | None = None  # [P] (--target-logprobs) log p of the actual next token
 
     def materialize(self) -> list[TeacherRecord]:
         """Copy out and split into one record per sequence (runs in the writer thread)."""
         ids, lps, tails, entropy, sample_ids, sample_lps = (x.cpu().numpy() for x in (
             self.ids, self.logprobs, self.tail_logmass, self.entropy, self.sample_ids, self.sample_logprobs))
+        targets = None if self.target_logprob is None else self.target_logprob.cpu().numpy()
         records, at = [], 0
         for seq in self.sequences:
             n = len(seq.input_ids) - 1
             samples = distinct_draws(sample_ids[at : at + n], sample_lps[at : at + n]) if sample_ids.shape[1] else None
             records.append(TeacherRecord(seq.sample_id, seq.input_ids, seq.loss_mask, ids[at : at + n], lps[at : at + n],
-                                         tails[at : at + n], entropy[at : at + n], samples))
+                                         tails[at : at + n], entropy[at : at + n], samples,
+                                         None if targets is None else targets[at : at + n]))
             at += n
         return records
 
@@ -124,23 +129,30 @@ def apply_head(head: LmHead, hidden: torch.Tensor, sequences: list[Sequence], se
     uniforms = torch.from_numpy(np.concatenate([sequence_uniforms(settings.seed, s.sample_id, len(s.input_ids) - 1, n)
                                                 for s in sequences])) if n else torch.zeros(hidden.shape[0], 0)
     uniforms = uniforms.to(device)
-    columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])  # HeadBatch's tensors, one entry per chunk
+    # The token each position predicts (row j: input_ids[j+1]), for --target-logprobs only.
+    next_ids = torch.from_numpy(np.concatenate([np.asarray(s.input_ids[1:], dtype=np.int64) for s in sequences])).to(device) \
+        if settings.target_logprobs else torch.zeros(hidden.shape[0], 0, dtype=torch.int64, device=device)
+    columns: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [], [])  # HeadBatch's tensors, one entry per chunk
     vocab = head.weight.shape[0]
     size = settings.positions_per_chunk(vocab)
     # Two [chunk, V] buffers reused by every chunk of the batch: the logits (then log-probs) and the probabilities.
     logits_buffer, probs_buffer = (torch.empty(min(size, len(hidden)), vocab, device=device) for _ in range(2))
-    for chunk, chunk_targets, chunk_uniforms in zip(hidden.split(size), targets.split(size), uniforms.split(size)):
-        n = len(chunk)
-        logprobs, probs = log_softmax_and_probs(head.logits(chunk, logits_buffer[:n]), probs_buffer[:n])
+    for chunk, chunk_targets, chunk_uniforms, chunk_next in zip(hidden.split(size), targets.split(size), uniforms.split(size),
+                                                                next_ids.split(size)):
+        rows = len(chunk)
+        logprobs, probs = log_softmax_and_probs(head.logits(chunk, logits_buffer[:rows]), probs_buffer[:rows])
+        # The float32 log-prob of the actual next token, from the values the tail mass is summed from: P gathers.
+        target = logprobs.gather(-1, chunk_next[:, None]).squeeze(-1) if settings.target_logprobs else None
         values, indices = logprobs.topk(settings.top_k, dim=-1, sorted=True)
         kept = None if settings.top_p is None else top_p_kept(values, settings.top_p)
         tail, entropy, weights = tail_and_entropy(logprobs, probs, indices, chunk_targets, kept)
         sample_ids, sample_lps = draw_off_head(weights, logprobs, tail, chunk_uniforms) if n else (indices[:, :0], values[:, :0])
         if kept is not None:
             indices, values = indices.masked_fill(~kept, -1), values.masked_fill(~kept, -math.inf)
-        for column, value in zip(columns, (indices, values, tail, entropy, sample_ids, sample_lps)):
-            column.append(value)
-    return HeadBatch(sequences, *(torch.cat(column) for column in columns))
+        for column, value in zip(columns, (indices, values, tail, entropy, sample_ids, sample_lps, target)):
+            if value is not None:
+                column.append(value)
+    return HeadBatch(sequences, *(torch.cat(column) if column else None for column in columns))
 
 
 def teacher_batch(engine: Engine, sequences: list[Sequence], settings: HeadSettings) -> HeadBatch:

@@ -20,9 +20,15 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 def resolve_data(data: list[str]) -> list[str]:
     """--data with its patterns expanded: a value that names an existing path is that path, even when its name
-    holds *, ? or [ ]; only one that names nothing may be a glob pattern, standing for its files, sorted."""
+    holds *, ? or [ ]; only one that names nothing may be a glob pattern, standing for its files, sorted. A
+    finished generation folder (`taid-cache generate`'s) stands for its parts, in order."""
+    from .generated import is_generation_folder, part_files
+
     out = []
     for value in data:
+        if is_generation_folder(value):
+            out += part_files(Path(value))
+            continue
         if Path(value).exists() or not any(c in value for c in "*?["):
             out.append(value)
             continue

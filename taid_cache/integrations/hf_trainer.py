@@ -200,6 +200,10 @@ class CacheDistillationTrainer(Trainer):
         args.remove_unused_columns = False  # every field of a cache batch is one the model reads
         # Each process reads its own share of the one stream (batches of different widths cannot be dispatched).
         args.accelerator_config.dispatch_batches = False
+        # The step's loss over the step's target tokens of every process: what TAID's t is moved by, as in train-student.
+        args.average_tokens_across_devices = True
+        # A resumed run starts the stream at its step (integers skipped, no data read: `_load_from_checkpoint`).
+        args.ignore_data_skip = True
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         records = train.manifest.records
         if args.max_steps <= 0:  # the stream is endless: its length in steps, from the epochs asked for
@@ -268,5 +272,7 @@ class CacheDistillationTrainer(Trainer):
             raise UserError(f"{folder} does not hold this student's weights (missing {sorted(set(missing) - tied)[:3]}, "
                             f"unexpected {sorted(unexpected)[:3]})")
         self.policy.load_state_dict(json.loads((folder / STATE).read_text()))
+        step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+        self.train_dataset.order = dataclasses.replace(self.train_dataset.order, start=step * self.policy.global_batch)
         if self.model.loss_model.temperature is not None:
             self.model.loss_model.temperature.load_state_dict(torch.load(folder / TEMPERATURE, weights_only=True))

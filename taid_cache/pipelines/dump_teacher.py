@@ -18,6 +18,7 @@ from ..engines.base import Engine, EngineConfig, check_parallelism, open_engine,
 from ..engines.head_path import HeadSettings, teacher_batch
 from ..errors import Interrupted, UserError, first_line, interrupts_at_safe_points, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
+from ..inputs.generated import lineage_of
 from ..inputs import (
     RowTokenizer, Sequence, check_rows, dataset_fingerprint, detect_kind, load_rows, resolve_data, source_tag, worker_slice,
 )
@@ -110,7 +111,7 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
 
 
 def head_settings(cfg: DumpConfig) -> HeadSettings:
-    return HeadSettings(cfg.top_k, cfg.top_p, cfg.tail_samples, cfg.seed, cfg.lm_head_chunk)
+    return HeadSettings(cfg.top_k, cfg.top_p, cfg.tail_samples, cfg.seed, cfg.lm_head_chunk, cfg.target_logprobs)
 
 
 def run_engine(cfg: DumpConfig, cache: Store, part: WorkerPart, engine: Engine, rows, to_sequence: RowTokenizer,
@@ -124,7 +125,7 @@ def run_engine(cfg: DumpConfig, cache: Store, part: WorkerPart, engine: Engine, 
         save_part(cache, part)
 
     writer = ShardWriter(cache, cfg.worker_index, len(part.shards), vocab_size, cfg.top_k, cfg.precision,
-                         int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit, cfg.tail_samples)
+                         int(cfg.shard_size_mb * 2**20), cfg.zstd_level, on_commit, cfg.tail_samples, cfg.target_logprobs)
     with progress_bar(cfg.console, cfg.progress) as progress:
         task = progress.add_task("dump", total=part.row_end - part.row_start, tokens=0, rate=0.0)
         done = {"rows": part.cursor.next_row - part.row_start, "tokens": 0}
@@ -173,9 +174,10 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     settings = build_settings(
         teacher=cfg.model, teacher_hash=model_hash(folder), tokenizer_hash=tokenizer_hash(tokenizer), vocab_size=vocab_size,
         tokenizer_size=len(tokenizer), top_k=cfg.top_k, top_p=cfg.top_p, tail_samples=cfg.tail_samples, seed=cfg.seed,
+        target_logprobs=cfg.target_logprobs,
         precision=cfg.precision, dataset=cfg.data, split=cfg.split, dataset_fingerprint=dataset_fingerprint(data, rows),
         dataset_rows=len(rows), input_kind=kind, max_length=max_length, overlong=cfg.overlong, engine=engine_name,
-        dtype=wanted.dtype, engine_args=wanted.engine_args, num_workers=cfg.num_workers)
+        dtype=wanted.dtype, engine_args=wanted.engine_args, num_workers=cfg.num_workers, lineage=lineage_of(data))
     with remote_errors(cache.url, "--output"):
         check_compatible(cache, settings)
     # Everything that can fail on a typo or a bad model fails here, before this worker writes anything.

@@ -28,11 +28,17 @@ from ..errors import UserError
 from .codec import LOGPROB_STEP, PRECISIONS, id_dtype
 
 # 2: per-batch crc32 in the manifest. 3: the exact tail mass of every position. 4: the settings' lineage
-# (a cache of format 3 reads as one whose sequences came from its dataset).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (3, 4)
-# The shard files' own layout (their Arrow schema's metadata), unchanged since format 3.
+# (a cache of format 3 reads as one whose sequences came from its dataset). 5: the settings' `target_logprobs`
+# (--target-logprobs: a `target_logprob` column; a cache of format 3 or 4 reads as one without it). A release
+# reading format 4 would drop that setting unseen (then refuse every such shard in `verify`, and add shards
+# without the column to it on a resume), so format 5 is refused there in one line instead.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
+# The shard files' own layout (their Arrow schema's metadata), unchanged since format 3: the optional columns
+# (the sampled tail, the target log-prob) are flagged by their own metadata keys.
 SHARD_LAYOUT_VERSION = 3
+# The first format whose settings record whether the cache holds the target log-probs.
+TARGET_LOGPROBS_SINCE = 5
 LINEAGE_KINDS = ("dataset", "student")
 
 
@@ -86,6 +92,8 @@ class JsonRecord:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
+            if f.metadata.get("derived"):
+                continue
             if f.name not in value:
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                     continue
@@ -115,7 +123,7 @@ class JsonRecord:
                 return {k: plain(x) for k, x in v.items()}
             return v
 
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("derived")}
 
 
 @dataclass(frozen=True)
@@ -157,17 +165,25 @@ class CacheSettings(JsonRecord):
     engine_args: dict[str, Any]
     num_workers: int = field(metadata=_at_least(1))
     lineage: Lineage
+    # The teacher's exact log-prob of each position's actual next token (a `target_logprob` column); a cache of
+    # format 3 or 4 has none (the key is absent there, and stays absent in its to_json).
+    target_logprobs: bool = False
 
     @classmethod
     def from_json(cls, value: Any, where: str) -> CacheSettings:
         if isinstance(value, dict) and value.get("format_version") == 3 and "lineage" not in value:
             # Format 3 had no lineage: its sequences were its dataset's.
             value = {**value, "lineage": dataset_lineage(value.get("dataset"), value.get("dataset_fingerprint")).to_json()}
+        if (isinstance(value, dict) and isinstance(value.get("format_version"), int)
+                and value["format_version"] >= TARGET_LOGPROBS_SINCE and "target_logprobs" not in value):
+            raise _fail(where, "it has no 'target_logprobs'")
         return super().from_json(value, where)
 
     def check(self, where: str) -> None:
         if self.format_version not in READABLE_VERSIONS:
             raise UserError(format_refusal(where, self.format_version))
+        if self.target_logprobs and self.format_version < TARGET_LOGPROBS_SINCE:
+            raise _fail(where, f"format {self.format_version} has no target log-probs, yet 'target_logprobs' is true")
         if self.top_k > self.vocab_size:
             raise _fail(where, f"top_k {self.top_k} is above the vocabulary of {self.vocab_size}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -178,6 +194,16 @@ class CacheSettings(JsonRecord):
         """A head + sampled tail cache (`--tail-samples`)."""
         return self.tail_samples > 0
 
+    def to_json(self) -> dict[str, Any]:
+        values = super().to_json()
+        if self.format_version < TARGET_LOGPROBS_SINCE:  # what a format 3 or 4 file holds, and so its identity
+            del values["target_logprobs"]
+        return values
+
+
+def json_identity(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
 
 def dataset_lineage(dataset: Any, fingerprint: Any) -> Lineage:
     names = ",".join(dataset) if isinstance(dataset, list) and all(isinstance(d, str) for d in dataset) else str(dataset)
@@ -187,7 +213,8 @@ def dataset_lineage(dataset: Any, fingerprint: Any) -> Lineage:
 def build_settings(*, teacher: str, teacher_hash: str, tokenizer_hash: str, vocab_size: int, tokenizer_size: int, top_k: int,
                    top_p: float | None, tail_samples: int, seed: int, precision: str, dataset: list[str], split: str,
                    dataset_fingerprint: str, dataset_rows: int, input_kind: str, max_length: int, overlong: str, engine: str,
-                   dtype: str, engine_args: dict[str, Any], num_workers: int, lineage: Lineage | None = None) -> CacheSettings:
+                   dtype: str, engine_args: dict[str, Any], num_workers: int, lineage: Lineage | None = None,
+                   target_logprobs: bool = False) -> CacheSettings:
     """The settings record of a new dump: the derived fields (format version, the id type, the log-prob grid) and,
     unless a generation stage says otherwise, the dataset as the sequences' lineage."""
     return CacheSettings(
@@ -197,11 +224,11 @@ def build_settings(*, teacher: str, teacher_hash: str, tokenizer_hash: str, voca
         dataset=list(dataset), split=split, dataset_fingerprint=dataset_fingerprint, dataset_rows=dataset_rows,
         input_kind=input_kind, max_length=max_length, overlong=overlong, engine=engine, dtype=dtype,
         engine_args=dict(engine_args), num_workers=num_workers,
-        lineage=lineage or dataset_lineage(list(dataset), dataset_fingerprint))
+        lineage=lineage or dataset_lineage(list(dataset), dataset_fingerprint), target_logprobs=target_logprobs)
 
 
 def format_refusal(where: str, version: Any) -> str:
-    readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+    readable = ", ".join(str(v) for v in READABLE_VERSIONS[:-1]) + f" and {READABLE_VERSIONS[-1]}"
     return (f"{where} is in cache format {_shown(version)}; this taid-cache reads formats {readable}: "
             "dump the teacher again with this version")
 
@@ -283,6 +310,8 @@ class Manifest(JsonRecord):
     truncated: int = field(metadata=_at_least(0))
     fidelity: dict[str, Optional[float]]
     shards: tuple[ShardEntry, ...]
+    # The hash of the JSON as stored (not a field of it): a cache of an older format keeps its identity.
+    stored_identity: str = field(default="", compare=False, repr=False, metadata={"derived": True})
 
     @classmethod
     def from_json(cls, value: Any, where: str) -> Manifest:
@@ -290,7 +319,7 @@ class Manifest(JsonRecord):
             raise _fail(where, "not a taid-cache manifest")
         if value.get("format_version") not in READABLE_VERSIONS:
             raise UserError(format_refusal(where, value.get("format_version")))
-        return super().from_json(value, where)
+        return dataclasses.replace(super().from_json(value, where), stored_identity=json_identity(value))
 
     def check(self, where: str) -> None:
         totals = {name: sum(getattr(s, name) for s in self.shards) for name in ("records", "tokens", "entries", "bytes")}
@@ -300,9 +329,9 @@ class Manifest(JsonRecord):
 
     @property
     def identity(self) -> str:
-        """What the cache holds, named: every shard's sha256 is in it, so equal identities mean equal data
-        (wherever the folder now lives)."""
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        """What the cache holds, named: the hash of its manifest, which lists every shard's sha256, so equal
+        identities mean equal data (wherever the folder now lives). As stored, for a manifest that was read."""
+        return self.stored_identity or json_identity(self.to_json())
 
     def batch_starts(self) -> list[np.ndarray]:
         """Per shard, the first row of each record batch (and one past the last)."""
@@ -317,7 +346,8 @@ class CacheRecord:
     past what --top-p kept); `tail_logmass` [T-1] float32 is the log of the teacher's mass off them. A
     `--tail-samples N` cache adds `sample_ids`, `sample_draws`, `sample_logprobs` [T-1, N]: each position's
     distinct draws off the head, how often each was drawn (summing to N), and its log-prob (-1, 0, -inf unused);
-    they are None for a top-k cache."""
+    they are None for a top-k cache. A `--target-logprobs` cache adds `target_logprob` [T-1] float32: the
+    teacher's exact log-prob of the actual next token `input_ids[j+1]` (None without the option)."""
 
     sample_id: str
     input_ids: np.ndarray  # [T] int64
@@ -328,6 +358,7 @@ class CacheRecord:
     sample_ids: np.ndarray | None = None
     sample_draws: np.ndarray | None = None
     sample_logprobs: np.ndarray | None = None
+    target_logprob: np.ndarray | None = None
 
     @property
     def sampled(self) -> bool:
@@ -347,7 +378,8 @@ class CacheRecord:
         drawn_ids, drawn_lps = unused(settings.tail_samples)
         sampled = settings.sampled
         return cls("", np.zeros(2, np.int64), np.zeros(2, bool), head_ids, head_lps, np.zeros(1, np.float32),
-                   drawn_ids if sampled else None, np.zeros_like(drawn_ids) if sampled else None, drawn_lps if sampled else None)
+                   drawn_ids if sampled else None, np.zeros_like(drawn_ids) if sampled else None, drawn_lps if sampled else None,
+                   np.zeros(1, np.float32) if settings.target_logprobs else None)
 
 
 def worker_stem(worker_index: int) -> str:

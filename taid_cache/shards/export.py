@@ -2,7 +2,8 @@
 
 - `parquet`: this project's columns, decoded (docs/FORMAT.md, "Exported caches"): per sequence its token ids and
   loss mask, and per position the stored ids and float log-probs (only the entries kept), the exact tail mass,
-  and for a sampled tail the distinct draws, how often each was drawn and their log-probs.
+  for a sampled tail the distinct draws, how often each was drawn and their log-probs, and for a
+  --target-logprobs cache the exact log-prob of each actual next token.
 - `axolotl`: the columns axolotl's knowledge-distillation trainer reads, aligned as its docs say: row j of
   `target_token_ids` / `target_logprobs` is the distribution of `input_ids[j + 1]`, `target_mask[j]` is 0 where
   `labels[j + 1]` is -100, and the last row (and unused slots) are padding with mask 0. It has no tail mass:
@@ -62,6 +63,8 @@ def decoded_table(records: list[CacheRecord]) -> pa.Table:
         "topk_logprobs": nested([kept(r.topk_ids, r.topk_logprobs) for r in records], pa.float32()),
         "tail_logmass": flat([r.tail_logmass for r in records], pa.float32()),
     }
+    if records and records[0].target_logprob is not None:  # --target-logprobs caches only
+        columns["target_logprob"] = flat([r.target_logprob for r in records], pa.float32())
     if records and records[0].sampled:
         columns["sample_ids"] = nested([kept(r.sample_ids, r.sample_ids) for r in records], pa.int32())
         columns["sample_draws"] = nested([kept(r.sample_ids, r.sample_draws) for r in records], pa.int32())

@@ -98,6 +98,7 @@ def remove_orphans(cache: Store, part: WorkerPart) -> None:
     for name in cache.list(f"{stem}-*") + cache.list(f".{stem}-*"):
         if name not in listed:
             cache.remove(name)
+    cache.discard_unfinished(stem)  # an upload the kill cut short: never an object, yet stored until aborted
 
 
 def try_finalize(cache: Store) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import math
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UserError, first_line
-from ..storage import Store, open_store
+from ..storage import Store, open_store, remote_errors
 from .codec import decode_logprobs, ragged_grid, unpack_ragged
 from .contract import CacheRecord, CacheSettings, Manifest, ShardEntry
 from .integrity import check_batch
@@ -35,18 +36,23 @@ def decode_batch(batch: pa.RecordBatch, settings: CacheSettings) -> Iterator[Cac
     """Decode every sequence of one record batch."""
     k, n, precision = settings.top_k, settings.tail_samples, settings.precision
     cols = {name: _list_rows(batch.column(name)) for name in batch.schema.names if name != "sample_id"}
+    if settings.target_logprobs and "target_logprob" not in cols:
+        raise UserError("bad shard: the cache's settings say --target-logprobs, its shard has no target_logprob column; "
+                        "run `taid-cache verify`")
     for i, sample_id in enumerate(batch.column("sample_id").to_pylist()):
         row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in cols.items()}
         counts = row["topk_counts"].astype(np.int64)
         topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], decode_logprobs(row["topk_logprobs"], counts, precision), counts, k)
-        sampled = {}
+        optional: dict[str, np.ndarray] = {}  # the columns of a sampled or --target-logprobs cache
         if settings.sampled:  # the draws off the head, N columns per position
             drawn = row["sample_counts"].astype(np.int64)
             ids, logprobs = unpack_ragged(row["sample_ids"], decode_logprobs(row["sample_logprobs"], drawn, precision), drawn, n)
-            sampled = {"sample_ids": ids, "sample_logprobs": logprobs,
-                       "sample_draws": ragged_grid(row["sample_draws"].astype(np.int64), drawn, n, 0)}
+            optional = {"sample_ids": ids, "sample_logprobs": logprobs,
+                        "sample_draws": ragged_grid(row["sample_draws"].astype(np.int64), drawn, n, 0)}
+        if settings.target_logprobs:  # the exact float32 log-prob of each actual next token
+            optional["target_logprob"] = row["target_logprob"].astype(np.float32)
         yield CacheRecord(sample_id, row["input_ids"].astype(np.int64), row["loss_mask"].astype(bool), topk_ids, topk_logprobs,
-                          row["tail_logmass"].astype(np.float32), **sampled)
+                          row["tail_logmass"].astype(np.float32), **optional)
 
 
 class ShardFiles:
@@ -58,11 +64,13 @@ class ShardFiles:
     fetched shards are also kept there (named by their sha256, checked on the way in) and reused by later runs."""
 
     def __init__(self, cache: Store, manifest: Manifest, order: Iterator[int] | None = None, read_ahead: int = 0,
-                 local_dir: Path | None = None) -> None:
-        self.cache, self.manifest = cache, manifest
+                 local_dir: Path | None = None, buffer: int = 1, reuse_local: bool = True) -> None:
+        self.cache, self.manifest, self.reuse_local = cache, manifest, reuse_local
         self._local = open_store(str(local_dir)) if local_dir is not None else None
-        self.read_ahead = read_ahead if not cache.is_local else 0
-        self.capacity = self.read_ahead + 2
+        self.read_ahead = read_ahead if not cache.is_local and manifest.shards else 0
+        # Held in memory: every shard a shuffle buffer of `buffer` rows can still draw from, and those ahead.
+        fewest = min((s.records for s in manifest.shards), default=1)
+        self.capacity = self.read_ahead + 2 + math.ceil(buffer / max(fewest, 1))
         self._order = order if order is not None else itertools.cycle(range(len(manifest.shards)))
         self._upcoming: deque[int] = deque()  # `order` from the reader's position on
         self._fetched: OrderedDict[int, Future] = OrderedDict()
@@ -81,12 +89,20 @@ class ShardFiles:
         return pa.BufferReader(self.fetched(index))
 
     def fetched(self, index: int) -> bytes:
-        """A remote shard's bytes: from memory, the local folder, or the store (what a reader ahead asked for)."""
+        """A remote shard's bytes: from memory, the local folder, or the store (what a reader ahead asked for). A
+        fetch that failed is forgotten (the next asks again) and said as the store's failure, naming the cache."""
         with self._lock:
             self._advance(index)
             future = self._submit(index)
             self._fetched.move_to_end(index)
-        return future.result()
+        try:
+            return future.result()
+        except BaseException:
+            with self._lock:
+                if self._fetched.get(index) is future:
+                    del self._fetched[index]
+            with remote_errors(self.cache.url):
+                raise
 
     def _peek(self, n: int) -> list[int]:
         while len(self._upcoming) < n:
@@ -115,7 +131,7 @@ class ShardFiles:
 
     def _fetch(self, entry: ShardEntry) -> bytes:
         name = f"{entry.sha256}.arrow"
-        if self._local is not None and self._local.is_file(name):
+        if self._local is not None and self.reuse_local and self._local.is_file(name):
             return self._local.read_bytes(name)
         data = self.cache.read_bytes(entry.file)
         if self._local is not None and hashlib.sha256(data).hexdigest() == entry.sha256:  # only what the manifest names

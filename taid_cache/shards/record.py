@@ -1,5 +1,5 @@
 """What the shard writer consumes (an engine's output): one sequence with its teacher's top-k (and, for a --tail-samples
-cache, the draws off it), as numpy arrays."""
+cache, the draws off it; for a --target-logprobs cache, the log-prob of each actual next token), as numpy arrays."""
 
 from __future__ import annotations
 
@@ -30,3 +30,5 @@ class TeacherRecord:
     tail_logmass: np.ndarray  # [T-1] float32: log of the mass off the kept entries (−inf when they hold it all)
     entropy: np.ndarray  # [T-1] the teacher's entropy at loss positions (NaN elsewhere): the fidelity report
     samples: TailSamples | None = None  # the sampled tail of a --tail-samples cache
+    # [T-1] float32 (--target-logprobs): the exact log-prob of the actual next token input_ids[j+1], in or off the head
+    target_logprob: np.ndarray | None = None

@@ -9,7 +9,7 @@ from .codec import id_dtype, logprob_storage_dtype
 from .contract import SHARD_LAYOUT_VERSION
 
 
-def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int = 0) -> pa.Schema:
+def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int = 0, target_logprobs: bool = False) -> pa.Schema:
     ids = pa.from_numpy_dtype(id_dtype(vocab_size))
     draws = pa.from_numpy_dtype(id_dtype(tail_samples + 1))
     logprobs = pa.from_numpy_dtype(logprob_storage_dtype(precision))
@@ -20,6 +20,8 @@ def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int 
         pa.field("sample_draws", pa.list_(draws), nullable=False),
         pa.field("sample_logprobs", pa.list_(logprobs), nullable=False),  # descending within each position
     ] if tail_samples else []
+    # --target-logprobs: T-1 entries, the exact float32 log-prob of each position's actual next token.
+    target = [pa.field("target_logprob", pa.list_(pa.float32()), nullable=False)] if target_logprobs else []
     return pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
@@ -31,6 +33,7 @@ def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int 
             pa.field("topk_logprobs", pa.list_(logprobs), nullable=False),
             # T-1 entries: log of the teacher's mass off the stored entries, from the engine's un-quantised values.
             pa.field("tail_logmass", pa.list_(pa.float32()), nullable=False),
+            *target,
             *sampled,
         ],
         metadata={
@@ -39,6 +42,7 @@ def shard_schema(vocab_size: int, top_k: int, precision: str, tail_samples: int 
             "taid_cache.top_k": str(top_k),
             "taid_cache.precision": precision,
             **({"taid_cache.tail_samples": str(tail_samples)} if tail_samples else {}),
+            **({"taid_cache.target_logprobs": "true"} if target_logprobs else {}),
         },
     )
 

@@ -21,8 +21,10 @@ def verify_cache(location: str | Path, local_dir: str | None = None) -> Manifest
     cache = open_store(str(location))
     manifest = load_manifest(cache)
     settings = manifest.settings
-    expected = shard_schema(settings.vocab_size, settings.top_k, settings.precision, settings.tail_samples)
-    files = ShardFiles(cache, manifest, read_ahead=1, local_dir=Path(local_dir) if local_dir else None)
+    expected = shard_schema(settings.vocab_size, settings.top_k, settings.precision, settings.tail_samples,
+                            settings.target_logprobs)
+    # Every byte from the store itself (a local copy is refreshed with what was checked, never trusted instead).
+    files = ShardFiles(cache, manifest, read_ahead=1, local_dir=Path(local_dir) if local_dir else None, reuse_local=False)
     try:
         for index, shard in enumerate(manifest.shards):
             check_shard(cache, files, index, shard, expected)

@@ -70,18 +70,20 @@ class ShardWriter:
         zstd_level: int,
         on_commit: Callable[[ShardEntry], None],
         tail_samples: int = 0,
+        target_logprobs: bool = False,
     ) -> None:
         self.cache = cache
         self.worker_index = worker_index
         self.next_index = first_index
         self.attempt = uuid.uuid4().hex[:8]
-        self.schema = shard_schema(vocab_size, top_k, precision, tail_samples)
+        self.schema = shard_schema(vocab_size, top_k, precision, tail_samples, target_logprobs)
         self.precision = precision
         self.shard_bytes = shard_bytes
         self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
         self.on_commit = on_commit
         self.vocab_size = vocab_size
         self.sampled = tail_samples > 0
+        self.target_logprobs = target_logprobs
         self._ids = id_dtype(vocab_size)
         self._open: tuple[str, contextlib.ExitStack, HashingSink, pa.ipc.RecordBatchFileWriter] | None = None
         self._stats = {"records": 0, "tokens": 0, "entries": 0}
@@ -91,7 +93,7 @@ class ShardWriter:
         self._cursor: Cursor | None = None
 
     def _batch(self, records: list[TeacherRecord]) -> pa.RecordBatch:
-        counts, ids, stored, tails = [], [], [], []
+        counts, ids, stored, tails, targets = [], [], [], [], []
         sampled: dict[str, list[np.ndarray]] = {"sample_counts": [], "sample_ids": [], "sample_draws": [], "sample_logprobs": []}
         for rec in records:
             samples = rec.samples
@@ -100,6 +102,14 @@ class ShardWriter:
                     or (samples is not None and not np.isfinite(samples.logprobs).all())):
                 raise UserError(f"the teacher gave non-finite log-probs (NaN or ±inf) for {rec.sample_id}: nothing of it was "
                                 "stored; check the model's weights, or try --dtype float32")
+            if self.target_logprobs:  # −inf is a value (a next token the teacher rules out); NaN and +inf are not
+                target = rec.target_logprob
+                if target is None or target.shape != rec.tail_logmass.shape:
+                    raise ValueError(f"{rec.sample_id}: the target log-probs must be {rec.tail_logmass.shape[0]} values")
+                if np.isnan(target).any() or np.isposinf(target).any():
+                    raise UserError(f"the teacher gave a non-finite log-prob (NaN or +inf) of a next token of {rec.sample_id}: "
+                                    "nothing of it was stored; check the model's weights, or try --dtype float32")
+                targets.append(target.astype(np.float32, copy=False))  # exact: the head path's float32 value
             n = used.sum(axis=1)
             flat_ids, flat_lps = pack_ragged(rec.topk_ids, rec.topk_logprobs, n)
             counts.append(n)
@@ -123,6 +133,7 @@ class ShardWriter:
             list_array(ids, fields["topk_ids"]),
             list_array(stored, fields["topk_logprobs"]),
             list_array(tails, fields["tail_logmass"]),
+            *([list_array(targets, fields["target_logprob"])] if self.target_logprobs else []),
             *(list_array(values, fields[name]) for name, values in sampled.items() if self.sampled),
         ]
         self._stats["records"] += len(records)

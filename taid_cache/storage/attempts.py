@@ -11,8 +11,3 @@ import uuid
 def attempt_name(stem: str, suffix: str = "") -> str:
     """`{stem}-{host}-{pid}-{8 hex}{suffix}`: unique across processes here and on other nodes."""
     return f"{stem}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
-
-
-def attempt_pattern(stem: str, suffix: str = "") -> str:
-    """The fnmatch pattern (for `Store.list`) of every `attempt_name(stem, suffix)`."""
-    return f"{stem}-*-*-*{suffix}"

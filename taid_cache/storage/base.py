@@ -84,6 +84,10 @@ class Store(Protocol):
     def is_leased(self, name: str) -> bool:
         """Whether a live holder has the lease `name` now."""
 
+    def discard_unfinished(self, prefix: str = "") -> None:
+        """Abort writes under `prefix` that were begun and never completed and that `list` does not show (an
+        object store's multipart uploads of a killed writer); the caller holds the lease that makes them stale."""
+
     def upload(self, local: Path, name: str, last: str | None = None) -> None:
         """Copy a local file or folder to `name`, each file atomically; `last` (a path inside the folder, such
         as "config.json") is copied after all the others, so its presence means the rest is complete."""

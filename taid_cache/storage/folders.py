@@ -33,6 +33,7 @@ def new_folder(target: Store, hint: str) -> Iterator[Store]:
         if names and IN_PROGRESS not in names:
             raise UserError(f"{target.url} exists and is not empty: {hint}")
         target.remove()
+        target.discard_unfinished()
         target.check_writable("the output")
         target.write_bytes(IN_PROGRESS, b"")
     yield target

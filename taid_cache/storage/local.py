@@ -112,6 +112,10 @@ class LocalStore:
     def is_leased(self, name: str) -> bool:
         return atomic.is_locked(self._path(name))
 
+    def discard_unfinished(self, prefix: str = "") -> None:
+        """Nothing to do: what a killed writer leaves here is a listed hidden temporary, removed by its owner's
+        rerun (`remove_temporaries`, `remove_orphans`)."""
+
     def upload(self, local: Path, name: str, last: str | None = None) -> None:
         for source, member in upload_order(local, name, last):
             with open(source, "rb") as src, self.open_output(member) as sink:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fnmatch
 import json
 import os
@@ -139,12 +140,12 @@ class FsspecStore:
     @contextlib.contextmanager
     def lease(self, name: str, holder: str, wait: bool = False) -> Iterator[None]:
         path, token = self._path(name), uuid.uuid4().hex
-        while not self._take(path, token):
+        while (etag := self._take(path, token)) is None:
             if not wait:
                 raise UserError(f"another process is already writing {holder} (lock {self.where(name)}); wait for it or stop it")
             time.sleep(min(1.0, self.lease_ttl / 4))
         stop = threading.Event()
-        refresher = threading.Thread(target=self._refresh, args=(path, token, stop), daemon=True, name=f"lease {name}")
+        refresher = threading.Thread(target=self._refresh, args=(path, token, etag, stop), daemon=True, name=f"lease {name}")
         refresher.start()
         try:
             yield
@@ -162,18 +163,45 @@ class FsspecStore:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + self.lease_ttl,
                            "token": token}).encode()
 
-    def _take(self, path: str, token: str) -> bool:
-        """Create the lease, or take over a stale one (delete, then create once more). Two processes taking
-        over one stale lease within the same round trip could both win: object stores have no conditional
-        delete through fsspec."""
-        if self._create(path, self._lease_body(token)):
-            return True
+    def _take(self, path: str, token: str) -> str | None:
+        """Create the lease, or take over a stale one; the lease object's ETag when this process holds it, else
+        None. On S3 the takeover replaces the stale object only if it is still the one judged stale (If-Match on
+        its ETag), so of two processes taking over one stale lease exactly one wins. Elsewhere it is delete, then
+        create once more: two takers within one round trip could both win (fsspec has no conditional replace)."""
+        body = self._lease_body(token)
+        if self._create(path, body):
+            return self._etag(path)
+        etag = self._etag(path)
         current = self._read_lease(path)
         if current is not None and not stale(current):
-            return False
+            return None
+        if self._s3 is not None:
+            return self._put_if_match(path, body, etag)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        return self._create(path, self._lease_body(token))
+        return self._etag(path) if self._create(path, body) else None
+
+    @property
+    def _s3(self):
+        """s3fs's raw client call, for what fsspec does not offer (conditional replace, unfinished uploads)."""
+        return getattr(self.fs, "call_s3", None)
+
+    def _etag(self, path: str) -> str | None:
+        try:
+            return self.fs.info(path).get("ETag")
+        except FileNotFoundError:
+            return None
+
+    def _put_if_match(self, path: str, body: bytes, etag: str | None) -> str | None:
+        """Replace the object only if it still has `etag` (S3's If-Match on PUT: compare and swap): its new ETag,
+        or None when another process changed it first."""
+        bucket, _, key = path.partition("/")
+        try:
+            return self._s3("put_object", Bucket=bucket, Key=key, Body=body, IfMatch=etag)["ETag"]
+        except (FileNotFoundError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno == errno.EINVAL:  # gone, or 412 Precondition Failed
+                return None
+            raise
 
     def _read_lease(self, path: str) -> dict | None:
         """The lease's record; None when absent. One that does not parse (not ours to judge) counts as expired."""
@@ -187,14 +215,34 @@ class FsspecStore:
         except ValueError:
             return {"expires": 0}
 
-    def _refresh(self, path: str, token: str, stop: threading.Event) -> None:
+    def _refresh(self, path: str, token: str, etag: str | None, stop: threading.Event) -> None:
         """Push the expiry forward every ttl/4 while the block runs; a failed refresh (a network blip) is
-        retried at the next tick, and the lease lapses only if they keep failing for a whole ttl."""
+        retried at the next tick, and the lease lapses only if they keep failing for a whole ttl. On S3 each
+        refresh replaces only our own object (If-Match), so a lease another process took over is never overwritten."""
         while not stop.wait(self.lease_ttl / 4):
             with contextlib.suppress(Exception):
+                if self._s3 is not None:
+                    if (etag := self._put_if_match(path, self._lease_body(token), etag)) is None:
+                        return  # taken over (we were stale)
+                    continue
                 if (self._read_lease(path) or {}).get("token") != token:
                     return  # taken over (we were stale): never overwrite the new holder's lease
                 self.fs.pipe_file(path, self._lease_body(token))
+
+    def discard_unfinished(self, prefix: str = "") -> None:
+        """Uploads under `prefix` that a killed writer began and never completed: invisible to `list`, yet stored
+        (and billed) until aborted. Aborted here (S3's multipart uploads; other stores expire their own)."""
+        if self._s3 is None:
+            return
+        bucket, _, key = self._path(prefix).partition("/")
+        marker: dict[str, str] = {}
+        while True:
+            page = self._s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **marker)
+            for upload in page.get("Uploads", []):
+                self._s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            if not page.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def upload(self, local: Path, name: str, last: str | None = None) -> None:
         for source, member in upload_order(local, name, last):

@@ -86,6 +86,7 @@ def save_checkpoint(output: Store, step: int, model, optimizer, scheduler, extra
         where.write_text(META, json.dumps({"step": step, **extra}, indent=2, sort_keys=True) + "\n")
         commit_staged(folder, name, target)
         for old in checkpoints(output)[:-KEEP]:
+            folder.remove(f"{old}/{META}")  # first: a kill mid-removal leaves no "complete" checkpoint without its files
             folder.remove(old)
     if env.active:
         dist.barrier()
@@ -229,6 +230,7 @@ def remove_interrupted_saves(output: Store) -> None:
     for name in folder.list("step-*"):
         if name not in complete:
             folder.remove(name)
+    output.discard_unfinished()  # uploads a kill cut short (checkpoint files, the final student): the run holds the lease
 
 
 def checkpoint_to_hf(checkpoint: Path, out: Path) -> Path:

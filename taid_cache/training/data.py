@@ -43,11 +43,19 @@ def epoch_order(shard_rows: list[int], seed: int, epoch: int, buffer: int) -> It
     yield from pool
 
 
-def shard_sequence(count: int, seed: int, shuffle: bool) -> Iterator[int]:
-    """Endless shard numbers in the order the epochs first reach them (`epoch_order`'s permutation): what a
-    remote cache's reader fetches ahead."""
-    for epoch in itertools.count():
-        yield from (int(s) for s in np.random.default_rng([seed, epoch]).permutation(count)) if shuffle else range(count)
+def shard_sequence(shard_rows: list[int], seed: int, shuffle: bool, start: int = 0) -> Iterator[int]:
+    """Endless shard numbers in the order the epochs first reach them (`epoch_order`'s permutation), from the
+    shard that global item `start` falls in: what a remote cache's reader fetches ahead."""
+    total = sum(shard_rows)
+    first_epoch, offset = divmod(start, total) if total else (0, 0)
+    for epoch in itertools.count(first_epoch):
+        order = [int(s) for s in np.random.default_rng([seed, epoch]).permutation(len(shard_rows))] if shuffle else range(len(shard_rows))
+        for s in order:
+            if offset >= shard_rows[s]:  # wholly before `start` (in the resumed epoch only)
+                offset -= shard_rows[s]
+                continue
+            offset = 0
+            yield s
 
 
 def stream(shard_rows: list[int], seed: int, buffer: int, shuffle: bool) -> Iterator[tuple[int, int]]:
@@ -141,10 +149,11 @@ class CacheRows:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         shards = self.manifest.shards
-        files = ShardFiles(open_store(self.location), self.manifest, shard_sequence(len(shards), order.seed, order.shuffle),
-                           self.read_ahead, Path(self.local_dir) if self.local_dir else None)
+        rows = [s.records for s in shards]
+        files = ShardFiles(open_store(self.location), self.manifest, shard_sequence(rows, order.seed, order.shuffle, order.start),
+                           self.read_ahead, Path(self.local_dir) if self.local_dir else None, order.buffer)
         reader = RandomAccess(files)
-        refs = stream([s.records for s in shards], order.seed, order.buffer, order.shuffle)
+        refs = stream(rows, order.seed, order.buffer, order.shuffle)
         try:
             for chunk in partition(refs, order.start, order.limit, order.rank, order.world, order.batch_size, worker, workers):
                 yield [reader.get(s, r) for s, r in chunk]
