@@ -374,7 +374,7 @@ class GenerateConfig:
                          "yet).", choices=("auto", "hf", "vllm"))
     max_new_tokens: int = option(512, "Longest answer in tokens.", within="[1, inf)")
     temperature: float = option(0.0, "Sampling temperature (0: greedy).", within="[0, inf)")
-    top_p: float = option(1.0, "Nucleus sampling's p (recorded; the hf engine takes 1 only, for now).", within="(0, 1]")
+    top_p: float = option(1.0, "Nucleus sampling's p, with --temperature > 0: draw from the fewest tokens whose mass reaches it.", within="(0, 1]")
     seed: int = option(0, "Seed of the sampling (each batch's seed derived from it and the batch's place).", within=SEEDS)
     batch_size: int = option(16, "Prompts generated together.", within="[1, inf)")
     max_length: Optional[int] = option(None, "Longest prompt + answer in tokens; a prompt longer than this less "

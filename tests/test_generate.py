@@ -87,6 +87,13 @@ def test_seeded_sampling_is_reproducible(student_dir, prompts, tmp_path, greedy)
     assert rows_of(tmp_path / "a") != rows_of(greedy)
 
 
+def test_a_nucleus_of_one_token_samples_the_greedy_answer(student_dir, prompts, tmp_path, greedy) -> None:
+    """--top-p reaches the sampler: at p = 1e-9 the nucleus is the most likely token alone, so sampling at
+    temperature 1 gives the greedy answers."""
+    run_cli(*common(student_dir, prompts, tmp_path / "p", "--temperature", "1", "--top-p", "1e-9", "--seed", "3"))
+    assert rows_of(tmp_path / "p") == rows_of(greedy)
+
+
 def test_a_rerun_after_a_kill_between_parts_writes_the_same_files(student_dir, prompts, tmp_path) -> None:
     first = tmp_path / "first"
     run_cli(*common(student_dir, prompts, first, "--temperature", "1"))

@@ -22,6 +22,7 @@ class GenerationSettings:
     sample: bool = False  # seeded sampling instead of greedy decoding
     temperature: float = 1.0  # of the sampling
     seed: int = 0
+    top_p: float = 1.0  # nucleus sampling: the fewest tokens whose mass reaches it (1: the whole distribution)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
             mask[row, width - len(encoded[i]):] = 1
         if settings.sample:
             torch.manual_seed(settings.seed + start)  # each batch its own seed: the same answers in any run
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0} if settings.sample else {"do_sample": False}
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": settings.top_p} if settings.sample else {"do_sample": False}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=settings.max_new_tokens,
                              eos_token_id=stop, pad_token_id=pad, **sampling)
         for row, i in enumerate(batch):

@@ -32,8 +32,6 @@ def check_options(cfg: GenerateConfig) -> str:
     check_fields(cfg)
     if cfg.engine == "vllm":
         raise UserError("--engine vllm is not supported by generate yet: use --engine hf (transformers)")
-    if cfg.top_p != 1.0:
-        raise UserError(f"--top-p {cfg.top_p}: the hf engine samples from the whole distribution (top-p 1) for now")
     return "hf"  # auto: vLLM's generation path is not written yet, so transformers
 
 
@@ -185,7 +183,8 @@ def write_parts(cfg: GenerateConfig, store: Store, folder, tokenizer, prompts: l
             kept = [p for p in part if len(p.ids) + cfg.max_new_tokens <= max_length]
             # Seeds of this part alone (its first row's index past --seed): a resumed run draws what the first would have.
             settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sample=sample,
-                                          temperature=cfg.temperature if sample else 1.0, seed=(cfg.seed + start) % SEED_SPACE)
+                                          temperature=cfg.temperature if sample else 1.0, seed=(cfg.seed + start) % SEED_SPACE,
+                                          top_p=cfg.top_p)
             answers = generate_answers(model, tokenizer, [Prompt(p.messages, "") for p in kept], settings) if kept else []
             lines = [json.dumps({"id": p.id, "input_ids": p.ids + answer, "loss_mask": [False] * len(p.ids) + [True] * len(answer)})
                      + "\n" for p, answer in zip(kept, answers)]
