@@ -1,11 +1,15 @@
-"""What the per-batch crc32 costs a reader: decoding every record batch of a shard with and without the check.
+"""What a reader's checks cost: decoding every record batch of a shard with and without the per-batch crc32 and
+the invariant checks (integrity.check_invariants, run by `decode_batch` unless `checked=False`).
 
 A synthetic shard shaped like a real cache (vocabulary 49,152, top-64, compact precision, 512-token sequences)
-is written with the project's writer; reading it back is timed both ways, alternating, best of several rounds.
+is written with the project's writer; reading it back is timed three ways, interleaved, over several rounds:
+the medians are reported (the machine may be shared: the load average is reported with them).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from taid_cache.shards.writer import ShardWriter
 from taid_cache.storage import open_store
 
 VOCAB, K, T, SEQS, PER_BATCH = 49152, 64, 512, 256, 16
+ROUNDS = 7
 
 
 def records(rng: np.random.Generator, n: int) -> list[TeacherRecord]:
@@ -58,24 +63,32 @@ def main() -> None:
             reader = pa.ipc.open_file(source)
             batches = [reader.get_batch(b) for b in range(reader.num_record_batches)]
 
-            def decode(check: bool) -> float:
+            def decode(crc: bool, invariants: bool) -> float:
                 start = time.perf_counter()
                 for batch in batches:
-                    if check:
+                    if crc:
                         batch_crc32(batch)
-                    for _ in decode_batch(batch, settings):
+                    for _ in decode_batch(batch, settings, checked=invariants):
                         pass
                 return time.perf_counter() - start
 
-            plain, checked = [], []
-            for _ in range(5):
-                plain.append(decode(False))
-                checked.append(decode(True))
-    overhead = min(checked) / min(plain) - 1
-    table = (f"| reader, {SEQS} sequences x {T} tokens, top-{K} | seconds (best of 5) |\n|---|---|\n"
-             f"| decode only | {min(plain):.3f} |\n| crc32 check + decode | {min(checked):.3f} |\n"
-             f"| overhead of the check | {100 * overhead:.1f}% |")
-    publish("reader_checksum", table, {"decode_s": min(plain), "checked_s": min(checked), "overhead": overhead})
+            modes = {"decode only": (False, False), "crc32 + decode": (True, False), "crc32 + invariants + decode": (True, True)}
+            times: dict[str, list[float]] = {name: [] for name in modes}
+            for _ in range(ROUNDS):
+                for name, mode in modes.items():
+                    times[name].append(decode(*mode))
+    load = os.getloadavg()[0]
+    median = {name: statistics.median(t) for name, t in times.items()}
+    crc_share = median["crc32 + decode"] / median["decode only"] - 1
+    invariant_share = median["crc32 + invariants + decode"] / median["crc32 + decode"] - 1
+    rows = "".join(f"| {name} | {median[name]:.3f} |\n" for name in modes)
+    table = (f"| reader, {SEQS} sequences x {T} tokens, top-{K} | seconds (median of {ROUNDS}, interleaved) |\n|---|---|\n{rows}"
+             f"| overhead of the crc32 check | {100 * crc_share:.1f}% |\n"
+             f"| overhead of the invariant checks (over crc32 + decode) | {100 * invariant_share:.1f}% |\n"
+             f"| load average (1 min) at the end | {load:.2f} |")
+    publish("reader_checksum", table, {"decode_s": median["decode only"], "checked_s": median["crc32 + decode"],
+                                       "invariants_s": median["crc32 + invariants + decode"], "overhead": crc_share,
+                                       "invariant_overhead": invariant_share, "loadavg": load})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from rich.console import Console
 
 from .engines import DISTRIBUTED_BACKENDS, ENGINES
-from .errors import UserError
+from .errors import UserError, first_line
 from .inputs import KINDS
 from .losses.registry import LOSSES, PARAMS, LossConfig
 from .shards.codec import PRECISIONS as STORAGE_PRECISIONS
@@ -115,6 +116,32 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+ECHO = 80  # characters of a value (a key, a list's item) a message shows; past them, an ellipsis
+_ECHO_REPR = reprlib.Repr()  # a repr cut while it is built: a value of any size costs a few hundred characters
+_ECHO_REPR.maxlevel, _ECHO_REPR.maxstring, _ECHO_REPR.maxother, _ECHO_REPR.maxlong = 3, ECHO, ECHO, ECHO
+for _name in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
+    setattr(_ECHO_REPR, _name, 8)
+
+
+def clip(text: str, limit: int = ECHO) -> str:
+    """Text as a message shows it: at most `limit` characters, an ellipsis where it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shown(value: Any) -> str:
+    """A value as a message shows it: its repr, at most ECHO characters, whatever the value holds."""
+    try:
+        return clip(_ECHO_REPR.repr(value))
+    except ValueError:  # an integer past Python's limit on the digits it writes out
+        return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
+
+
+def listed(names: list[str], most: int = 5) -> str:
+    """Names as a message lists them: the first `most`, each clipped, and how many more."""
+    shown_names = ", ".join(clip(str(n)) for n in names[:most])
+    return shown_names + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def options_of(config: Any) -> list[Field]:
     """The fields of a config class or instance that are options (not the console)."""
     return [f for f in fields(config) if "help" in f.metadata]
@@ -128,9 +155,9 @@ def check_fields(cfg: Any) -> None:
             continue
         for item in value if isinstance(value, list) else [value]:  # a list option: each of its values
             if choices and item not in choices:
-                raise UserError(f"{flag(f.name)} must be one of {', '.join(choices)}, not {item!r}")
+                raise UserError(f"{flag(f.name)} must be one of {', '.join(choices)}, not {shown(item)}")
         if within is not None and value not in within:
-            raise UserError(f"{flag(f.name)} must be {within}, not {value}")
+            raise UserError(f"{flag(f.name)} must be {within}, not {shown(value)}")
 
 
 def to_json(cfg: Any) -> dict[str, Any]:
@@ -155,8 +182,8 @@ def json_value(name: str, value: Any, hint: Any) -> Any:
         item = typing.get_args(hint)[0]
         if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             return value
-        raise UserError(f"{name} must be a list of {'strings' if item is str else 'integers'}, not {value!r}")
-    raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {value!r}")
+        raise UserError(f"{name} must be a list of {'strings' if item is str else 'integers'}, not {shown(value)}")
+    raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {shown(value)}")
 
 
 # A train-student config file may name an option as transformers.TrainingArguments does, so a Trainer user's file
@@ -212,7 +239,7 @@ def hf_value(key: str, value: Any) -> tuple[str, Any]:
     warmup_steps below 1 as the warm-up ratio it means)."""
     if key == "bf16":
         if not isinstance(value, bool):
-            raise UserError(f"bf16 must be true or false, not {value!r}")
+            raise UserError(f"bf16 must be true or false, not {shown(value)}")
         return "precision", "bf16" if value else "fp32"
     if key == "warmup_steps" and isinstance(value, float) and 0 <= value < 1:
         return "warmup_ratio", value
@@ -228,15 +255,15 @@ def named_options(values: dict, where: str, hf: bool) -> dict[str, Any]:
     keys: dict[str, str] = {}
     refused = [str(k) for k in values if hf and str(k).replace("-", "_") in HF_REFUSED]
     if refused:
-        hints = "; ".join(sorted({HF_REFUSED[k.replace("-", "_")] for k in refused} - {""}))
+        hints = "; ".join(sorted({HF_REFUSED[k.replace("-", "_")] for k in refused[:5]} - {""}))
         what = "is a transformers TrainingArguments option" if len(refused) == 1 else "are transformers TrainingArguments options"
-        raise UserError(f"{where}: {', '.join(refused)} {what} taid-cache does not take" + (f" ({hints})" if hints else ""))
+        raise UserError(f"{where}: {listed(refused)} {what} taid-cache does not take" + (f" ({hints})" if hints else ""))
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if hf and name in HF_NAMES:
             name, value = hf_value(name, value)
         if name in keys:
-            raise UserError(f"{where}: {keys[name]} and {key} both give {flag(name)}; keep one")
+            raise UserError(f"{where}: {clip(keys[name])} and {clip(str(key))} both give {clip(flag(name))}; keep one")
         named[name], keys[name] = value, str(key)
     return named
 
@@ -251,7 +278,7 @@ def checked_options(cls: type, values: Any, where: str, hf: bool = False) -> dic
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - {f.name for f in options_of(cls)})
     if unknown:
-        raise UserError(f"{where}: unknown options {', '.join(unknown)}")
+        raise UserError(f"{where}: unknown options {listed(unknown)}")
     return {k: json_value(k, v, hints[k]) for k, v in values.items()}
 
 
@@ -260,11 +287,40 @@ def from_json(cls: type, values: Any) -> Any:
     return cls(**checked_options(cls, values, f"a {cls.__name__}"))
 
 
+CONFIG_BYTES = 1 << 20  # the largest config file read (a config is a few lines; /dev/zero is not one)
+CONFIG_DEPTH = 32  # the deepest nesting of lists and mappings a config file may have (it needs 3)
+
+
 def unique_keys_loader() -> type:
-    """yaml's safe loader, except that a mapping naming one key twice is a UserError (safe_load keeps the last)."""
+    """yaml's safe loader, except that a mapping naming one key twice is a UserError (safe_load keeps the last),
+    and so are an alias (`*name`: a config file needs none, and nested ones expand exponentially, a 380-byte file
+    to 387 million strings), nesting past CONFIG_DEPTH (instead of a RecursionError) and an integer past Python's
+    limit on digits (instead of its ValueError), each naming its line."""
     import yaml
 
     class UniqueKeys(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            line = self.peek_event().start_mark.line + 1
+            if self.check_event(yaml.AliasEvent):
+                raise UserError(f"line {line}: *{clip(self.peek_event().anchor)} is a YAML alias, which a config file "
+                                "may not use (write the value out)")
+            if self.depth >= CONFIG_DEPTH:
+                raise UserError(f"line {line}: lists or mappings nested deeper than {CONFIG_DEPTH} levels")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_yaml_int(self, node):
+            try:
+                return super().construct_yaml_int(node)
+            except ValueError:  # past sys.get_int_max_str_digits()
+                raise UserError(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} digits is more "
+                                "than Python reads") from None
+
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 lines: dict[Any, int] = {}
@@ -275,7 +331,7 @@ def unique_keys_loader() -> type:
                     line = key_node.start_mark.line + 1
                     try:
                         if key in lines:
-                            raise UserError(f"{key} is given twice (lines {lines[key]} and {line})")
+                            raise UserError(f"{clip(str(key))} is given twice (lines {lines[key]} and {line})")
                     except TypeError:  # an unhashable key: the safe loader's own error follows
                         continue
                     lines[key] = line
@@ -284,20 +340,41 @@ def unique_keys_loader() -> type:
     # YAML 1.1 reads 2e-5 (no dot), as transformers' users write learning rates, as a string; YAML 1.2 and JSON a float.
     UniqueKeys.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
                                      list("-+0123456789"))
+    UniqueKeys.add_constructor("tag:yaml.org,2002:int", UniqueKeys.construct_yaml_int)
     return UniqueKeys
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML (or JSON) as values (`unique_keys_loader`'s rules), read by every `--config` (and the
+    reproduction's); whatever the file holds, a failure is one short line naming the file."""
+    import yaml
+
+    try:
+        with open(path, "rb") as file:
+            data = file.read(CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read the config {path}: {clip(' '.join(str(exc).split()), 240)}") from None
+    if len(data) > CONFIG_BYTES:
+        raise UserError(f"config {path} is larger than {CONFIG_BYTES >> 20} MiB: not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"config {path}: line {line}: byte {data[exc.start]:#04x} is not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=unique_keys_loader())
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot read the config {path}: {clip(' '.join(str(exc).split()), 240)}") from None
+    except UserError as exc:
+        raise UserError(f"config {path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a constructor's (a date such as 2024-13-01), or a stack's
+        raise UserError(f"cannot read the config {path}: {clip(first_line(exc), 240)}") from None
 
 
 def read_options(cls: type, path: Path) -> dict[str, Any]:
     """A YAML (or JSON) file of options, checked (`checked_options`; train-student's may use transformers'
     TrainingArguments names); a one-line error naming the file, also for a key given twice."""
-    import yaml
-
-    try:
-        values = yaml.load(path.read_text(), Loader=unique_keys_loader())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read the config {path}: {' '.join(str(exc).split())}") from None
-    except UserError as exc:
-        raise UserError(f"config {path}: {exc}") from None
+    values = read_yaml(path)
     try:
         return checked_options(cls, {} if values is None else values, f"config {path}", hf=cls is TrainConfig)
     except UserError as exc:

@@ -145,7 +145,8 @@ def test_ctkd_against_its_definition_and_its_reversed_temperature_gradient() -> 
 
 
 @pytest.mark.parametrize("flags, words", [
-    (("--loss", "fkl", "--temperature", "0"), "--temperature must be in (0, inf)"),
+    (("--loss", "fkl", "--temperature", "0"), "--temperature must be in [0.1, 20]"),
+    (("--loss", "fkl", "--temperature", "1e6"), "--temperature must be in [0.1, 20]"),
     (("--loss", "fkl", "--temperature", "-1"), "--temperature must be"),
     (("--loss", "fkl", "--temperature", "nan"), "--temperature must be"),
     (("--loss", "skew-fkl", "--beta", "0.2"), "--skew-beta"),

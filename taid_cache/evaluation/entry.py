@@ -47,6 +47,14 @@ def evaluate_local(students: dict[str, str], data: str, teacher: str | None, dat
     tokenizer = AutoTokenizer.from_pretrained(next(iter(folders.values())))
     if teacher_dir is not None and tokenizer_hash(AutoTokenizer.from_pretrained(teacher_dir)) != tokenizer_hash(tokenizer):
         raise UserError("the teacher's tokenizer differs from the students': its NLL and KL would compare other tokens")
+    if teacher_dir is not None:
+        from transformers import AutoConfig
+
+        for name, folder in folders.items():  # from the configs: before any model is loaded or anything generated
+            rows = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
+            if rows < len(tokenizer):
+                raise UserError(f"student {name} has {rows} LM-head rows, fewer than the tokenizer's {len(tokenizer)} tokens: "
+                                "its KL and top-1 against the teacher cannot be scored")
     files = resolve_data([data])
     rows = load_rows(files, "train")
     if "messages" not in rows.column_names:

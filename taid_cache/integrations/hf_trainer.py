@@ -224,6 +224,8 @@ class CacheDistillationTrainer(Trainer):
             temperature = self.model.loss_model.temperature if hasattr(self.model, "loss_model") else None
             if temperature is not None:
                 logs["temperature"] = temperature.value()
+            if self.model.teacher.sampled:
+                logs["loss_is_estimate"] = 1.0  # a sampled tail's: unbiased, not a bound (it can fall below 0)
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:

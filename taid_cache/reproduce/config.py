@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import Range, json_value
-from ..errors import UserError, first_line
+from ..config import Range, json_value, listed, read_yaml, shown
+from ..errors import UserError
 from ..losses.registry import LOSSES, SAMPLED_LOSSES
 from .models import LlamaSize
 
@@ -145,28 +145,23 @@ def typed(name: str, value: Any, hint: Any, where: str) -> Any:
 
 
 def load_config(path: Path) -> ReproduceConfig:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config {path}: {first_line(exc)}") from None
+    raw = read_yaml(path)  # the stages' loader: no key twice, no alias, every failure one short line
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"config {path} must be a mapping of keys (key: value lines), not a {type(raw).__name__}")
     known = {f.name for f in fields(ReproduceConfig)}
     unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
-        raise UserError(f"config {path}: unknown keys {', '.join(unknown)}")
+        raise UserError(f"config {path}: unknown keys {listed(unknown)}")
     hints = typing.get_type_hints(ReproduceConfig)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if hints[key] is LlamaSize:
             sizes = {f.name: f for f in fields(LlamaSize)}
-            unknown = sorted(set(value) - set(sizes)) if isinstance(value, dict) else None
+            unknown = sorted(str(k) for k in set(value) - set(sizes)) if isinstance(value, dict) else None
             if unknown is None or unknown:
                 raise UserError(f"config {path}: {key} must map {', '.join(sizes)} to values"
-                                + (f"; unknown keys {', '.join(unknown)}" if unknown else ""))
+                                + (f"; unknown keys {listed(unknown)}" if unknown else ""))
             size_hints = typing.get_type_hints(LlamaSize)
             values[key] = LlamaSize(**{k: typed(f"{key}.{k}", v, size_hints[k], str(path)) for k, v in value.items()})
         else:
@@ -181,17 +176,17 @@ def check_settings(cfg: ReproduceConfig, where: str) -> None:
     for key, text in RANGES.items():
         within = Range.parse(text)
         if getattr(cfg, key) not in within:
-            raise UserError(f"{where}: {key} must be {within}, not {getattr(cfg, key)}")
+            raise UserError(f"{where}: {key} must be {within}, not {shown(getattr(cfg, key))}")
     for key in ("methods", "seeded"):
         bad = [m for m in getattr(cfg, key) if m not in METHODS]
         if bad:
-            raise UserError(f"{where}: unknown methods {', '.join(bad)} in {key}; known: {', '.join(METHODS)}")
+            raise UserError(f"{where}: unknown methods {listed(bad)} in {key}; known: {', '.join(METHODS)}")
     if not cfg.methods:
         raise UserError(f"{where}: methods is empty")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
-        raise UserError(f"{where}: seeds must be distinct integers of at least 0, not {cfg.seeds}")
+        raise UserError(f"{where}: seeds must be distinct integers of at least 0, not {shown(cfg.seeds)}")
     if cfg.cache not in CACHES:
-        raise UserError(f"{where}: cache must be one of {', '.join(CACHES)}, not {cfg.cache!r}")
+        raise UserError(f"{where}: cache must be one of {', '.join(CACHES)}, not {shown(cfg.cache)}")
     if cfg.tail_samples < 1 and any(method_cache(cfg, m) == "sampled" for m in cfg.methods):
         raise UserError(f"{where}: tail_samples must be at least 1 for methods on the sampled cache (or set cache: top-k)")
     if cfg.teacher is None and (cfg.student is not None or cfg.train_data is not None):

@@ -20,7 +20,7 @@ from ..errors import UserError, first_line
 from ..storage import Store, open_store, remote_errors
 from .codec import decode_logprobs, ragged_grid, unpack_ragged
 from .contract import CacheRecord, CacheSettings, Manifest, ShardEntry
-from .integrity import check_batch
+from .integrity import InvariantBroken, check_batch, check_invariants, invariant_error
 from .manifest import load_manifest
 
 
@@ -32,21 +32,38 @@ def _list_rows(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
-def decode_batch(batch: pa.RecordBatch, settings: CacheSettings) -> Iterator[CacheRecord]:
-    """Decode every sequence of one record batch."""
+def decode_batch(batch: pa.RecordBatch, settings: CacheSettings, where: str = "(a record batch)",
+                 checked: bool = True) -> Iterator[CacheRecord]:
+    """Decode every sequence of one record batch, once its invariants hold (integrity.check_invariants: a broken
+    one is a one-line error naming `where`, the record and what is broken). `checked=False` only measures them."""
     k, n, precision = settings.top_k, settings.tail_samples, settings.precision
     cols = {name: _list_rows(batch.column(name)) for name in batch.schema.names if name != "sample_id"}
     if settings.target_logprobs and "target_logprob" not in cols:
         raise UserError("bad shard: the cache's settings say --target-logprobs, its shard has no target_logprob column; "
                         "run `taid-cache verify`")
+    # The log-probs of the whole batch decoded at once (integers summed exactly: the same floats as per record),
+    # after the structure they are decoded by is checked.
+    counts_all = cols["topk_counts"][0].astype(np.int64)
+    drawn_all = cols["sample_counts"][0].astype(np.int64) if settings.sampled else None
+    if checked:
+        try:
+            head_lps, drawn_lps = check_invariants(batch, settings)
+        except InvariantBroken as broken:
+            raise invariant_error(batch, broken, where) from None
+    else:
+        head_lps = decode_logprobs(cols["topk_logprobs"][0], counts_all, precision)
+        drawn_lps = decode_logprobs(cols["sample_logprobs"][0], drawn_all, precision) if settings.sampled else None
+    position_rows = cols["topk_counts"][1]
     for i, sample_id in enumerate(batch.column("sample_id").to_pylist()):
         row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in cols.items()}
         counts = row["topk_counts"].astype(np.int64)
-        topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], decode_logprobs(row["topk_logprobs"], counts, precision), counts, k)
+        head = slice(cols["topk_logprobs"][1][i], cols["topk_logprobs"][1][i + 1])
+        topk_ids, topk_logprobs = unpack_ragged(row["topk_ids"], head_lps[head], counts, k)
         optional: dict[str, np.ndarray] = {}  # the columns of a sampled or --target-logprobs cache
         if settings.sampled:  # the draws off the head, N columns per position
-            drawn = row["sample_counts"].astype(np.int64)
-            ids, logprobs = unpack_ragged(row["sample_ids"], decode_logprobs(row["sample_logprobs"], drawn, precision), drawn, n)
+            drawn = drawn_all[position_rows[i] : position_rows[i + 1]]
+            tail = slice(cols["sample_logprobs"][1][i], cols["sample_logprobs"][1][i + 1])
+            ids, logprobs = unpack_ragged(row["sample_ids"], drawn_lps[tail], drawn, n)
             optional = {"sample_ids": ids, "sample_logprobs": logprobs,
                         "sample_draws": ragged_grid(row["sample_draws"].astype(np.int64), drawn, n, 0)}
         if settings.target_logprobs:  # the exact float32 log-prob of each actual next token
@@ -169,7 +186,7 @@ def iter_shard(files: ShardFiles, index: int) -> Iterator[CacheRecord]:
     entry = files.manifest.shards[index]
     with open_shard(files, index) as reader:
         for b in range(reader.num_record_batches):
-            yield from decode_batch(checked_batch(reader, entry, b), files.manifest.settings)
+            yield from decode_batch(checked_batch(reader, entry, b), files.manifest.settings, f"{entry.file} (record batch {b})")
 
 
 class RandomAccess:
@@ -187,7 +204,8 @@ class RandomAccess:
         if key not in self._decoded:
             entry = self.files.manifest.shards[shard]
             with open_shard(self.files, shard) as reader:
-                self._decoded[key] = list(decode_batch(checked_batch(reader, entry, b), self.files.manifest.settings))
+                self._decoded[key] = list(decode_batch(checked_batch(reader, entry, b), self.files.manifest.settings,
+                                                       f"{entry.file} (record batch {b})"))
             if len(self._decoded) > self.capacity:
                 self._decoded.popitem(last=False)
         self._decoded.move_to_end(key)

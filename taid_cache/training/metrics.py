@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
 from ..config import REPORT_BACKENDS
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..storage import Store, is_remote, open_store
 from .distributed import Dist
 
@@ -68,6 +69,9 @@ def check_report_to(names: list[str], output: str | None = None) -> None:
     if backends and output is not None and is_remote(output):
         raise UserError(f"--report-to {' '.join(backends)} writes its logs into a local --output folder; with --output {output} "
                         "the metrics are in its metrics.jsonl")
+    board = Path(output) / "tensorboard" if output is not None and "tensorboard" in backends else None
+    if board is not None and board.exists() and not (board.is_dir() and os.access(board, os.W_OK)):
+        raise UserError(f"--report-to tensorboard: cannot write {board} (not a folder this process can write into)")
 
 
 class MetricsLog:
@@ -88,7 +92,14 @@ class MetricsLog:
         if "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(local / "tensorboard"))
+            folder = local / "tensorboard"
+            try:  # its writer thread would say a folder it cannot write in a traceback, later
+                folder.mkdir(parents=True, exist_ok=True)
+                (probe := folder / f".probe-{os.getpid()}").write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise UserError(f"--report-to tensorboard: cannot write {folder} ({first_line(exc)})") from None
+            self.board = SummaryWriter(str(folder))
         if "wandb" in backends:
             self.wandb = wandb_run(local, settings)
 

@@ -55,6 +55,11 @@ class TeacherSource:
             self.model = lm.to(env.device).eval().requires_grad_(False)
             self.head = model_head(self.model, "teacher")
 
+    @property
+    def sampled(self) -> bool:
+        """The cache's head + sampled tail: every loss on it is an estimate."""
+        return self.model is None and self.settings.sampled
+
     def for_batch(self, mb: MicroBatch, env: Dist) -> Union[TopKTeacher, SampledTeacher, OnlineTeacher]:
         if self.model is None:
             return cached_teacher(mb, self.settings, self.tail, env)

@@ -150,6 +150,8 @@ class Trainer:
                      "grad_norm": result.grad_norm}
         if self.model.temperature is not None:
             self.last["temperature"] = self.model.temperature.value()
+        if self.teacher.sampled:
+            self.last["loss_is_estimate"] = True  # a sampled tail's: unbiased, not a bound (it can fall below 0)
         if self.policy.reads_t:
             self.last["t"] = result.t  # the t this step trained with
             # max − min of t over ranks after the update: 0 when every rank holds the same t.
@@ -177,4 +179,4 @@ class Trainer:
 
     def summary(self, result: StepResult) -> str:
         t = f"  t {result.t:.3f}" if self.policy.reads_t else ""
-        return f"loss {result.loss:.4f}{t}  {self.progress.tokens / max(self.progress.elapsed_s, 1e-9):,.0f} tok/s"
+        return f"loss{'≈' if self.teacher.sampled else ''} {result.loss:.4f}{t}  {self.progress.tokens / max(self.progress.elapsed_s, 1e-9):,.0f} tok/s"
