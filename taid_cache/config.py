@@ -321,6 +321,12 @@ def unique_keys_loader() -> type:
                 raise UserError(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} digits is more "
                                 "than Python reads") from None
 
+        def construct_object(self, node, deep=False):
+            try:
+                return super().construct_object(node, deep)
+            except ValueError as exc:  # a constructor's own: a date such as 2024-13-01
+                raise UserError(f"line {node.start_mark.line + 1}: {clip(first_line(exc), 160)}") from None
+
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 lines: dict[Any, int] = {}
@@ -367,7 +373,7 @@ def read_yaml(path: Path) -> Any:
         raise UserError(f"cannot read the config {path}: {clip(' '.join(str(exc).split()), 240)}") from None
     except UserError as exc:
         raise UserError(f"config {path}: {exc}") from None
-    except (ValueError, RecursionError) as exc:  # a constructor's (a date such as 2024-13-01), or a stack's
+    except (ValueError, RecursionError) as exc:  # should a constructor or the stack fail past the loader's own checks
         raise UserError(f"cannot read the config {path}: {clip(first_line(exc), 240)}") from None
 
 
