@@ -28,7 +28,7 @@ from taid_cache.heads import check_head
 from taid_cache.losses import LossConfig
 from taid_cache.config import DumpConfig
 from taid_cache.pipelines.dump_teacher import dump_teacher
-from taid_cache.pipelines.train_student import micro_batch_loss
+from taid_cache.training.loss_step import micro_batch_loss
 from taid_cache.training.teacher import TeacherSource
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.provenance import machine
