@@ -44,3 +44,12 @@ def test_evaluating_a_student_with_fewer_lm_head_rows_than_the_vocabulary_is_one
     AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp_path / "small")
     assert_one_line(cli("evaluate", str(tmp_path / "small"), "--data", str(data_dir / "chat.jsonl"), "--teacher", str(teacher_dir),
                         "--prompts", "2", "--max-new-tokens", "2"), "has 100 LM-head rows, fewer than the tokenizer's")
+
+
+def test_an_export_removes_what_a_killed_export_left_beside_its_folder(caches, tmp_path) -> None:
+    """A kill mid-export leaves its hidden temporary folder; the rerun removes it (it never did)."""
+    left = tmp_path / ".out.tmp-host-1-abcd1234"
+    (left / "data-00000.parquet").parent.mkdir(parents=True)
+    (left / "data-00000.parquet").write_bytes(b"half")
+    assert cli("export", str(caches["top16"]), str(tmp_path / "out")).exit_code == 0
+    assert not left.exists() and (tmp_path / "out" / "data-00000.parquet").is_file()
