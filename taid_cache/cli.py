@@ -170,12 +170,20 @@ def inspect_cmd(
 
 @app.command("verify")
 @user_errors
-def verify_cmd(cache: str = typer.Argument(..., help="Cache folder, or a URI (s3://bucket/cache).")) -> None:
-    """Check every shard's checksum and schema, and that the cache is complete."""
-    from .shards.verify import verify_cache
+def verify_cmd(
+    cache: str = typer.Argument(..., help="Cache folder, or a URI (s3://bucket/cache)."),
+    model: Optional[str] = typer.Option(None, help="The teacher the cache should come from (a folder or hub id): its weights "
+                                        "and tokenizer are hashed and compared with the manifest's teacher_hash and "
+                                        "tokenizer_hash, which checksums alone do not authenticate (docs/FORMAT.md)."),
+) -> None:
+    """Check every shard's checksum and schema, and that the cache is complete; with --model, that it is that teacher's."""
+    from .shards.verify import verify_cache, verify_teacher
 
     manifest = verify_cache(cache)
-    typer.echo(f"ok: {len(manifest.shards)} shards, {manifest.records} sequences, {manifest.tokens:,} tokens")
+    if model is not None:
+        verify_teacher(manifest, model, cache)
+    teacher = f"; its teacher is {model}" if model is not None else ""
+    typer.echo(f"ok: {len(manifest.shards)} shards, {manifest.records} sequences, {manifest.tokens:,} tokens{teacher}")
 
 
 @app.command("export")
@@ -206,8 +214,11 @@ def evaluate_cmd(
     sample: bool = typer.Option(False, help="Seeded sampling at --sample-temperature instead of greedy answers."),
     sample_temperature: float = typer.Option(1.0, help="Temperature of --sample. Must be in (0, inf)."),
     seed: int = typer.Option(0, help="Seed of --sample. Must be in [0, 2^64)."),
-    max_length: int = typer.Option(2048, help="Longest held-out sequence scored against the teacher. Must be at least 2."),
+    max_length: int = typer.Option(2048, help="Longest held-out sequence scored against the teacher (cut to the models' "
+                                   "context when that is shorter; loss positions past it are counted, not scored). Must be "
+                                   "at least 2."),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers to this JSON file."),
+    progress: bool = typer.Option(True, help="Show each model's answers as a progress bar on stderr."),
 ) -> None:
     """Judge students by what they generate (ROUGE-L, exact match, the teacher's NLL of their answers) and against
     the teacher on the held-out data (CE, KL, top-1)."""
@@ -215,7 +226,7 @@ def evaluate_cmd(
 
     only_our_bars()
     results = evaluate_command(students, data, teacher, prompts, max_new_tokens, batch_size, sample, sample_temperature, seed,
-                               max_length, as_json)
+                               max_length, as_json, progress)
     columns = {"rouge_l": "ROUGE-L", "exact_match": "EM", "teacher_nll": "T-NLL", "ce": "CE", "kl": "KL", "top1": "top-1",
                "answer_tokens": "tokens", "answers_ended": "ended",
                "blank_answers": "blank"}
@@ -227,6 +238,22 @@ def evaluate_cmd(
     for name, metrics in results.items():
         table.add_row(name, *(f"{metrics[k]:.3f}" if k in metrics else "" for k in shown))
     Console().print(table)
+
+
+@app.command("distil-on-policy")
+@user_errors
+def distil_on_policy_cmd(
+    config: Path = typer.Option(..., "--config", help="The run's YAML (or JSON) file: method, student, teacher, prompts, "
+                                "output, max_steps, and optionally rounds, cache, on_policy_share, rounds_folder and the "
+                                "generate / dump / train sections (docs/CLI.md)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the stages' progress bars."),
+) -> None:
+    """On-policy distillation in rounds through the cache: each round the student answers the prompts, the teacher
+    scores them once, and one resumed training run trains on them; rerun the same command to resume."""
+    from .onpolicy.rounds import distil_on_policy, read_rounds_config
+
+    only_our_bars()
+    distil_on_policy(read_rounds_config(config), progress)
 
 
 @app.command("export-checkpoint")

@@ -21,6 +21,7 @@ from rich.console import Console
 from .engines import DISTRIBUTED_BACKENDS, ENGINES
 from .errors import UserError, first_line
 from .inputs import KINDS
+from .onpolicy.sampler import ON_POLICY, REPLAY_RATIOS
 from .losses.registry import LOSSES, PARAMS, LossConfig
 from .shards.codec import PRECISIONS as STORAGE_PRECISIONS
 
@@ -147,6 +148,17 @@ def options_of(config: Any) -> list[Field]:
     return [f for f in fields(config) if "help" in f.metadata]
 
 
+def option_defaults(config: type) -> dict[str, Any]:
+    """The default of each option of a config class that has one (required options have none)."""
+    out = {}
+    for f in options_of(config):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def check_fields(cfg: Any) -> None:
     """Each option's declared choices and range, before anything is loaded or written."""
     for f in options_of(cfg):
@@ -180,9 +192,11 @@ def json_value(name: str, value: Any, hint: Any) -> Any:
         return value
     if typing.get_origin(hint) is list:
         item = typing.get_args(hint)[0]
-        if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            return value
-        raise UserError(f"{name} must be a list of {'strings' if item is str else 'integers'}, not {shown(value)}")
+        kinds = (int, float) if item is float else item  # a float list takes integers, as a float option does
+        if isinstance(value, list) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+            return [item(v) for v in value]
+        words = {str: "strings", int: "integers", float: "numbers"}
+        raise UserError(f"{name} must be a list of {words.get(item, item.__name__)}, not {shown(value)}")
     raise UserError(f"{name} must be {getattr(hint, '__name__', hint)}, not {shown(value)}")
 
 
@@ -453,13 +467,18 @@ class GenerateConfig:
     output: str = option(help="Generation folder, or an object-store URI (created; a rerun of the same command resumes "
                          "it). dump-teacher --data takes it.")
     split: str = option("train", "Dataset split (hub datasets).")
-    engine: str = option("auto", "Generation engine: hf (transformers), or auto (hf: vllm is not supported by generate "
-                         "yet).", choices=("auto", "hf", "vllm"))
+    engine: str = option("auto", "Generation engine: vllm (LLM.generate, batched by vLLM, seeded per prompt), hf "
+                         "(transformers), or auto: vLLM when it imports and a GPU is present, else hf (on CPU vLLM's "
+                         "start-up of about a minute outweighs generating a few hundred short answers).",
+                         choices=("auto", "hf", "vllm"))
+    vllm_args: Optional[str] = option(None, "vLLM: more keyword arguments of vllm.LLM, as a JSON object (e.g. "
+                                      "'{\"enforce_eager\": true}'); recorded with the settings.")
     max_new_tokens: int = option(512, "Longest answer in tokens.", within="[1, inf)")
     temperature: float = option(0.0, "Sampling temperature (0: greedy).", within="[0, inf)")
     top_p: float = option(1.0, "Nucleus sampling's p, with --temperature > 0: draw from the fewest tokens whose mass reaches it.", within="(0, 1]")
-    seed: int = option(0, "Seed of the sampling (each batch's seed derived from it and the batch's place).", within=SEEDS)
-    batch_size: int = option(16, "Prompts generated together.", within="[1, inf)")
+    seed: int = option(0, "Seed of the sampling (hf: each batch's seed derived from it and the batch's place; vllm: each "
+                       "prompt's, from it and the prompt's row).", within=SEEDS)
+    batch_size: int = option(16, "Prompts generated together (hf; vLLM schedules each part's prompts itself).", within="[1, inf)")
     max_length: Optional[int] = option(None, "Longest prompt + answer in tokens; a prompt longer than this less "
                                        "--max-new-tokens is dropped (counted) [default: the student's context, or 2048].",
                                        within="[2, inf)")
@@ -477,9 +496,19 @@ class TrainConfig:
     student: str = option(help="Student model folder (its initialisation).", resumable=True)
     cache: str = option(help="Cache from dump-teacher: a folder or a URI (s3://bucket/cache).", resumable=True)
     output: str = option(help="Run folder (or a URI): checkpoints, metrics.jsonl, the final student.", resumable=True)
+    mix: list[str] = option(help="More caches trained on with --cache as one stream, each sequence drawn from a cache by "
+                            "the caches' weights (repeatable): of --cache's teacher and tokenizer, --top-k, --top-p, "
+                            "--tail-samples and --target-logprobs [default: none].", factory=list, resumable=True)
+    mix_weights: list[float] = option(help="Each cache's share of the sequences, --cache's first, then each --mix's in "
+                                      "order (repeatable; any positive scale) [default: their sequences, as if the caches "
+                                      "were one].", factory=list)
     loss: str = option("taid", "Distillation loss (docs/LOSSES.md; sft: cross-entropy on the data only).", choices=LOSSES)
     max_steps: Optional[int] = option(None, "Optimizer steps (or give --epochs).", within="[1, inf)")
     epochs: Optional[float] = option(None, "Passes over the cache (or give --max-steps).", within="(0, inf)")
+    stop_at_step: Optional[int] = option(None, "Stop after this step, with a checkpoint there, while the learning-rate and "
+                                         "TAID schedules still run over --max-steps; --resume continues (how "
+                                         "distil-on-policy trains between its rounds) [default: --max-steps].",
+                                         within="[1, inf)", resumable=True)
     batch_size: int = option(8, "Sequences per micro-batch per rank.", within="[1, inf)")
     grad_accum: int = option(1, "Micro-batches per optimizer step.", within="[1, 4096]")
     lr: float = option(1e-4, "Peak learning rate (AdamW).", within="(0, inf)")
@@ -510,6 +539,28 @@ class TrainConfig:
     resume: bool = option(False, "Continue from the newest checkpoint in --output.", resumable=True)
     teacher_model: Optional[str] = option(None, "Online mode: run this teacher in-process instead of the cached log-probs.",
                                           resumable=True)
+    on_policy: Optional[str] = option(None, "Online on-policy training (needs --teacher-model): mixed (GKD: with probability "
+                                      "--mixed-alpha a micro-batch is replaced by a replay-buffer draw that includes the "
+                                      "student's answers to its prompts), adaptive (DistiLLM: student answers or replayed "
+                                      "ones with a probability that rises when the held-out loss does not fall; needs "
+                                      "--eval-cache), or fresh (every micro-batch the student's answers: --loss opd's recipe).",
+                                      choices=ON_POLICY)
+    mixed_alpha: float = option(0.5, "--on-policy mixed: the probability that a micro-batch is replaced.", within="[0, 1]")
+    adaptive_threshold: float = option(0.0, "--on-policy adaptive: the first probability of an on-policy micro-batch; it "
+                                       "rises by 0.1 (up to 1) at each evaluation whose loss is not below the last that "
+                                       "raised it.", within="[0, 1]")
+    adaptive_eps: float = option(0.0, "--on-policy adaptive: how much lower a held-out loss must be to count as falling.",
+                                 within="[0, inf)")
+    replay_ratio: str = option("decreasing", "--on-policy adaptive: the part of the threshold under which answers are "
+                               "generated afresh rather than replayed: constant (half), increasing or decreasing with "
+                               "the step.", choices=REPLAY_RATIOS)
+    replay_capacity: int = option(1000, "--on-policy mixed / adaptive: answers the replay buffer keeps.", within="[1, 1000000]")
+    max_new_tokens: int = option(512, "--on-policy: the longest answer, in tokens (and at most what --max-length leaves).",
+                                 within="[1, 1000000]")
+    generation_temperature: Optional[float] = option(None, "--on-policy: the student's sampling temperature (0: greedy) "
+                                                     "[default: 1 for --loss opd, else greedy as the original].",
+                                                     within="[0, 20]")
+    generation_top_p: float = option(1.0, "--on-policy: nucleus sampling's mass (1: the whole distribution).", within="(0, 1]")
     eval_cache: Optional[str] = option(None, "Held-out cache for CE / KL / top-1 (a folder or a URI).", resumable=True)
     eval_every: int = option(0, "Evaluate every N steps (and at the end).", within="[0, inf)", resumable=True)
     shuffle_buffer: int = option(1024, "Sequences in the shuffle buffer.", within="[1, inf)")

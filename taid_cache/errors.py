@@ -26,8 +26,11 @@ class Interrupted(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (libraries often add pages of context)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """An exception's message cut to its first line (libraries often add pages of context); a first line that
+    only announces the next ("Parameter validation failed:") keeps that next line too."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    announces = lines[0].endswith(":") and not lines[0].startswith("Traceback") and len(lines) > 1
+    return f"{lines[0]} {lines[1]}" if announces else lines[0]
 
 
 def one_line(text: str) -> str:
@@ -66,48 +69,65 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class SafePoints:
+    """What `interrupts_at_safe_points` yields: calling it raises KeyboardInterrupt once a signal came;
+    `requested` says so without raising (ranks that must stop at the same step agree on it first)."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    def __call__(self) -> None:
+        if self.signals:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def interrupts_at_safe_points() -> Iterator[Callable[[], None]]:
-    """Ctrl-C and SIGTERM inside a loop that feeds a thread: the signal is recorded, and the loop stops where it
-    calls the yielded check (between batches). Raised at an arbitrary point, KeyboardInterrupt can land inside
-    a queue's lock handling (after the acquire, before the with-block that releases it), leaving the lock held:
-    the writer thread and the process's exit then wait forever. Outside the main
-    thread (where handlers cannot be set) the check does nothing and signals act as before; a signal the
-    process was started ignoring (SIGINT under `nohup cmd &`) stays ignored. A second signal stops the loop
-    at once; the writer still commits what it holds (a third gets out of even that)."""
-    requested: list[int] = []
+def interrupts_at_safe_points() -> Iterator[SafePoints]:
+    """Ctrl-C and SIGTERM inside a loop: the signal is recorded, and the loop stops where it calls the yielded
+    check (between batches, between optimizer steps). Raised at an arbitrary point, KeyboardInterrupt can land
+    inside a queue's lock handling (after the acquire, before the with-block that releases it), leaving the lock
+    held so that the writer thread and the process's exit wait forever; or inside a finalizer (`__del__`, a
+    weakref callback: torch runs many), where Python prints it and drops it, and the loop goes on as if no
+    signal came. Outside the main thread (where handlers cannot be set) the check does nothing and signals act
+    as before; a signal the process was started ignoring (SIGINT under `nohup cmd &`) stays ignored. A second
+    signal stops the loop at once; the writer still commits what it holds (a third gets out of even that)."""
+    points = SafePoints()
 
     def record(signum, frame) -> None:
-        if requested:
+        if points.signals:
             raise KeyboardInterrupt
-        requested.append(signum)
-
-    def check() -> None:
-        if requested:
-            raise KeyboardInterrupt
+        points.signals.append(signum)
 
     if threading.current_thread() is not threading.main_thread():
-        yield check
+        yield points
         return
     # Left alone: a signal ignored, or handled from C (whose handler Python could not put back).
     previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)
                 if signal.getsignal(sig) not in (signal.SIG_IGN, None)}
     try:
-        yield check
+        yield points
     except Exception as exc:
         # The same signal stopped a helper process (vLLM's engine core): that failure is the interruption. A
         # failure of our own (a full disk while the writer drains, a bad teacher) is still said as itself.
-        if requested and not isinstance(exc, (UserError, OSError)):
+        if points.requested and not isinstance(exc, (UserError, OSError)):
             raise KeyboardInterrupt from None
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    check()  # a signal during the loop's last steps still stops the command
+    points()  # a signal during the loop's last steps still stops the command
 
 
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 FULL_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "Disk quota")
+# A write cut short that a library reports without the OS error: torch's zip writer (torch.save, and
+# torch.distributed.checkpoint's shards through it) checks its position after each record, and a full disk (or a
+# file-size limit) reads "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598".
+SHORT_WRITE_WORDS = ("unexpected pos",)
 
 
 def mount_point(path: Path) -> Path:
@@ -121,21 +141,52 @@ def write_failure(exc: BaseException, folder: Path, rerun: Callable[[], str]) ->
     """A failure to write under `folder` as one line naming the device or file and how to continue, or None when
     `exc` is not one. Libraries word a full disk their own way (pyarrow's OSError without an errno, torch's
     `PytorchStreamWriter failed writing file`, safetensors' `StorageFull`), so the chain of causes is read."""
-    chain, seen = [], exc
-    while seen is not None and len(chain) < 8:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
+    chain = causes(exc)
     text = " ".join(str(e) for e in chain)
     codes = {getattr(e, "errno", None) for e in chain}
     full = errno.ENOSPC in codes or errno.EDQUOT in codes or any(word in text for word in FULL_DISK_WORDS)
+    short = any(word in text for word in SHORT_WRITE_WORDS)
     named = next((e.filename for e in chain if isinstance(getattr(e, "filename", None), str)), None)
     ours = named is not None and Path(named).resolve().is_relative_to(folder.resolve())
-    if not (full or ours or codes & set(WRITE_ERRNOS)):
+    if not (full or short or ours or codes & set(WRITE_ERRNOS)):
         return None
     target = named or str(folder)
     if full or shutil.disk_usage(folder).free < 1 << 20:
         return UserError(f"no space left on {mount_point(folder)} writing {target}; free space and {rerun()}")
+    if short:  # the deepest one that says it: a CheckpointException repeats its failures' text in its own
+        said = first_line([e for e in chain if any(word in str(e) for word in SHORT_WRITE_WORDS)][-1])
+        return UserError(f"cannot write {target}: a write stopped part-way (a file-size limit, a quota?; torch says "
+                         f"'{said}'); {rerun()}")
     return UserError(f"cannot write {target}: {first_line(exc)}; {rerun()}")
+
+
+def causes(exc: BaseException, limit: int = 8) -> list[BaseException]:
+    """`exc` and what caused it, nearest first: its __cause__ / __context__ chain, and the failures a
+    torch.distributed.checkpoint CheckpointException wraps (one per failed rank, held in its `failures`)."""
+    chain: list[BaseException] = []
+    todo = [exc]
+    while todo and len(chain) < limit:
+        seen = todo.pop(0)
+        if seen is None or any(seen is e for e in chain):
+            continue
+        chain.append(seen)
+        wrapped = getattr(seen, "failures", None)
+        if isinstance(wrapped, dict):
+            todo.extend(f[0] if isinstance(f, tuple) else f for f in wrapped.values() if isinstance(f, (tuple, BaseException)))
+        todo.append(seen.__cause__ or seen.__context__)
+    return chain
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The failure a torch.distributed.checkpoint CheckpointException wraps (its own message is "CheckpointException
+    ranks:dict_keys([0])" and a traceback), else `exc` itself."""
+    wrapped = getattr(exc, "failures", None)
+    if isinstance(wrapped, dict) and wrapped:
+        first = next(iter(wrapped.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return root_cause(inner)
+    return exc
 
 
 def run_and_exit(entry: Callable[[], object]) -> None:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from taid_cache.cli import app
+from taid_cache.losses.registry import REGISTRY
 from taid_cache.reproduce.corpus import chat_pairs, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.tokenizer import train_tokenizer
@@ -33,6 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 VOCAB = 512
+
+
+# The losses the `caches` fixture's dumps serve: all but those reading the teacher at the next token only (opd
+# reads a --target-logprobs cache; tests/test_opd.py runs it).
+CACHE_LOSSES = tuple(name for name, loss in REGISTRY.items() if not loss.next_token_only)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -92,10 +98,31 @@ def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
     return {"top16": root / "top16", "full": root / "full"}
 
 
+def without_chat_template(model: Path, copy: Path) -> Path:
+    """A copy of `model` whose tokenizer has no chat template (neither the .jinja file nor the config's entry)."""
+    import shutil
+
+    shutil.copytree(model, copy)
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    return copy
+
+
 def kill_group(proc: subprocess.Popen, sig: int) -> None:
     """`sig` to the process group `proc` leads (started with `process_group=0`); none left to signal is fine."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
+
+
+class SignalInFinalizer:
+    """An object whose finalizer takes a Ctrl-C (made and dropped in one expression: its __del__ runs at once).
+    Python prints a KeyboardInterrupt raised inside a finalizer and drops it; torch runs many finalizers, so a
+    signal whose handler raises can land in one and be lost."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

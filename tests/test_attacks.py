@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import dataclasses
+import itertools
 import json
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from typer.testing import CliRunner
 from conftest import assert_one_line, run_process, write_jsonl
 from taid_cache.atomic import atomic_path, exclusive_lock, remove_temporaries, temporary_name
 from taid_cache.cli import app
-from taid_cache.errors import UserError
+from taid_cache.errors import SafePoints, UserError
 from taid_cache.fingerprints import model_hash
 from taid_cache.config import LOSSES, TAILS
 from taid_cache.losses import LossConfig, fkl, per_position_fn, rebuild_teacher, taid_sparse, TopKTeacher
@@ -538,7 +540,7 @@ def test_heads_summing_past_one_give_no_nan_negative_kl_or_negative_tail(tail: s
     assert fkl(logits, dense).ge(-1e-5).all()
     labels, learned = torch.randint(0, vocab, (n,)), torch.tensor([3.0])  # dkd reads the labels, ctkd a temperature
     for name in LOSSES:
-        if name == "sft":
+        if name in ("sft", "opd"):  # no teacher term; a per-token estimate, negative where q(x) < p(x)
             continue
         value = per_position_fn(LossConfig(name))(logits, dense, 0.5, labels, learned)
         assert torch.isfinite(value).all() and value.ge(-1e-5).all(), name
@@ -576,15 +578,21 @@ class FailingStream:
         return self.batch
 
 
-def two_rank_steps(rank: int, store: str, batch, out: str) -> None:
+def two_rank_steps(rank: int, store: str, batch, out: str, signalled: bool) -> None:
+    """Three steps of two ranks; rank 1's data fails at the second (or, `signalled`, rank 1 records a signal)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    env, data, outcome = Dist(rank, 2), FailingStream(rank, batch), []
+    env, outcome, interruptions = Dist(rank, 2), [], SafePoints()
+    data = itertools.repeat(batch) if signalled else FailingStream(rank, batch)
     try:
         for _ in range(3):
-            micro, counts = step_batches(data, 2, env)
+            micro, counts = step_batches(data, 2, env, interruptions)
             outcome.append(counts.tolist())
+            if signalled and rank == 1:
+                interruptions.signals.append(signal.SIGTERM)
     except UserError as exc:
         outcome.append(str(exc))
+    except KeyboardInterrupt:
+        outcome.append("interrupted")
     torch.distributed.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(outcome))
 
@@ -595,9 +603,20 @@ def test_a_rank_that_cannot_read_its_data_stops_every_rank_with_one_line(caches,
     each stops with a one-line error (its own, or one pointing at the other rank) instead of hanging or
     failing inside a collective."""
     batch = next(micro_batches(CacheStream(CacheRows(str(caches["top16"])), StreamOrder(0, 4, True, batch_size=2), 64), 0))
-    torch.multiprocessing.spawn(two_rank_steps, args=(str(tmp_path / "store"), batch, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(two_rank_steps, args=(str(tmp_path / "store"), batch, str(tmp_path), False), nprocs=2)
     first = [2 * 2 * float(batch.targets.sum()), 2 * 2 * float(batch.tokens)]  # 2 micro-batches × 2 ranks
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert zero[0] == one[0] == first
     assert one[1].startswith("bad shard ") and len(one) == 2
     assert zero[1].startswith("rank 0: another rank could not read its training data") and len(zero) == 2
+
+
+@pytest.mark.distributed
+def test_a_signal_one_rank_recorded_stops_every_rank_before_the_same_step(caches, tmp_path) -> None:
+    """Rank 1 records a signal after the first step: both ranks stop before the second (none waits in a
+    collective the other never joins), with the first step's global counts on both."""
+    batch = next(micro_batches(CacheStream(CacheRows(str(caches["top16"])), StreamOrder(0, 4, True, batch_size=2), 64), 0))
+    torch.multiprocessing.spawn(two_rank_steps, args=(str(tmp_path / "store"), batch, str(tmp_path), True), nprocs=2)
+    first = [2 * 2 * float(batch.targets.sum()), 2 * 2 * float(batch.tokens)]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero == one == [first, "interrupted"]

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from taid_cache.cli import app
+from conftest import without_chat_template
 
 
 def dump(teacher: Path, data: Path, out: Path, *extra: str):
@@ -29,13 +30,7 @@ def assert_user_error(result, out: Path, *words: str) -> None:
 
 @pytest.fixture()
 def no_template_teacher(teacher_dir, tmp_path) -> Path:
-    copy = tmp_path / "no-template"
-    shutil.copytree(teacher_dir, copy)
-    (copy / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((copy / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (copy / "tokenizer_config.json").write_text(json.dumps(config))
-    return copy
+    return without_chat_template(teacher_dir, tmp_path / "no-template")
 
 
 @pytest.fixture()

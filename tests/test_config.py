@@ -66,7 +66,7 @@ def test_resumable_settings() -> None:
     cfg = TrainConfig(student="s", cache=Path("c"), output=Path("o"), max_steps=3)
     resumable = {f.name for f in fields(TrainConfig) if f.name not in cfg.settings()} - {"console"}
     assert resumable == {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "report_to",
-                         "output", "cache", "student", "teacher_model", "read_ahead", "local_cache"}
+                         "output", "cache", "mix", "student", "teacher_model", "read_ahead", "local_cache"}
     assert cfg.settings()["max_steps"] == 3 and cfg.settings()["precision"] == "fp32"
 
 
@@ -129,6 +129,10 @@ def test_json_values_take_the_option_types() -> None:
         from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "max_steps": 1.5})
     with pytest.raises(UserError, match="data must be a list of strings"):
         from_json(DumpConfig, {"model": "m", "data": "a.jsonl", "output": "o"})
+    mixed = from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "mix": ["d"], "mix_weights": [3, 0.5]})
+    assert mixed.mix_weights == [3.0, 0.5] and all(isinstance(w, float) for w in mixed.mix_weights)
+    with pytest.raises(UserError, match="mix_weights must be a list of numbers"):
+        from_json(TrainConfig, {"student": "s", "cache": "c", "output": "o", "mix_weights": [True]})
 
 
 def test_reproduce_hands_several_ranks_the_config_it_would_train_with(monkeypatch, tmp_path) -> None:

@@ -3,13 +3,13 @@ loss mask), resumable, and `dump-teacher --data GEN/` on them recording the stud
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line, run_cli, write_jsonl
+from conftest import SignalInFinalizer, assert_one_line, run_cli, without_chat_template, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from taid_cache.evaluation.generation import end_tokens
@@ -34,7 +34,7 @@ def prompts(data_dir, tmp_path_factory) -> Path:
 
 def common(student_dir: Path, prompts: Path, output: Path | str, *extra: str) -> list[str]:
     return ["generate", "--student", str(student_dir), "--data", str(prompts), "--output", str(output), "--max-new-tokens", "8",
-            "--batch-size", "2", "--rows-per-part", "2", "--no-progress", *extra]
+            "--batch-size", "2", "--rows-per-part", "2", "--engine", "hf", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def test_rows_are_the_prompt_and_the_students_own_greedy_answer(greedy, student_
     settings = record["settings"]
     assert settings["student_hash"] == model_hash(student_dir) and settings["temperature"] == 0.0
     assert (settings["max_new_tokens"], settings["top_p"], settings["seed"], settings["engine"]) == (8, 1.0, 0, "hf")
+    assert settings["engine_args"] == {}
     assert sorted(p.name for p in greedy.glob("rows-*.jsonl")) == ["rows-000000000.jsonl", "rows-000000002.jsonl",
                                                                    "rows-000000004.jsonl"]
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
@@ -114,6 +115,31 @@ def test_a_rerun_after_a_kill_between_parts_writes_the_same_files(student_dir, p
     assert "nothing to do" in again.stderr and files_of(first) == resumed
 
 
+def test_a_signal_stops_generation_after_the_part_it_came_in(student_dir, prompts, greedy, tmp_path, monkeypatch) -> None:
+    """A Ctrl-C that lands in a finalizer while the second part is answered (dropped there before): that part is
+    written, the third is not begun, one line says how to continue, and the rerun finishes the same files."""
+    from taid_cache.pipelines import generate
+
+    calls, real = [], generate.HfAnswerer.answers
+
+    def signalled_in_part_two(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            SignalInFinalizer()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(generate.HfAnswerer, "answers", signalled_in_part_two)
+    out = tmp_path / "gen"
+    result = run_cli(*common(student_dir, prompts, out), check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted: the written parts are kept"), result.stderr
+    assert sorted(p.name for p in out.glob("rows-*")) == ["rows-000000000.jsonl", "rows-000000002.jsonl"]
+    monkeypatch.setattr(generate.HfAnswerer, "answers", real)
+    run_cli(*common(student_dir, prompts, out))
+    assert {k: v for k, v in files_of(out).items() if k != "generation.json"} == \
+        {k: v for k, v in files_of(greedy).items() if k != "generation.json"}
+
+
 def test_changed_settings_are_refused_before_any_write(student_dir, prompts, greedy) -> None:
     before = files_of(greedy)
     for extra, word in ((["--temperature", "0.5"], "temperature"), (["--seed", "1"], "seed"),
@@ -123,16 +149,27 @@ def test_changed_settings_are_refused_before_any_write(student_dir, prompts, gre
     assert files_of(greedy) == before
 
 
+def test_auto_says_which_engine_it_picked_and_why(student_dir, data_dir, tmp_path) -> None:
+    """One line before anything else: vLLM only where it imports and a GPU is present (its start-up on CPU costs
+    more than generating a few hundred short answers). Text rows then stop the command before any engine starts."""
+    proc = run_cli(*common(student_dir, data_dir / "text.jsonl", tmp_path / "a", "--engine", "auto"), check=False)
+    lines = proc.stderr.splitlines()
+    if importlib.util.find_spec("vllm") is None:
+        assert lines[0].startswith("engine: hf (--engine auto: vLLM is not installed")
+    elif not torch.cuda.is_available():
+        assert lines[0].startswith("engine: hf (--engine auto: no GPU here") and "start-up" in lines[0]
+    else:
+        assert lines[0].startswith("engine: vllm (--engine auto: vLLM imports and a GPU is present")
+    assert proc.returncode == 2 and len(lines) == 2 and lines[1].startswith("error: ") and "needs prompts" in lines[1]
+
+
 def test_prompts_need_chat_rows_and_a_chat_template(student_dir, data_dir, prompts, tmp_path) -> None:
     assert_one_line(run_cli(*common(student_dir, data_dir / "text.jsonl", tmp_path / "t"), check=False), "needs prompts", "text")
-    bare = tmp_path / "bare"
-    shutil.copytree(student_dir, bare)
-    (bare / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((bare / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    bare = without_chat_template(student_dir, tmp_path / "bare")
     assert_one_line(run_cli(*common(bare, prompts, tmp_path / "n"), check=False), "no chat template")
-    assert_one_line(run_cli(*common(student_dir, prompts, tmp_path / "v", "--engine", "vllm"), check=False), "not supported")
+    assert_one_line(run_cli(*common(student_dir, prompts, tmp_path / "v", "--engine", "hf", "--vllm-args", '{"enforce_eager": true}'),
+                            check=False),
+                    "--vllm-args", "the engine is hf")
     assert not any((tmp_path / name).exists() for name in ("t", "n", "v"))
 
 
@@ -163,3 +200,14 @@ def test_generate_writes_to_object_storage(student_dir, prompts, greedy, s3_buck
     local = files_of(greedy)
     assert {k: v for k, v in remote.items() if k.startswith("rows-")} == {k: v for k, v in local.items() if k.startswith("rows-")}
     assert json.loads(remote["generation.json"])["done"] is True
+
+
+def test_vllm_args_may_not_set_what_generate_sets(student_dir, prompts, tmp_path) -> None:
+    """generate runs the student on one vLLM rank: --vllm-args setting the parallel sizes (or the model, dtype,
+    seed, ...) is refused in one line before vLLM starts or anything is written."""
+    pytest.importorskip("vllm")
+    for i, args in enumerate(('{"tensor_parallel_size": 2}', '{"pipeline_parallel_size": 2}', '{"seed": 3}')):
+        key = next(iter(json.loads(args)))
+        assert_one_line(run_cli(*common(student_dir, prompts, tmp_path / f"v{i}", "--engine", "vllm", "--vllm-args", args),
+                                check=False), "--vllm-args", "taid-cache sets", key)
+        assert not (tmp_path / f"v{i}").exists()

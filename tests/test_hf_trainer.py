@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import ROOT, run_cli
-from taid_cache.config import LOSSES
+from conftest import CACHE_LOSSES, ROOT, run_cli
 from taid_cache.integrations import CacheDataset, CacheDistillationConfig, CacheDistillationTrainer, DistillationCollator
 from taid_cache.shards import read_cache
 from taid_cache.training.data import CacheRows, CacheStream, StreamOrder
@@ -58,7 +57,7 @@ def hf_trainer(student_dir, cache, args, **kw) -> CacheDistillationTrainer:
 FAST = ("taid", "fkl")
 
 
-@pytest.mark.parametrize("loss", [loss if loss in FAST else pytest.param(loss, marks=pytest.mark.slow) for loss in LOSSES])
+@pytest.mark.parametrize("loss", [loss if loss in FAST else pytest.param(loss, marks=pytest.mark.slow) for loss in CACHE_LOSSES])
 def test_trainer_takes_train_students_steps(student_dir, caches, tmp_path, loss: str) -> None:
     """10 steps of transformers.Trainer on a cache: the same per-step losses (and TAID's t) as train-student on the
     same data order and initialisation, within float tolerance, for every loss the cache serves."""
@@ -176,16 +175,17 @@ def test_under_torchrun_the_trainer_takes_train_students_two_rank_steps(student_
     for every loss the cache serves: a step holds the same sequences and the loss is over the step's tokens on both
     ranks, so the losses agree. One torchrun start per front-end, every loss in turn inside it."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    losses = ",".join(LOSSES)
+    losses = ",".join(CACHE_LOSSES)
     config = {"student": str(student_dir), "cache": str(caches["top16"]), "output": str(tmp_path / "cli"), "max_steps": 6,
               "batch_size": 2, "lr": LR, "max_length": 256, "progress": False}
     (tmp_path / "cli.json").write_text(json.dumps(config))
-    subprocess.run([*torchrun, str(ROOT / "tests" / "train_student_ranks.py"), str(tmp_path / "cli.json"), losses], check=True,
-                   cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    (tmp_path / "hf").mkdir()
-    subprocess.run([*torchrun, str(ROOT / "tests" / "hf_trainer_ranks.py"), str(student_dir), str(caches["top16"]), str(tmp_path / "hf"),
-                    "6", "2", str(LR), losses], check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for loss in LOSSES:
+    for script, *args in ((["train_student_ranks.py", str(tmp_path / "cli.json"), losses]),
+                          (["hf_trainer_ranks.py", str(student_dir), str(caches["top16"]), str(tmp_path / "hf"), "6", "2", str(LR), losses])):
+        (tmp_path / "hf").mkdir(exist_ok=True)
+        ran = subprocess.run([*torchrun, str(ROOT / "tests" / script), *args], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert ran.returncode == 0, f"{script}: exit {ran.returncode}\n{ran.stderr[-8000:]}"
+    for loss in CACHE_LOSSES:
         history = json.loads((tmp_path / "hf" / f"{loss}.json").read_text())
         cli = [m for m in read_metrics(tmp_path / "cli" / loss) if "loss" in m]
         np.testing.assert_allclose([h["loss"] for h in history], [m["loss"] for m in cli], rtol=2e-5, err_msg=loss)

@@ -30,7 +30,7 @@ def test_every_parameter_is_declared_once_and_reaches_the_command_line() -> None
         assert any(name in spec.reads for spec in REGISTRY.values())
     assert options["loss"].metadata["choices"] == LOSSES == tuple(REGISTRY)
     assert all(name in PARAMS for spec in REGISTRY.values() for name in spec.reads)
-    assert set(SAMPLED_LOSSES) == {"taid", "fkl", "dkd", "ctkd", "sft"}
+    assert set(SAMPLED_LOSSES) == {"taid", "fkl", "dkd", "ctkd", "opd", "sft"}
     # One declaration per shared parameter: the very same field in every loss that reads it.
     assert len({id(f) for spec in REGISTRY.values() for f in fields(spec.Params) if f.name == "temperature"}) == 1
     loss = TrainConfig(student="s", cache="c", output="o", loss="dkd", dkd_beta=2.0).loss_config()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from taid_cache.config import LOSSES, TrainConfig
+from conftest import CACHE_LOSSES
+from taid_cache.config import TrainConfig
 from taid_cache.losses import ChunkLoss, TopKTeacher, chunked_lm_loss, taid_sparse
 from taid_cache.pipelines.train_student import train_student
 from taid_cache.training.metrics import read_metrics
@@ -57,7 +58,7 @@ def run(student: Path, cache: Path, out: Path, **kw) -> list[dict]:
     return read_metrics(out)
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", CACHE_LOSSES)
 def test_every_loss_trains_in_bf16(student_dir, caches, tmp_path, loss: str) -> None:
     records = run(student_dir, caches["top16"], tmp_path / "o", loss=loss, max_steps=6, lr=3e-3, precision="bf16")
     values = [r["loss"] for r in records]

@@ -482,6 +482,28 @@ def test_two_takers_of_one_stale_lease_exactly_one_wins(s3_bucket):
     assert json.loads(first.read_bytes("l"))["token"] == "second"
 
 
+@pytest.mark.parametrize("where", ["s3", "memory"])
+def test_a_lease_released_while_a_taker_looks_is_taken(request, where):
+    """A holder lets go between a taker's failed create and its look at the lease (two Ray workers finishing
+    together): the taker creates it once more. On S3 it used to send If-Match with no ETag (a botocore
+    ParamValidationError that stopped the dump)."""
+    url = request.getfixturevalue("s3_bucket") + "/y" if where == "s3" else f"memory://lease-{os.getpid()}"
+    store = FsspecStore(url)
+    store.write_text("l", json.dumps({"host": "elsewhere", "pid": 1, "expires": 1e12, "token": "holder"}))
+    create, released = store._create, []
+
+    def holder_lets_go(path, body):
+        made = create(path, body)
+        if not released:
+            released.append(store.fs.rm_file(path))
+        return made
+
+    store._create = holder_lets_go
+    with store.lease("l", "the cache"):
+        assert released and json.loads(store.read_text("l"))["pid"] == os.getpid()
+    assert not store.exists("l")
+
+
 def test_unfinished_uploads_are_discarded_under_their_prefix_only(s3_bucket):
     import boto3
 
@@ -492,3 +514,26 @@ def test_unfinished_uploads_are_discarded_under_their_prefix_only(s3_bucket):
     store.discard_unfinished("shard-w00000")
     left = sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
     assert left == ["cache/shard-w00001-00000-live.arrow", "elsewhere/x"]
+
+
+def test_remote_errors_keep_the_line_a_first_line_announces():
+    botocore = pytest.importorskip("botocore.exceptions")
+    with pytest.raises(UserError) as excinfo:
+        with remote_errors("s3://b/c", "--output"):
+            raise botocore.ParamValidationError(report="Invalid type for parameter IfMatch, value: None")
+    assert one_line_error(excinfo) == ("--output s3://b/c: cannot reach the storage (ParamValidationError: Parameter validation "
+                                       "failed: Invalid type for parameter IfMatch, value: None)")
+
+
+def test_a_lease_the_store_says_exists_and_is_absent_counts_as_held(monkeypatch):
+    """A listing cache that keeps saying "absent" for a lease whose create fails (gcsfs, adlfs keep one): a few fresh
+    looks, then the lease counts as held (one line), never an endless loop of requests."""
+    store = FsspecStore(f"memory://stale-listing-{os.getpid()}")
+    looks = []
+    monkeypatch.setattr(store, "_create", lambda path, body: looks.append(path) and False)
+    with pytest.raises(UserError, match="another process is already writing"):
+        with store.lease("l", "the cache"):
+            pass
+    from taid_cache.storage.remote import LOOKS
+
+    assert len(looks) == LOOKS

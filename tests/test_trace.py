@@ -1,7 +1,9 @@
-"""train-student's per-step numbers, bit for bit, against a trace stored from the release before the one-trainer
-refactor (tests/data/train_trace.json): every loss, the same seed, cache and initialisation. A change to the
-loop, the losses' structure or the checkpoint state that changes one bit of a step's loss, gradient norm, t,
-learning rate or held-out score fails here. `TAID_CACHE_WRITE_TRACE=1` rewrites the trace (only on purpose)."""
+"""train-student's per-step numbers against a trace stored from the release before the one-trainer refactor
+(tests/data/train_trace.json): every loss, the same seed, cache and initialisation. Steps, token counts and the
+learning rate must match exactly; the losses, gradient norms, TAID's t, ctkd's learned temperature and held-out scores
+to float32 rounding (a relative 1e-5), because the CPU's kernels set their seventh digit: AVX2 and AVX-512 builds of MKL and
+ATen sum in different orders, and CI's machines are not all one kind. A change to the loop, the losses' structure
+or the checkpoint state moves them by far more. `TAID_CACHE_WRITE_TRACE=1` rewrites the trace (only on purpose)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from taid_cache.config import LOSSES, TrainConfig
+from conftest import CACHE_LOSSES
+from taid_cache.config import TrainConfig
 from taid_cache.pipelines.train_student import train_student
 from taid_cache.training.metrics import read_metrics
 
 TRACE = Path(__file__).parent / "data" / "train_trace.json"
-KEYS = ("step", "loss", "grad_norm", "lr", "t", "tokens", "temperature", "eval_ce", "eval_kl_cache", "eval_top1")
+EXACT = ("step", "lr", "tokens")
+# TAID's t moves with the loss where its adaptive update wins; ctkd's temperature is learned.
+ROUNDED = ("loss", "grad_norm", "t", "temperature", "eval_ce", "eval_kl_cache", "eval_top1")
+KEYS = EXACT + ROUNDED
 
 
 def trace_of(student_dir, caches, out: Path, loss: str) -> list[dict]:
@@ -27,11 +33,15 @@ def trace_of(student_dir, caches, out: Path, loss: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_loss_takes_the_stored_steps_bit_for_bit(student_dir, caches, tmp_path) -> None:
-    got = {loss: trace_of(student_dir, caches, tmp_path / loss, loss) for loss in LOSSES}
+def test_every_loss_takes_the_stored_steps(student_dir, caches, tmp_path) -> None:
+    got = {loss: trace_of(student_dir, caches, tmp_path / loss, loss) for loss in CACHE_LOSSES}
     if os.environ.get("TAID_CACHE_WRITE_TRACE") == "1":
         TRACE.write_text(json.dumps(got, indent=1) + "\n")
     stored = json.loads(TRACE.read_text())
     assert got.keys() == stored.keys()
-    for loss in LOSSES:
-        assert got[loss] == stored[loss], loss
+    for loss in CACHE_LOSSES:
+        assert [row.keys() for row in got[loss]] == [row.keys() for row in stored[loss]], loss
+        for mine, theirs in zip(got[loss], stored[loss]):
+            assert {k: mine[k] for k in EXACT if k in mine} == {k: theirs[k] for k in EXACT if k in theirs}, (loss, mine)
+            assert {k: mine[k] for k in ROUNDED if k in mine} == pytest.approx(
+                {k: theirs[k] for k in ROUNDED if k in theirs}, rel=1e-5, abs=1e-7), (loss, mine)

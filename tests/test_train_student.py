@@ -19,9 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import ROOT, STUDENT, run_cli, write_jsonl
+from conftest import CACHE_LOSSES, ROOT, STUDENT, run_cli, write_jsonl
 from taid_cache.cli import app
-from taid_cache.config import LOSSES, TrainConfig, to_json
+from taid_cache.config import TrainConfig, to_json
+from taid_cache.errors import UserError
 from taid_cache.pipelines.train_student import train_student
 from taid_cache.training.metrics import read_metrics
 from taid_cache.reproduce.models import new_llama
@@ -133,7 +134,7 @@ def test_kill_9_then_resume_equals_uninterrupted(student_dir, caches, tmp_path) 
         assert a["loss"] == b["loss"] and a["t"] == b["t"] and a["tokens"] == b["tokens"]  # bitwise
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", CACHE_LOSSES)
 def test_every_loss_lowers_its_own_loss(loss: str, student_dir, caches, tmp_path) -> None:
     extra = {"taid_t_start": 0.9, "taid_t_end": 1.0, "taid_disable_adaptive": True} if loss == "taid" else {}
     # The whole cache in every step, so successive losses are comparable.
@@ -336,3 +337,31 @@ def test_evaluation_with_uneven_records_on_two_ranks(teacher_dir, student_dir, d
     assert len(one) == len(two) == 1
     for key in ("eval_ce", "eval_kl_cache", "eval_top1"):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key
+
+
+def test_a_checkpoint_of_a_release_without_an_option_resumes_at_its_default(student_dir, caches, tmp_path) -> None:
+    """A run checkpointed by a release before --mix and --on-policy existed records none of their settings: it ran
+    as their defaults do, so it resumes (and equals the uninterrupted run); one recorded at another value does not."""
+    import json
+    import shutil
+
+    clean = train(student_dir, caches["top16"], tmp_path / "clean", save_every=2)
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "clean", old)
+    for name in ("config.json", *(p.name for p in old.glob("model*.safetensors"))):
+        (old / name).unlink()
+    meta_file = old / "checkpoints" / "step-00000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    for name in ("mix_weights", "on_policy", "mixed_alpha", "replay_capacity", "max_new_tokens"):
+        del meta["settings"][name]
+    meta_file.write_text(json.dumps(meta))
+    lines = (old / "metrics.jsonl").read_text().splitlines()
+    (old / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= 2))
+    resumed = train(student_dir, caches["top16"], old, save_every=2, resume=True)
+    assert [(m["step"], m["loss"]) for m in resumed] == [(m["step"], m["loss"]) for m in clean]
+    newest = sorted((old / "checkpoints").glob("step-*"))[-1] / "meta.json"
+    meta = json.loads(newest.read_text())
+    meta["settings"]["mixed_alpha"] = 0.9  # recorded, and not what this run asks
+    newest.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="mixed_alpha"):
+        train(student_dir, caches["top16"], old, save_every=2, resume=True)

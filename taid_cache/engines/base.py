@@ -57,6 +57,11 @@ class Engine(Protocol):
     def check_available(cls) -> None:
         """Raise a UserError naming what to install if this engine cannot run here."""
 
+    @classmethod
+    def check_config(cls, config: EngineConfig) -> None:
+        """Raise a UserError for what this engine would refuse of `config` at its start (its arguments, the
+        parallel sizes against the model): called before the dump writes anything or starts a process."""
+
     def hidden_states(self, sequences: list[Sequence]) -> torch.Tensor:
         """[Σ (len − 1), hidden] on `head.weight.device`: for each sequence in order, the final hidden state
         (after the last norm) at positions 0 … len − 2, each predicting the next token of its own sequence."""

@@ -24,11 +24,15 @@ class HfEngine:
     def check_available(cls) -> None:
         """transformers is one of taid-cache's own dependencies."""
 
+    @classmethod
+    def check_config(cls, config: EngineConfig) -> None:
+        if config.engine_args:
+            raise UserError("--vllm-args: the hf engine takes no engine arguments; use --engine vllm")
+
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoModelForCausalLM
 
-        if config.engine_args:
-            raise UserError("--vllm-args: the hf engine takes no engine arguments; use --engine vllm")
+        self.check_config(config)
         self.config = config
         self.device = pick_device()
         try:

@@ -28,6 +28,8 @@ class DistillationCollator:
         batch["labels"] = batch["shift_labels"]
         if mb.samples is not None:
             batch["sample_ids"], batch["sample_draws"], batch["sample_logprobs"] = mb.samples
+        if mb.target_logprob is not None:  # a --target-logprobs cache (what opd reads)
+            batch["target_logprob"] = mb.target_logprob
         return batch
 
 
@@ -36,4 +38,4 @@ def micro_batch(batch: dict[str, Any]) -> MicroBatch:
     shift = batch["shift_labels"]
     samples = tuple(batch[k] for k in ("sample_ids", "sample_draws", "sample_logprobs")) if "sample_ids" in batch else None
     return MicroBatch(batch["inputs"], shift != -100, shift.clamp(min=0), batch["topk_ids"], batch["topk_logprobs"],
-                      batch["tail_logmass"], int(batch["tokens"]), samples)
+                      batch["tail_logmass"], int(batch["tokens"]), samples, target_logprob=batch.get("target_logprob"))

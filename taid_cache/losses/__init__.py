@@ -5,7 +5,8 @@
   closed form where it has one; `register_loss` registers it (from inside the package or outside).
 - registry.py: `REGISTRY` (name -> class), `PARAMS`, `LOSSES`, `SAMPLED_LOSSES`, and `LossConfig` (a loss and its
   parameters, by keyword); it imports the built-in losses: dense.py (TAID and the KL family), dkd.py (decoupled
-  KD), ctkd.py (curriculum temperature KD; its learned temperature in temperature.py), sft.py.
+  KD), ctkd.py (curriculum temperature KD; its learned temperature in temperature.py), opd.py (on-policy
+  distillation: the per-token reverse-KL estimate as a policy gradient), sft.py.
 - sparse.py: the teacher as a cache holds it (`TopKTeacher`, `SampledTeacher` and its one estimate
   `SampledTeacher.weights`; `DenseTeacher` for one run in-process), `rebuild_teacher` (top-k + a tail mode ->
   dense) and TAID in closed form (`taid_sparse`).

@@ -99,6 +99,9 @@ class Loss:
     uses_teacher: ClassVar[bool] = True  # False: cross-entropy on the data alone (sft)
     learns_temperature: ClassVar[bool] = False  # a temperature of its own, trained beside the student (ctkd)
     sampled_how: ClassVar[Optional[str]] = None  # how a head + sampled tail serves it, in words; None: it cannot
+    # It reads a cached teacher only at the actual next token (opd): every cached teacher goes through `sampled`,
+    # never through a rebuilt dense distribution (whose log-prob off the head is the spread tail's, not the token's).
+    next_token_only: ClassVar[bool] = False
     # Derived for each subclass:
     reads: ClassVar[tuple[str, ...]] = ()  # the parameters it reads: its `Params` fields
     serves_sampled: ClassVar[bool] = True  # a head + sampled tail cache serves it (an estimator, or no teacher)

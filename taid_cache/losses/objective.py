@@ -1,7 +1,7 @@
 """One loss config against one teacher, per chunk of positions: the typed interface between the losses and the
 chunked LM head, and the one place that picks a loss's path by the teacher it meets: the loss object's closed
-form where it has one for that teacher, its sampled form against a head + sampled tail, else its dense form
-(against a dense or rebuilt top-k teacher). Each loss answers for itself (base.py's protocol)."""
+form where it has one for that teacher, its sampled form against a head + sampled tail (or any cached teacher,
+for a loss that reads it only at the next token), else its dense form (against a dense or rebuilt top-k teacher). Each loss answers for itself (base.py's protocol)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ ChunkFn = Callable[[torch.Tensor, slice], ChunkLoss]
 
 
 def _distil(loss: Loss, teacher: AnyTeacher, logits: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if isinstance(teacher, SampledTeacher):
+    if isinstance(teacher, SampledTeacher) or (loss.next_token_only and isinstance(teacher, TopKTeacher)):
         if loss.sampled_how is None:
             raise ValueError(f"a sampled tail serves {', '.join(SAMPLED_LOSSES)}, not {loss.name}")
         return loss.sampled(logits, teacher, ctx)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .base import PARAMS, REGISTRY, Loss, Param, register_loss
 # The built-in losses, each module registering its own; the import order is `--loss`'s order.
-from . import dense, dkd, ctkd, sft  # noqa: F401
+from . import dense, dkd, ctkd, opd, sft  # noqa: F401
 
 __all__ = ["LOSSES", "PARAMS", "REGISTRY", "SAMPLED_LOSSES", "LossConfig", "Names", "Param", "register_loss"]
 

@@ -36,14 +36,16 @@ class DenseTeacher:
 @dataclass
 class TopKTeacher:
     """A cached top-k teacher at N positions: ids [N, k] (−1 where unused), log-probs [N, k], the exact log of the
-    mass off them [N] (None: taken as 1 − Σ top-k), the vocabulary rows the student shares with it, and the
-    mode `tail` that spreads the missing mass (`rebuild_teacher`)."""
+    mass off them [N] (None: taken as 1 − Σ top-k), the vocabulary rows the student shares with it, the
+    mode `tail` that spreads the missing mass (`rebuild_teacher`), and the exact log-prob of each position's actual
+    next token [N] (a --target-logprobs cache; None without: what opd reads)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail_logmass: torch.Tensor | None
     valid_vocab: int
     tail: str = "student"
+    target_logprob: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> TopKTeacher:
         return rows_of(self, rows)
@@ -58,7 +60,8 @@ class TopKTeacher:
 @dataclass
 class SampledTeacher:
     """A head + sampled tail at N positions: the head as in `TopKTeacher` ([N, k], with its exact tail mass m), and
-    the draws off it ([N, S]: distinct ids, −1 where unused; how often each was drawn; their exact log-probs)."""
+    the draws off it ([N, S]: distinct ids, −1 where unused; how often each was drawn; their exact log-probs); the
+    actual next token's exact log-prob as in `TopKTeacher`."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -67,6 +70,7 @@ class SampledTeacher:
     sample_draws: torch.Tensor
     sample_logprobs: torch.Tensor
     valid_vocab: int
+    target_logprob: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> SampledTeacher:
         return rows_of(self, rows)

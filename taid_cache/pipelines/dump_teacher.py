@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn
 
 from ..config import DumpConfig, check_fields
-from ..engines.base import Engine, EngineConfig, check_parallelism, open_engine, parse_engine_args, resolve_engine
+from ..engines.base import (
+    Engine, EngineConfig, check_parallelism, engine_class, open_engine, parse_engine_args, resolve_engine,
+)
 from ..engines.head_path import HeadSettings, teacher_batch
 from ..errors import Interrupted, UserError, first_line, interrupts_at_safe_points, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
@@ -149,8 +151,6 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     check_options(cfg)
     engine_name = resolve_engine(cfg.engine)
     cache = open_store(cfg.output)
-    with remote_errors(cache.url, "--output"):
-        cache.check_writable("--output")
     folder = resolve_model(cfg.model)
     teacher = teacher_facts(folder)
     tokenizer, vocab_size = teacher.tokenizer, teacher.vocab_size
@@ -163,6 +163,12 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     check_parallelism(engine_name, wanted)
     if engine is not None and (engine.name, engine.config) != (engine_name, wanted):
         raise UserError(f"the open {engine.name} engine runs {engine.config}; this dump needs {engine_name} with {wanted}")
+    if engine is None:  # the engine's own checks of its settings (vLLM's: --vllm-args, the parallel sizes)
+        engine_class(engine_name).check_config(wanted)
+    # The output is checked (and created, empty) only once the options, the teacher and the engine's settings
+    # passed: a refused one leaves no folder behind. Still before the dataset is read and the engine starts.
+    with remote_errors(cache.url, "--output"):
+        cache.check_writable("--output")
     data = resolve_data(cfg.data)
     rows = load_rows(data, cfg.split)
     if len(rows) == 0:

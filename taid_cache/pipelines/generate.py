@@ -4,17 +4,24 @@ the answer as the loss mask) that `dump-teacher --data GEN/` turns into a cache 
 One obvious path, as dump-teacher's: check every input (the rows, the chat template, every prompt rendered) and the
 folder's recorded settings before anything is written; write `generation.json` first, then the parts, each whole
 or absent (`Store.write_text`) and named by its first prompt's row index, then mark the record `done`. A rerun
-skips the parts that exist; every part's answers are drawn from seeds of its own (greedy, or seeded per batch by
-`evaluation/generation.py`), so a run killed between parts and rerun writes the same files."""
+skips the parts that exist; every part's answers are drawn from seeds of its own (greedy; or seeded per batch by
+`evaluation/generation.py` in transformers, per prompt from its row in vLLM), so a run killed between parts and rerun
+writes the same files. Both engines are given the prompt ids `encode_prompt` makes, and a row is those ids then the
+answer's: nothing is tokenised twice. The engine is opened once per run, when a part is missing, and closed at its
+end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar, Protocol
 
 from ..config import GenerateConfig, check_fields
-from ..errors import Interrupted, UserError, first_line, write_errors
+from ..engines.base import parse_engine_args
+from ..errors import Interrupted, UserError, first_line, interrupts_at_safe_points, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..inputs import check_rows, dataset_fingerprint, detect_kind, load_rows, resolve_data, source_tag
 from ..inputs.generated import GENERATION_VERSION, SETTINGS_FILE, part_name
@@ -24,15 +31,41 @@ from ..storage import Store, open_store, remote_errors
 
 RERUN = "rerun the same command to resume"
 LEASE = "generate.lease"
-SEED_SPACE = 2**63  # each part's seed, its first row's index past --seed, kept where torch.manual_seed takes it
+SEED_SPACE = 2**63  # a part's seed (hf) or a prompt's (vllm), a row index past --seed, kept where torch's generators take it
+# vllm.LLM arguments generate sets itself (--vllm-args may set any other), the parallel sizes among them: generate
+# runs the student on one rank.
+VLLM_OWN_ARGS = frozenset({"model", "dtype", "max_model_len", "seed", "enable_prefix_caching", "tensor_parallel_size",
+                           "pipeline_parallel_size"})
 
 
-def check_options(cfg: GenerateConfig) -> str:
-    """The declared ranges, then the engine: the one this command can run now."""
+def pick_engine(name: str) -> tuple[str, str]:
+    """The engine `--engine name` runs, and why when it was `auto`'s choice ('' otherwise)."""
+    if name != "auto":
+        return name, ""
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "vLLM is not installed"
+    if not torch.cuda.is_available():
+        return "hf", ("no GPU here, and on CPU vLLM's start-up of about a minute outweighs generating a few hundred short "
+                      "answers; --engine vllm runs it anyway")
+    return "vllm", "vLLM imports and a GPU is present"
+
+
+def check_options(cfg: GenerateConfig) -> tuple[str, dict[str, Any], str]:
+    """The declared ranges, then the engine this command runs, its --vllm-args, and why auto picked it."""
     check_fields(cfg)
-    if cfg.engine == "vllm":
-        raise UserError("--engine vllm is not supported by generate yet: use --engine hf (transformers)")
-    return "hf"  # auto: vLLM's generation path is not written yet, so transformers
+    engine, why = pick_engine(cfg.engine)
+    engine_args = parse_engine_args(cfg.vllm_args, "--vllm-args")
+    if engine == "vllm":
+        from ..engines.vllm_engine import check_engine_args, check_installed
+
+        check_installed()
+        check_engine_args(engine_args, VLLM_OWN_ARGS)
+    elif engine_args:
+        raise UserError(f"--vllm-args: the engine is hf{' (--engine auto: ' + why + ')' if why else ''}; give --engine vllm "
+                        "or drop --vllm-args")
+    return engine, engine_args, why
 
 
 def prompt_of(messages: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
@@ -80,6 +113,104 @@ def load_tokenizer(folder):
         raise UserError(f"cannot load student {folder}: {first_line(exc)}") from None
 
 
+@dataclass(frozen=True)
+class AnswererConfig:
+    """What an answerer was opened with: an open one serves any sampling settings (they come with each part)."""
+
+    engine: str
+    student: str  # the model folder
+    max_length: int  # longest prompt + answer
+    engine_args: dict[str, Any] = field(default_factory=dict)  # --vllm-args
+
+
+class Answerer(Protocol):
+    """The student answering a part's prompts, given as their row index and token ids; the answers' ids in order,
+    each with its end token when it was reached."""
+
+    name: ClassVar[str]
+    config: AnswererConfig
+
+    def answers(self, prompts: list[tuple[int, list[int]]], part: int, cfg: GenerateConfig) -> list[list[int]]: ...
+
+    def close(self) -> None: ...
+
+
+class HfAnswerer:
+    """transformers' `generate` in this process (`evaluation/generation.answer_ids`: batches of --batch-size sorted
+    by length, left-padded, each batch seeded from the part's first row past --seed)."""
+
+    name: ClassVar[str] = "hf"
+
+    def __init__(self, config: AnswererConfig, tokenizer) -> None:
+        import torch
+
+        from ..evaluation.run import load_model
+
+        self.config, self.tokenizer = config, tokenizer
+        model, _ = load_model(Path(config.student), "student")
+        self.model: Any = model.cuda() if torch.cuda.is_available() else model
+
+    def answers(self, prompts: list[tuple[int, list[int]]], part: int, cfg: GenerateConfig) -> list[list[int]]:
+        from ..evaluation.generation import GenerationSettings, answer_ids
+
+        sample = cfg.temperature > 0
+        settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sample=sample,
+                                      temperature=cfg.temperature if sample else 1.0, seed=(cfg.seed + part) % SEED_SPACE,
+                                      top_p=cfg.top_p)
+        return answer_ids(self.model, self.tokenizer, [ids for _, ids in prompts], settings)
+
+    def close(self) -> None:
+        """Release the model now (a caller may load another next)."""
+        self.model = None
+
+
+class VllmAnswerer:
+    """vLLM's `LLM.generate` on the prompt ids (`TokensPrompt`): a part's prompts in one call, scheduled by vLLM, each
+    sampled from a seed of its own (its row past --seed), so its answer depends on nothing else in the batch; greedy
+    at temperature 0. It stops at the end tokens the hf path stops at, and keeps the one reached, as that path does."""
+
+    name: ClassVar[str] = "vllm"
+
+    def __init__(self, config: AnswererConfig, tokenizer) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        from ..engines.vllm_engine import start_llm
+        from ..evaluation.generation import end_tokens
+
+        self.config = config
+        try:  # what `from_pretrained` gives a loaded model: its generation_config.json, else one from its config
+            generation = GenerationConfig.from_pretrained(config.student)
+        except OSError:
+            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(config.student))
+        self.stop = end_tokens(SimpleNamespace(generation_config=generation), tokenizer)
+        # float32 as the hf path loads the student; prefix caching off: each prompt computed whole, whatever ran before.
+        self.llm = start_llm(config.student, 1, dtype="float32", max_model_len=config.max_length, seed=0,
+                             enable_prefix_caching=False, **config.engine_args)
+
+    def answers(self, prompts: list[tuple[int, list[int]]], part: int, cfg: GenerateConfig) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sample = cfg.temperature > 0
+        params = [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p if sample else 1.0,
+                                 seed=(cfg.seed + row) % SEED_SPACE if sample else None, stop_token_ids=self.stop,
+                                 detokenize=False) for row, _ in prompts]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params, use_tqdm=False)
+        return [[int(t) for t in out.outputs[0].token_ids] for out in outputs]  # in prompt order
+
+    def close(self) -> None:
+        from ..engines.vllm_engine import stop_llm
+
+        stop_llm(self.llm)
+
+
+ANSWERERS: dict[str, Callable[[AnswererConfig, Any], Answerer]] = {"hf": HfAnswerer, "vllm": VllmAnswerer}
+
+
+def open_answerer(config: AnswererConfig, tokenizer) -> Answerer:
+    return ANSWERERS[config.engine](config, tokenizer)
+
+
 def read_record(store: Store) -> dict[str, Any] | None:
     if not store.is_file(SETTINGS_FILE):
         return None
@@ -100,16 +231,21 @@ def check_folder(store: Store, settings: dict[str, Any]) -> dict[str, Any] | Non
         if others:
             raise UserError(f"--output {store.url} holds other files ({others[0]}, ...) and no {SETTINGS_FILE}: use a new folder")
         return None
-    diff = describe_differences(record["settings"], settings, "there", "now")
+    # A folder of the release before --vllm-args ran without engine arguments.
+    diff = describe_differences({"engine_args": {}, **record["settings"]}, settings, "there", "now")
     if diff:
         raise UserError(f"--output {store.url} was generated with other settings ({diff}): rerun with those, or use "
                         "another --output")
     return record
 
 
-def generate(cfg: GenerateConfig) -> dict[str, Any]:
-    """Write (or finish) the generation folder; returns what it holds."""
-    engine = check_options(cfg)
+def generate(cfg: GenerateConfig, answerer: Answerer | None = None) -> dict[str, Any]:
+    """Write (or finish) the generation folder; returns what it holds. `answerer`: one already open on this student
+    with this run's engine settings (`AnswererConfig`), to generate several folders on one engine start (it stays
+    open); without it the engine is opened here when a part is missing and closed at the end."""
+    engine, engine_args, why = check_options(cfg)
+    if why:
+        cfg.console.print(f"engine: {engine} (--engine auto: {why})")
     data = resolve_data(cfg.data)
     rows = load_rows(data, cfg.split)
     if len(rows) == 0:
@@ -132,12 +268,15 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     check_rows(rows, "chat", len(tokenizer))
     tag = source_tag(data)
     prompts = [RowPrompt.of(row, index, tag, tokenizer) for index, row in enumerate(rows)]
+    wanted = AnswererConfig(engine, str(folder), max_length, engine_args)
+    if answerer is not None and answerer.config != wanted:
+        raise UserError(f"the open {answerer.name} answerer runs {answerer.config}; this generation needs {wanted}")
     settings = {
         "format_version": GENERATION_VERSION, "student": cfg.student, "student_hash": model_hash(folder),
         "tokenizer_hash": tokenizer_hash(tokenizer), "data": list(cfg.data), "split": cfg.split,
-        "data_fingerprint": dataset_fingerprint(data, rows), "data_rows": len(rows), "engine": engine, "dtype": "float32",
-        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
-        "batch_size": cfg.batch_size, "max_length": max_length, "rows_per_part": cfg.rows_per_part}
+        "data_fingerprint": dataset_fingerprint(data, rows), "data_rows": len(rows), "engine": engine,
+        "engine_args": engine_args, "dtype": "float32", "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+        "top_p": cfg.top_p, "seed": cfg.seed, "batch_size": cfg.batch_size, "max_length": max_length, "rows_per_part": cfg.rows_per_part}
     store = open_store(cfg.output)
     with remote_errors(store.url, "--output"):
         store.check_writable("--output")
@@ -150,7 +289,7 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
         if record is None:
             store.write_text(SETTINGS_FILE, json.dumps({"settings": settings, "done": False}, indent=2) + "\n")
         try:
-            written = write_parts(cfg, store, folder, tokenizer, prompts, max_length)
+            written = write_parts(cfg, store, wanted, tokenizer, prompts, answerer)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: the written parts are kept; {RERUN}") from None
         summary = {**summarize(store, len(prompts), cfg.rows_per_part), "resumed": record is not None, "written_parts": written}
@@ -160,36 +299,34 @@ def generate(cfg: GenerateConfig) -> dict[str, Any]:
     return {**summary, "nothing_to_do": False}
 
 
-def write_parts(cfg: GenerateConfig, store: Store, folder, tokenizer, prompts: list[RowPrompt], max_length: int) -> int:
-    """Every missing part, in order: its prompts answered by the student, written whole. Returns how many."""
-    import torch
-
-    from ..evaluation.generation import GenerationSettings, Prompt, generate_answers
-    from ..evaluation.run import load_model
-
+def write_parts(cfg: GenerateConfig, store: Store, wanted: AnswererConfig, tokenizer, prompts: list[RowPrompt],
+                answerer: Answerer | None) -> int:
+    """Every missing part, in order: its prompts answered by the student (the engine opened once, here, unless
+    given), written whole. Returns how many."""
     starts = range(0, len(prompts), cfg.rows_per_part)
     missing = [s for s in starts if not store.exists(part_name(s))]
     if not missing:
         return 0
-    model, _ = load_model(folder, "student")
-    if torch.cuda.is_available():
-        model = model.cuda()
-    sample = cfg.temperature > 0
-    with step_bar("generate", cfg.console, cfg.progress) as progress:
-        left = sum(len(prompts[s : s + cfg.rows_per_part]) for s in missing)
-        task = progress.add_task("generate", total=len(prompts), completed=len(prompts) - left, info="prompts")
-        for start in missing:
-            part = prompts[start : start + cfg.rows_per_part]
-            kept = [p for p in part if len(p.ids) + cfg.max_new_tokens <= max_length]
-            # Seeds of this part alone (its first row's index past --seed): a resumed run draws what the first would have.
-            settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sample=sample,
-                                          temperature=cfg.temperature if sample else 1.0, seed=(cfg.seed + start) % SEED_SPACE,
-                                          top_p=cfg.top_p)
-            answers = generate_answers(model, tokenizer, [Prompt(p.messages, "") for p in kept], settings) if kept else []
-            lines = [json.dumps({"id": p.id, "input_ids": p.ids + answer, "loss_mask": [False] * len(p.ids) + [True] * len(answer)})
-                     + "\n" for p, answer in zip(kept, answers)]
-            store.write_text(part_name(start), "".join(lines))
-            progress.update(task, advance=len(part))
+    owned = answerer is None
+    answerer = open_answerer(wanted, tokenizer) if answerer is None else answerer
+    try:
+        with step_bar("generate", cfg.console, cfg.progress) as progress:
+            left = sum(len(prompts[s : s + cfg.rows_per_part]) for s in missing)
+            task = progress.add_task("generate", total=len(prompts), completed=len(prompts) - left, info="prompts")
+            with interrupts_at_safe_points() as stop_if_interrupted:  # the first signal stops before the next part; a second at once
+                for start in missing:
+                    stop_if_interrupted()
+                    part = prompts[start : start + cfg.rows_per_part]
+                    kept = [(start + j, p) for j, p in enumerate(part) if len(p.ids) + cfg.max_new_tokens <= wanted.max_length]
+                    # Seeds of this part alone (its rows past --seed): a resumed run draws what the first would have.
+                    answers = answerer.answers([(row, p.ids) for row, p in kept], start, cfg) if kept else []
+                    lines = [json.dumps({"id": p.id, "input_ids": p.ids + answer, "loss_mask": [False] * len(p.ids) + [True] * len(answer)})
+                             + "\n" for (_, p), answer in zip(kept, answers)]
+                    store.write_text(part_name(start), "".join(lines))
+                    progress.update(task, advance=len(part))
+    finally:
+        if owned:
+            answerer.close()
     return len(missing)
 
 

@@ -15,21 +15,26 @@ from typing import Any, Optional
 
 from ..config import Range, json_value, listed, read_yaml, shown
 from ..errors import UserError
-from ..losses.registry import LOSSES, SAMPLED_LOSSES
+from ..losses.registry import LOSSES, REGISTRY, SAMPLED_LOSSES
 from .models import LlamaSize
 
 def method_table() -> dict[str, dict[str, Any]]:
     """Method name -> train-student options: every loss of the registry under its own name, and the variants the
     comparison needs. `cache`: the train cache a method must read ("top-k" or "sampled"); without it, a loss a
     sampled tail cannot serve reads the top-k cache and the others the config's `cache`. `*-online` run the
-    teacher in-process (the original set-up)."""
-    methods: dict[str, dict[str, Any]] = {name: {"loss": name} for name in LOSSES}
+    teacher in-process (the original set-up); the on-policy ones also train on the student's own answers (train-student
+    --on-policy), as the original's GKD (JS at β 0.1, mixed) and DistiLLM (skew FKL at β 0.1, adaptive), and the
+    per-token reverse-KL recipe (opd, every micro-batch fresh answers sampled at temperature 1)."""
+    methods: dict[str, dict[str, Any]] = {name: {"loss": name} for name in LOSSES if not REGISTRY[name].next_token_only}
     methods.update({
         "taid-no-adaptive": {"loss": "taid", "taid_disable_adaptive": True},
         "taid-tail-uniform": {"loss": "taid", "tail": "uniform", "cache": "top-k"},
         "taid-tail-renorm": {"loss": "taid", "tail": "renorm", "cache": "top-k"},
         "taid-online": {"loss": "taid", "online": True},
         "fkl-online": {"loss": "fkl", "online": True},
+        "gkd-online": {"loss": "js", "js_beta": 0.1, "on_policy": "mixed", "online": True},
+        "distillm-online": {"loss": "skew-fkl", "skew_beta": 0.1, "on_policy": "adaptive", "online": True},
+        "opd-online": {"loss": "opd", "on_policy": "fresh", "online": True},
         "taid-top-k": {"loss": "taid", "cache": "top-k"},
         "fkl-top-k": {"loss": "fkl", "cache": "top-k"},
         "taid-sampled": {"loss": "taid", "cache": "sampled"},

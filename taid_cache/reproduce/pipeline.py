@@ -170,6 +170,8 @@ def method_config(cfg: ReproduceConfig, method: str, seed: int, run: Path, stude
     options = dict(METHODS[method])
     online = options.pop("online", False)
     options.pop("cache", None)  # which cache: the caller's choice
+    if "on_policy" in options:  # the student's answers as long as the data's (the length filter's response)
+        options.setdefault("max_new_tokens", cfg.max_response)
     return TrainConfig(student=str(student), cache=str(cache), output=str(run), max_steps=cfg.max_steps, epochs=cfg.epochs,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        taid_t_start=cfg.taid_t_start, seed=seed, max_length=cfg.max_length,

@@ -371,15 +371,22 @@ class CacheRecord:
     @classmethod
     def empty(cls, settings: CacheSettings) -> CacheRecord:
         """A two-token sequence with no target: a forward that contributes nothing (ranks pad with it)."""
+        return cls.unscored(settings, np.zeros(2, np.int64), np.zeros(2, bool))
+
+    @classmethod
+    def unscored(cls, settings: CacheSettings, input_ids: np.ndarray, loss_mask: np.ndarray, sample_id: str = "") -> CacheRecord:
+        """A sequence without teacher values, shaped like the cache's records (a teacher run online scores it)."""
+        positions = len(input_ids) - 1
+
         def unused(width: int) -> tuple[np.ndarray, np.ndarray]:
-            return np.full((1, width), -1, np.int64), np.full((1, width), -np.inf, np.float32)
+            return np.full((positions, width), -1, np.int64), np.full((positions, width), -np.inf, np.float32)
 
         head_ids, head_lps = unused(settings.top_k)
         drawn_ids, drawn_lps = unused(settings.tail_samples)
         sampled = settings.sampled
-        return cls("", np.zeros(2, np.int64), np.zeros(2, bool), head_ids, head_lps, np.zeros(1, np.float32),
+        return cls(sample_id, input_ids, loss_mask, head_ids, head_lps, np.zeros(positions, np.float32),
                    drawn_ids if sampled else None, np.zeros_like(drawn_ids) if sampled else None, drawn_lps if sampled else None,
-                   np.zeros(1, np.float32) if settings.target_logprobs else None)
+                   np.zeros(positions, np.float32) if settings.target_logprobs else None)
 
 
 def worker_stem(worker_index: int) -> str:

@@ -41,6 +41,32 @@ def verify_cache(location: str | Path, local_dir: str | None = None) -> Manifest
     return manifest
 
 
+def verify_teacher(manifest: Manifest, model: str, url: str) -> None:
+    """The cache is `model`'s: the model's weights and config hash to the manifest's teacher_hash, and its tokenizer
+    to its tokenizer_hash (both as the dump computed them: fingerprints.model_hash, tokenizer_hash). The manifest is
+    not signed, and the shards' checksums do not cover it: an edited teacher or teacher_hash passes every other
+    check (and lets another teacher's eval cache into a run), so only hashing the real model tells."""
+    from transformers import AutoTokenizer
+
+    from ..errors import first_line
+    from ..fingerprints import model_hash, resolve_model, tokenizer_hash
+
+    settings = manifest.settings
+    folder = resolve_model(model, "--model")
+    actual = model_hash(folder)
+    if actual != settings.teacher_hash:
+        raise UserError(f"{url} is not {model}'s cache: its manifest records teacher {settings.teacher!r} with teacher_hash "
+                        f"{settings.teacher_hash[:16]}…, {model} hashes to {actual[:16]}… (another teacher, other weights, "
+                        "or an edited manifest)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of --model {model}: {first_line(exc)}") from None
+    if tokenizer_hash(tokenizer) != settings.tokenizer_hash:
+        raise UserError(f"{url} is not {model}'s cache: its manifest's tokenizer_hash is not {model}'s tokenizer's (another "
+                        "tokenizer, or an edited manifest)")
+
+
 SHARD_NAME = re.compile(r"shard-w(\d{5})-(\d{5})")  # the worker, the shard's number in its order
 
 

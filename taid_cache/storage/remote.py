@@ -34,6 +34,7 @@ STORAGE_OPTIONS: dict[str, dict[str, Any]] = {
 STORAGE_OPTIONS["s3a"] = STORAGE_OPTIONS["s3"]
 LEASE_TTL_ENV = "TAID_CACHE_LEASE_TTL"
 DEFAULT_LEASE_TTL = 60.0
+LOOKS = 5  # tries to create or take a lease that vanishes as it is looked at, before it counts as held
 
 
 class FsspecStore:
@@ -169,17 +170,21 @@ class FsspecStore:
         its ETag), so of two processes taking over one stale lease exactly one wins. Elsewhere it is delete, then
         create once more: two takers within one round trip could both win (fsspec has no conditional replace)."""
         body = self._lease_body(token)
-        if self._create(path, body):
-            return self._etag(path)
-        etag = self._etag(path)
-        current = self._read_lease(path)
-        if current is not None and not stale(current):
-            return None
-        if self._s3 is not None:
-            return self._put_if_match(path, body, etag)
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(path)
-        return self._etag(path) if self._create(path, body) else None
+        for _ in range(LOOKS):
+            if self._create(path, body):
+                return self._etag(path)
+            etag, current = self._etag(path), self._read_lease(path)
+            if etag is None or current is None:
+                # Its holder released it between our create and our look, or a listing cache says so: look afresh.
+                self.fs.invalidate_cache(path)
+                continue
+            if not stale(current):
+                return None
+            if self._s3 is not None:
+                return self._put_if_match(path, body, etag)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+        return None  # still there each time we looked, and never ours: held
 
     @property
     def _s3(self):
@@ -187,8 +192,9 @@ class FsspecStore:
         return getattr(self.fs, "call_s3", None)
 
     def _etag(self, path: str) -> str | None:
+        """The object's ETag; "" on a store that keeps none; None when the object is absent."""
         try:
-            return self.fs.info(path).get("ETag")
+            return self.fs.info(path).get("ETag", "")
         except FileNotFoundError:
             return None
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..atomic import fsync_path, remove, temporary_name
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, root_cause
 from ..storage import Store, is_remote, open_store
 from .distributed import Dist, all_reduce_max, broadcast_object
 
@@ -196,7 +196,7 @@ def load_newest(output: Store, model, optimizer, scheduler, env: Dist, warn: Cal
             meta = read_meta(folder, name)
             rng = torch.load(io.BytesIO(folder.read_bytes(f"{name}/rng-{env.rank:05d}.pt")), weights_only=False)
         except UNREADABLE as exc:
-            error = first_line(exc)
+            error = first_line(root_cause(exc))
         failed = all_reduce_max(torch.tensor(float(error is not None)), env).item() > 0
         if not failed:
             try:  # collective: torch.distributed.checkpoint raises on every rank if any rank fails
@@ -204,7 +204,7 @@ def load_newest(output: Store, model, optimizer, scheduler, env: Dist, warn: Cal
                 set_rng_state(rng)
                 return meta
             except UNREADABLE as exc:
-                error = first_line(exc)
+                error = first_line(root_cause(exc))
         warn(f"warning: checkpoint {name} cannot be read ({error or 'on another rank'}); trying the one before it")
     raise UserError(f"--resume: no checkpoint in {output.where(FOLDER)} can be read")
 
@@ -233,6 +233,27 @@ def remove_interrupted_saves(output: Store) -> None:
     output.discard_unfinished()  # uploads a kill cut short (checkpoint files, the final student): the run holds the lease
 
 
+def check_shard_files(checkpoint: Path) -> None:
+    """Every shard file the checkpoint's .metadata points into is there and long enough (a truncated copy read as
+    "CheckpointException ranks:dict_keys([0])", its cause an EOFError without a word)."""
+    try:
+        storage = dcp.FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    except UNREADABLE as exc:
+        raise UserError(f"cannot read the checkpoint {checkpoint}: its .metadata: {first_line(root_cause(exc))}") from None
+    needed: dict[str, int] = {}
+    for info in (storage or {}).values():
+        path, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if isinstance(path, str):
+            needed[path] = max(needed.get(path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = checkpoint / name
+        if not file.is_file():
+            raise UserError(f"the checkpoint {checkpoint} is incomplete: {name}, which its .metadata lists, is missing")
+        if file.stat().st_size < end:
+            raise UserError(f"the checkpoint {checkpoint} is truncated: {name} has {file.stat().st_size:,} bytes, its "
+                            f".metadata needs {end:,} (copy it again from the run folder)")
+
+
 def checkpoint_to_hf(checkpoint: Path, out: Path) -> Path:
     """A checkpoint's student as a Hugging Face folder (`from_pretrained` loads it): the DCP model state, gathered
     whole, in the architecture of the config saved beside it."""
@@ -248,12 +269,14 @@ def checkpoint_to_hf(checkpoint: Path, out: Path) -> Path:
                         "config in its checkpoints")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder: write the student into a new one")
+    check_shard_files(checkpoint)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             dcp_to_torch_save(checkpoint, Path(scratch) / "state.pt")
             state = torch.load(Path(scratch) / "state.pt", weights_only=False)["model"]
-        except UNREADABLE as exc:
-            raise UserError(f"cannot read the checkpoint {checkpoint}: {first_line(exc)}") from None
+        except UNREADABLE as exc:  # a CheckpointException's own message names only the ranks that failed
+            raise UserError(f"cannot read the checkpoint {checkpoint} (truncated or damaged?): "
+                            f"{first_line(root_cause(exc))}") from None
     prefix = "lm."  # the trainer's LossModel wraps the student as `.lm`
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     config = AutoConfig.from_pretrained(checkpoint)

@@ -6,14 +6,21 @@ epochs. Optimizer step s takes the global items [s·G, (s+1)·G), G = batch size
 item j of a step goes to rank j mod R, then in order into that rank's micro-batches; dataloader worker w
 builds the micro-batches m with m mod W = w. So no item is lost or duplicated, the partition does not change
 what a step contains, and resuming skips integers instead of reading data.
+
+Several caches of one teacher mix by weight (`CacheMixture`): global item j comes from a source drawn by a
+seeded function of (seed, j's block) alone, and a source's k-th item is item k of its own stream, so a resumed
+run counts each source's items before `start` without reading, and the partition above is unchanged. One
+cache is the mixture of one, in the order above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
 from ..packing import lay_out
+from ..settings import describe_differences
 from ..shards.contract import CacheRecord, Manifest
 from ..shards.manifest import load_manifest
 from ..shards.reader import RandomAccess, ShardFiles
@@ -67,8 +75,11 @@ def stream(shard_rows: list[int], seed: int, buffer: int, shuffle: bool) -> Iter
             yield from ((s, r) for s, n in enumerate(shard_rows) for r in range(n))
 
 
-def partition(refs: Iterator[tuple[int, int]], start: int, limit: int | None, rank: int, world: int, batch_size: int,
-              worker: int, workers: int) -> Iterator[list[tuple[int, int]]]:
+Ref = TypeVar("Ref")
+
+
+def partition(refs: Iterator[Ref], start: int, limit: int | None, rank: int, world: int, batch_size: int,
+              worker: int, workers: int) -> Iterator[list[Ref]]:
     """The micro-batches (lists of references) of one rank's loader worker: global items from `start` (`limit`
     of them, or endless), item j to rank j mod `world`, that rank's items in runs of `batch_size`, run m to
     worker m mod `workers`."""
@@ -77,6 +88,43 @@ def partition(refs: Iterator[tuple[int, int]], start: int, limit: int | None, ra
     for m, chunk in enumerate(iter(lambda: list(itertools.islice(mine, batch_size)), [])):
         if m % workers == worker:
             yield chunk
+
+
+MIX_BLOCK = 4096  # global items whose sources one seeded draw decides
+# In the draws' seed [seed, _MIX_KEY, block] and the sources' [seed, _SOURCE_KEY, i]: nonzero (numpy's seeding
+# reads trailing zeros as absent) and far past any epoch, so they share no seed with an epoch's [seed, epoch].
+_MIX_KEY, _SOURCE_KEY = 0x6D6978, 0x737263
+
+
+def source_seed(seed: int, source: int) -> int:
+    """The seed of a mixture source's own shuffle. Source 0 keeps the run's (one cache is the mixture of one,
+    and a first cache keeps its order when others join it); the others' are derived, so that caches of equal
+    shards do not move in lockstep."""
+    return seed if source == 0 else int(np.random.SeedSequence([seed, _SOURCE_KEY, source]).generate_state(1, np.uint64)[0])
+
+
+def block_sources(weights: list[float], seed: int, block: int) -> np.ndarray:
+    """The source of each global item of `block` (items [block·MIX_BLOCK, (block+1)·MIX_BLOCK)): source i with
+    probability weights[i] / sum(weights), a function of (seed, block) alone."""
+    bounds = np.cumsum(weights) / math.fsum(weights)
+    draws = np.random.default_rng([seed, _MIX_KEY, block]).random(MIX_BLOCK)
+    return np.minimum(np.searchsorted(bounds, draws, side="right"), len(weights) - 1)  # a last bound rounded below 1
+
+
+def source_counts(weights: list[float], seed: int, stop: int) -> np.ndarray:
+    """How many of the global items [0, stop) each source gives: where each source's stream stands at `stop`."""
+    counts = np.zeros(len(weights), np.int64)
+    for block in range(math.ceil(stop / MIX_BLOCK)):
+        sources = block_sources(weights, seed, block)[: stop - block * MIX_BLOCK]
+        counts += np.bincount(sources, minlength=len(weights))
+    return counts
+
+
+def mixed_stream(streams: list[Iterator[Ref]], weights: list[float], seed: int) -> Iterator[tuple[int, Ref]]:
+    """Endless (source, reference): global item j is the next reference of the source `block_sources` gives it."""
+    for block in itertools.count():
+        for source in block_sources(weights, seed, block).tolist():
+            yield source, next(streams[source])
 
 
 @dataclass
@@ -90,10 +138,24 @@ class MicroBatch:
     tokens: int  # real (unpadded) tokens
     # A --tail-samples cache: sample_ids, sample_draws, sample_logprobs, [rows, T-1, N] each (reader.py).
     samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Each sequence's prompt: its tokens before its last run of loss-mask tokens (what on-policy training answers).
+    prompts: list[np.ndarray] = field(default_factory=list)
+    # A --target-logprobs cache: the teacher's exact log-prob of each position's actual next token, [rows, T-1].
+    target_logprob: torch.Tensor | None = None
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         # No KV cache: training has no use for one, and transformers only builds the packed mask without it.
         return {**{k: v.to(device) for k, v in self.inputs.items()}, "use_cache": False}
+
+
+def prompt_ids(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """The tokens before the sequence's last run of loss-mask tokens: the prompt of its last answer (the chat
+    template's assistant header included, as generation's prompt ends)."""
+    marked = np.flatnonzero(loss_mask)
+    if not len(marked):
+        return input_ids
+    gaps = np.flatnonzero(np.diff(marked) > 1)
+    return input_ids[: marked[gaps[-1] + 1] if len(gaps) else marked[0]]
 
 
 def collate(records: list[CacheRecord], max_length: int, pack: bool = False) -> MicroBatch:
@@ -114,10 +176,14 @@ def collate(records: list[CacheRecord], max_length: int, pack: bool = False) -> 
     samples = (per_prediction([r.sample_ids for r in records], -1, np.int64),
                per_prediction([r.sample_draws for r in records], 0, np.int64),
                per_prediction([r.sample_logprobs for r in records], -float("inf"), np.float32)) if records[0].sampled else None
+    # Row j of a record's target_logprob is already the log-prob of token j+1 (as its top-k's): no shift.
+    target_logprob = (per_prediction([r.target_logprob for r in records], 0.0, np.float32)
+                      if records[0].target_logprob is not None else None)
     return MicroBatch(layout.model_inputs(ids), per_prediction([r.loss_mask for r in records], False, np.bool_, shift=1), ids[:, 1:],
                       per_prediction([r.topk_ids for r in records], -1, np.int64),
                       per_prediction([r.topk_logprobs for r in records], -float("inf"), np.float32),
-                      per_prediction([r.tail_logmass for r in records], 0.0, np.float32), sum(lengths), samples)
+                      per_prediction([r.tail_logmass for r in records], 0.0, np.float32), sum(lengths), samples,
+                      [prompt_ids(r.input_ids[:n], r.loss_mask[:n]) for r, n in zip(records, lengths)], target_logprob=target_logprob)
 
 
 @dataclass(frozen=True)
@@ -144,27 +210,79 @@ class CacheRows:
         self.location, self.read_ahead, self.local_dir = location, read_ahead, local_dir
         self.manifest = manifest or load_manifest(location)  # a one-line error now, not in a loader worker
 
+    @property
+    def shard_rows(self) -> list[int]:
+        return [s.records for s in self.manifest.shards]
+
+    def files(self, seed: int, order: StreamOrder, position: int) -> ShardFiles:
+        """The cache's shard files; a remote one's fetched ahead in the order of its stream under `seed` from that
+        stream's item `position` on (where it stands at `order.start`), so no shard it will not read is fetched."""
+        return ShardFiles(open_store(self.location), self.manifest, shard_sequence(self.shard_rows, seed, order.shuffle, position),
+                          self.read_ahead, Path(self.local_dir) if self.local_dir else None, order.buffer)
+
+    def runs(self, order: StreamOrder) -> Iterator[list[CacheRecord]]:
+        """This rank's (and this loader worker's) runs of `order.batch_size` records: the mixture of this cache alone."""
+        return CacheMixture([self], [1.0]).runs(order)
+
+
+# What the caches of a mixture must share: the teacher and tokenizer (one target distribution, one vocabulary
+# the student is checked against), and what shapes a micro-batch or says what its teacher values are (the head's
+# width and --top-p cut, the sampled tail, the target log-probs: which teacher type and losses a cache serves).
+# The rest may differ: the data and its lineage (the point of a mixture), the dump's seed (the tail's draws),
+# its workers, length limit and overlong rule (train-student cuts at its own --max-length), the teacher's path
+# (its hash names it), its engine and dtype, the storage precision and format version (each source is decoded
+# by its own settings into float32 values of the same distribution, within their rounding), and the input kind
+# (an on-policy run must then find prompts in each cache).
+MIX_AGREE = ("teacher_hash", "tokenizer_hash", "vocab_size", "tokenizer_size", "top_k", "top_p", "tail_samples", "target_logprobs")
+
+
+def check_mixable(manifests: list[Manifest], names: list[str], weights: list[float]) -> None:
+    """Refuse, in one line, caches that cannot be trained from as one stream, or weights that are not one
+    positive finite number per cache; `names` are how the caches are named to the user."""
+    if not manifests or len(weights) != len(manifests):
+        raise UserError(f"{len(weights)} weights for {len(manifests)} caches: give one weight per cache")
+    for name, manifest, weight in zip(names, manifests, weights):
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"the weight of {name} is {weight!r}: a cache's weight must be positive and finite")
+        if manifest.records == 0:
+            raise UserError(f"the cache {name} holds no sequences")
+    first = manifests[0].settings
+    for name, manifest in zip(names[1:], manifests[1:]):
+        diff = describe_differences({f: getattr(first, f) for f in MIX_AGREE}, {f: getattr(manifest.settings, f) for f in MIX_AGREE},
+                                    f"in {names[0]}", f"in {name}")
+        if diff:
+            raise UserError(f"{name} cannot be mixed with {names[0]}: {diff}; mix caches of one teacher, tokenizer and "
+                            "--top-k, --top-p, --tail-samples and --target-logprobs")
+
+
+class CacheMixture:
+    """Several caches' records as one stream in a `StreamOrder`: global item j from source i with probability
+    weights[i] / sum(weights) (`block_sources`), source i's k-th item being item k of its own stream (seeded by
+    `source_seed`), the whole partitioned as one cache's stream is."""
+
+    def __init__(self, sources: list[CacheRows], weights: list[float]) -> None:
+        check_mixable([s.manifest for s in sources], [s.location for s in sources], weights)
+        self.sources, self.weights = sources, [float(w) for w in weights]
+
     def runs(self, order: StreamOrder) -> Iterator[list[CacheRecord]]:
         """This rank's (and this loader worker's) runs of `order.batch_size` records."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shards = self.manifest.shards
-        rows = [s.records for s in shards]
-        files = ShardFiles(open_store(self.location), self.manifest, shard_sequence(rows, order.seed, order.shuffle, order.start),
-                           self.read_ahead, Path(self.local_dir) if self.local_dir else None, order.buffer)
-        reader = RandomAccess(files)
-        refs = stream(rows, order.seed, order.buffer, order.shuffle)
-        try:
+        seeds = [source_seed(order.seed, i) for i in range(len(self.sources))]
+        before = source_counts(self.weights, order.seed, order.start).tolist()
+        with contextlib.ExitStack() as opened:
+            readers = [RandomAccess(opened.enter_context(contextlib.closing(source.files(seed, order, position))))
+                       for source, seed, position in zip(self.sources, seeds, before)]
+            refs = mixed_stream([stream(s.shard_rows, seed, order.buffer, order.shuffle) for s, seed in zip(self.sources, seeds)],
+                                self.weights, order.seed)
             for chunk in partition(refs, order.start, order.limit, order.rank, order.world, order.batch_size, worker, workers):
-                yield [reader.get(s, r) for s, r in chunk]
-        finally:
-            files.close()
+                yield [readers[source].get(*ref) for source, ref in chunk]
 
 
 class CacheStream(IterableDataset):
-    """This rank's micro-batches of a cache, in `order`."""
+    """This rank's micro-batches of a cache (or a mixture of caches), in `order`."""
 
-    def __init__(self, rows: CacheRows, order: StreamOrder, max_length: int, pack: bool = False) -> None:
+    def __init__(self, rows: CacheRows | CacheMixture, order: StreamOrder, max_length: int, pack: bool = False) -> None:
         self.rows, self.order, self.max_length, self.pack = rows, order, max_length, pack
 
     def __iter__(self) -> Iterator[MicroBatch | UserError]:

@@ -59,6 +59,15 @@ def broadcast_object(value: Any, env: Dist) -> Any:
     return box[0]
 
 
+def all_gather_object(value: Any, env: Dist) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not env.active:
+        return [value]
+    out: list[Any] = [None] * env.world
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_reduce_sum(value: torch.Tensor, env: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """A copy of `value` on the rank's device, reduced over ranks (NCCL reduces device tensors only)."""
     value = value.to(env.device, copy=True)

@@ -20,6 +20,9 @@ def check_serves(settings: CacheSettings, loss: str, tail: str) -> None:
     if settings.sampled and tail != "student":
         raise UserError(f"--tail {tail}: a cache with a sampled tail (--tail-samples) has its tail in its draws; "
                         "--tail shapes the tail of a top-k cache only")
+    if loss == "opd" and not settings.target_logprobs:
+        raise UserError("--loss opd reads the teacher's log-prob of each actual next token, which this cache lacks: "
+                        "dump it with dump-teacher --target-logprobs")
 
 
 def check_parameters(loss: str, values: Mapping[str, float], named: Callable[[str], str]) -> None:

@@ -61,10 +61,14 @@ class LossModel(nn.Module):
         self.lm, self.chunk, self.mapping = lm, chunk, mapping
         self.temperature = temperature  # ctkd's learned temperature (CurriculumTemperature), trained with the student
 
-    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor, fn: ChunkFn,
-                lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor | None, fn: ChunkFn | None,
+                lam: float | None = None, generate: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`inputs`: the decoder's keyword arguments (`MicroBatch.model_inputs`); `targets`: [B, T-1] bool; `lam`:
-        the learned temperature's gradient-reversal weight this step (`fn` then also takes the temperature)."""
+        the learned temperature's gradient-reversal weight this step (`fn` then also takes the temperature).
+        `generate`: instead, `lm.generate(**inputs, **generate)` — inside the root's forward, where FSDP holds the
+        root's own parameters (embeddings, LM head) whole; each block gathers its own in its forward."""
+        if generate is not None:
+            return self.lm.generate(**inputs, **generate)
         h = self.lm.get_decoder()(**inputs).last_hidden_state[:, :-1][targets]
         head = self.lm.get_output_embeddings()
         extra = () if self.temperature is None or lam is None else (self.temperature(lam),)

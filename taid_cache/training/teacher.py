@@ -20,11 +20,17 @@ from .student import attention_implementation, check_packing, check_vocabulary, 
 
 
 def cached_teacher(mb: MicroBatch, settings: CacheSettings, tail: str, env: Dist) -> Union[TopKTeacher, SampledTeacher]:
-    """The cache's teacher at the micro-batch's target positions."""
-    head = [x[mb.targets].to(env.device) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass)]
+    """The cache's teacher at the micro-batch's target positions (with the actual next tokens' log-probs of a
+    --target-logprobs cache)."""
+
+    def at_targets(x: torch.Tensor) -> torch.Tensor:
+        return x[mb.targets].to(env.device)
+
+    head = [at_targets(x) for x in (mb.topk_ids, mb.topk_logprobs, mb.tail_logmass)]
+    target = None if mb.target_logprob is None else at_targets(mb.target_logprob)
     if mb.samples is None:
-        return TopKTeacher(*head, settings.tokenizer_size, tail)
-    return SampledTeacher(*head, *(x[mb.targets].to(env.device) for x in mb.samples), settings.tokenizer_size)
+        return TopKTeacher(*head, settings.tokenizer_size, tail, target)
+    return SampledTeacher(*head, *(at_targets(x) for x in mb.samples), settings.tokenizer_size, target)
 
 
 @dataclass

@@ -1,0 +1,292 @@
+"""Several caches of one teacher as one training stream (training/data.py's `CacheMixture`): each global item's
+source drawn by its weight from (seed, position) alone, each source read in its own stream's order, a resumed
+stream equal to the uninterrupted one, the partition over ranks × workers unchanged, each source's read-ahead
+starting where that source stands, and the refusal of caches that cannot be mixed. The caches are written here
+with the shard writer, without a model; each record's sample_id names its cache, shard and row."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from taid_cache.errors import UserError
+from taid_cache.shards.codec import LOGPROB_STEP
+from taid_cache.shards.contract import Cursor, Lineage, Manifest, WorkerPart, build_settings
+from taid_cache.shards.manifest import load_manifest, save_part, try_finalize
+from taid_cache.shards.record import TeacherRecord
+from taid_cache.shards.writer import ShardWriter
+from taid_cache.storage import open_store
+from taid_cache.training import data
+from taid_cache.training.metrics import read_metrics
+from taid_cache.training.data import (CacheMixture, CacheRows, StreamOrder, check_mixable, mixed_stream, partition, shard_sequence,
+                                      source_counts, source_seed, stream)
+from test_read_ahead import CountingRemote
+
+SHARDS = [5, 1, 7, 4]  # rows per shard: uneven, one of a single row
+MANY = [3, 2, 4, 3, 1, 5, 2, 3, 4, 3]
+VOCAB, K, PER_BATCH = 16, 2, 3
+
+
+def record(sample_id: str) -> TeacherRecord:
+    """A three-token sequence whose head and tail sum to one (log-probs on the compact grid: exact either way)."""
+    head = np.array([-44, -89], np.float32) * LOGPROB_STEP
+    tail = np.float32(np.log1p(-np.exp(head.astype(np.float64)).sum()))
+    return TeacherRecord(sample_id, np.array([1, 2, 3]), np.ones(3, bool), np.array([[0, 1], [2, 3]]), np.tile(head, (2, 1)),
+                         np.full(2, tail, np.float32), np.ones(2, np.float32))
+
+
+def write_cache(folder: Path, tag: str, shards: list[int] = SHARDS, per_batch: int = PER_BATCH, **settings) -> Path:
+    """A finished cache of `shards` (rows per shard, in record batches of `per_batch`), record `tag/shard/row`."""
+    cache = open_store(str(folder))
+    recorded = build_settings(**{**dict(teacher="tiny", teacher_hash="t", tokenizer_hash="tok", vocab_size=VOCAB, tokenizer_size=VOCAB,
+                                        top_k=K, top_p=None, tail_samples=0, seed=0, precision="compact", dataset=[tag], split="train",
+                                        dataset_fingerprint=tag, dataset_rows=sum(shards), input_kind="tokens", max_length=8,
+                                        overlong="truncate", engine="hf", dtype="float32", engine_args={}, num_workers=1), **settings})
+    entries: list = []
+    writer = ShardWriter(cache, 0, 0, VOCAB, K, recorded.precision, 1 << 30, 1, entries.append)
+    for s, n in enumerate(shards):
+        for first in range(0, n, per_batch):
+            writer.write([record(f"{tag}/{s}/{r}") for r in range(first, min(first + per_batch, n))], Cursor(0))
+        writer.commit()
+    rows = sum(shards)
+    save_part(cache, WorkerPart(recorded, 0, 1, 0, rows, Cursor(rows), entries, done=True))
+    assert try_finalize(cache)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict[str, CacheRows]:
+    """A, and B of equal shards from other data, another lineage, dump seed and precision (all mixable)."""
+    root = tmp_path_factory.mktemp("mixture")
+    b = dict(dataset=["b"], seed=9, precision="fp32", lineage=Lineage("student", "round-1", "f1"))
+    return {tag: CacheRows(str(write_cache(root / tag, tag, **extra)), read_ahead=1) for tag, extra in (("A", {}), ("B", b))}
+
+
+def ids(runs) -> list[str]:
+    return [r.sample_id for run in runs for r in run]
+
+
+def refs_of(tag: str, chunks) -> list[str]:
+    return [f"{tag}/{s}/{r}" for chunk in chunks for s, r in chunk]
+
+
+def test_each_source_gives_its_weight_within_binomial_error() -> None:
+    weights, n = [1.0, 3.0, 0.5], 200_000
+
+    def counters() -> list:  # source i's references (i, 0), (i, 1), ...
+        return [zip(itertools.repeat(i), itertools.count()) for i in range(len(weights))]
+
+    sources = [source for source, _ in itertools.islice(mixed_stream(counters(), weights, 11), n)]
+    got = Counter(sources)
+    for i, w in enumerate(weights):
+        p = w / sum(weights)
+        assert abs(got[i] - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)), (i, got[i], n * p)
+    # What a resumed run counts without reading: the stream's own prefix, at block edges and between them.
+    for stop in (0, 1, 4095, 4096, 4097, 12_345, n):
+        assert source_counts(weights, 11, stop).tolist() == [sources[:stop].count(i) for i in range(len(weights))]
+    # The source's k-th item is its own k-th reference, whatever the others.
+    seen: Counter = Counter()
+    for source, (i, k) in itertools.islice(mixed_stream(counters(), weights, 11), 1000):
+        assert (i, k) == (source, seen[source])
+        seen[source] += 1
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("start,rank,world,batch", [(0, 0, 1, 4), (13, 1, 2, 3)])
+def test_a_mixture_of_one_is_the_single_cache_order(caches, shuffle, start, rank, world, batch) -> None:
+    order = StreamOrder(seed=5, buffer=4, shuffle=shuffle, start=start, limit=3 * sum(SHARDS), rank=rank, world=world, batch_size=batch)
+    expected = refs_of("A", partition(stream(SHARDS, 5, 4, shuffle), start, order.limit, rank, world, batch, 0, 1))
+    assert ids(CacheMixture([caches["A"]], [2.5]).runs(order)) == expected
+    assert ids(caches["A"].runs(order)) == expected
+
+
+def test_each_source_reads_in_its_own_stream_order(caches) -> None:
+    order = StreamOrder(seed=4, buffer=3, limit=4 * sum(SHARDS), batch_size=5)
+    got = ids(CacheMixture([caches["A"], caches["B"]], [1.0, 2.0]).runs(order))
+    per_source = {tag: [i.split("/", 1)[1] for i in got if i.startswith(tag)] for tag in "AB"}
+    for source, tag in enumerate("AB"):
+        own = itertools.islice(stream(SHARDS, source_seed(4, source), 3, True), len(per_source[tag]))
+        assert per_source[tag] == [f"{s}/{r}" for s, r in own]
+    assert per_source["A"][:10] != per_source["B"][:10]  # equal shards, not in lockstep
+    assert source_seed(4, 0) == 4  # the first cache keeps the single-cache order
+
+
+def test_a_resumed_mixture_continues_the_uninterrupted_one(caches, monkeypatch) -> None:
+    monkeypatch.setattr(data, "MIX_BLOCK", 5)  # resume points inside blocks and across many of them
+    mixture = CacheMixture([caches["A"], caches["B"]], [3.0, 1.0])
+    whole = ids(mixture.runs(StreamOrder(seed=2, buffer=4, limit=70)))
+    assert {i[0] for i in whole} == {"A", "B"}
+    for start in (1, 5, 7, 23, 41, 69):
+        assert ids(mixture.runs(StreamOrder(seed=2, buffer=4, start=start, limit=70 - start))) == whole[start:]
+
+
+def test_ranks_and_workers_take_each_global_item_once(caches, monkeypatch) -> None:
+    mixture = CacheMixture([caches["A"], caches["B"]], [1.0, 1.0])
+    world, workers, batch, start, total = 2, 2, 3, 12, 61
+    whole = ids(mixture.runs(StreamOrder(seed=8, buffer=2, start=start, limit=total)))
+    rebuilt: list[str | None] = [None] * total
+    for rank in range(world):
+        runs = {}
+        for w in range(workers):
+            monkeypatch.setattr(data, "get_worker_info", lambda w=w: SimpleNamespace(id=w, num_workers=workers))
+            runs[w] = list(mixture.runs(StreamOrder(seed=8, buffer=2, start=start, limit=total, rank=rank, world=world, batch_size=batch)))
+        ordered = [run for group in itertools.zip_longest(*runs.values()) for run in group if run is not None]  # the loader's m mod W
+        assert all(len(run) == batch for run in ordered[:-1])
+        mine = ids(ordered)
+        assert len(mine) == len(range(rank, total, world))
+        for j, item in zip(range(rank, total, world), mine):  # global item j on rank j mod world
+            assert rebuilt[j] is None
+            rebuilt[j] = item
+    assert rebuilt == whole
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> list[CacheRows]:
+    """Two caches of more shards than the reader looks ahead over, each shard one record batch (fetched once)."""
+    root = tmp_path_factory.mktemp("many")
+    return [CacheRows(str(write_cache(root / tag, tag, MANY, per_batch=8, dataset=[tag])), read_ahead=1) for tag in "AB"]
+
+
+@pytest.mark.parametrize("start", [0, 9, 40])
+def test_each_source_fetches_from_where_its_own_stream_stands(many_shards, start, monkeypatch) -> None:
+    remotes = {rows.location: CountingRemote(rows.location) for rows in many_shards}
+    monkeypatch.setattr(data, "open_store", lambda location: remotes[location])
+    # Buffer 1: a source's stream visits its shards in its epochs' order; read-ahead 1: one fetch thread, in order.
+    got = ids(CacheMixture(many_shards, [1.0, 1.0]).runs(StreamOrder(seed=6, buffer=1, start=start, limit=12)))
+    moved = []
+    for source, (tag, rows) in enumerate(zip("AB", many_shards)):
+        files = [s.file for s in rows.manifest.shards]
+        read = list(dict.fromkeys(files[int(i.split("/")[1])] for i in got if i.startswith(tag)))  # shards in first-read order
+        gets = remotes[rows.location].gets
+        assert gets[: len(read)] == read and len(gets) <= len(read) + 1, (tag, gets, read)  # + the one read ahead
+        moved.append(read[0] != files[next(shard_sequence(MANY, source_seed(6, source), True, 0))])
+    assert any(moved) == (start > 0)  # a reader fetching from the epoch's first shard would have fetched in vain
+
+
+def test_only_caches_of_one_teacher_tokenizer_and_head_mix(caches) -> None:
+    a = caches["A"].manifest
+
+    def changed(**fields) -> Manifest:
+        return dataclasses.replace(a, settings=dataclasses.replace(a.settings, **fields))
+
+    names = ["off-policy", "round-1"]
+    for fields, named in ((dict(teacher_hash="t2"), "teacher_hash"), (dict(tokenizer_hash="tok2"), "tokenizer_hash"),
+                          (dict(top_k=4), "top_k"), (dict(tail_samples=8), "tail_samples"), (dict(top_p=0.9), "top_p"),
+                          (dict(target_logprobs=True), "target_logprobs")):
+        with pytest.raises(UserError, match=f"round-1 cannot be mixed with off-policy: {named}") as refused:
+            check_mixable([a, changed(**fields)], names, [1.0, 1.0])
+        assert "\n" not in str(refused.value)
+    check_mixable([a, changed(dataset=["other"], dataset_fingerprint="x", seed=3, precision="fp32", teacher="/elsewhere",
+                                 lineage=Lineage("student", "round-1", "f"))], names, [1.0, 0.25])
+    check_mixable([a, caches["B"].manifest], names, [1.0, 1.0])  # B: other data, lineage, seed and precision
+    for weights in ([1.0, 0.0], [1.0, -1.0], [1.0, math.nan], [math.inf, 1.0], [1.0]):
+        with pytest.raises(UserError, match="weight"):
+            check_mixable([a, a], names, weights)
+    empty = dataclasses.replace(a, records=0, shards=())
+    with pytest.raises(UserError, match="round-1 holds no sequences"):
+        check_mixable([a, empty], names, [1.0, 1.0])
+    with pytest.raises(UserError, match="weight"):  # a mixture is never built of what the check refuses
+        CacheMixture([caches["A"], caches["B"]], [1.0, 0.0])
+
+
+# ---- train-student --mix ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def halves(teacher_dir, student_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two caches of one teacher over the two halves of the chat rows, and one of the student as its own teacher
+    (another teacher and tokenizer hash)."""
+    from conftest import run_cli, write_jsonl
+
+    root = tmp_path_factory.mktemp("halves")
+    rows = [json.loads(line) for line in (data_dir / "chat.jsonl").read_text().splitlines()]
+    common = ["--engine", "hf", "--top-k", "8", "--max-length", "128", "--no-progress"]
+    out = {}
+    for name, part, model in (("A", rows[: len(rows) // 2], teacher_dir), ("B", rows[len(rows) // 2:], teacher_dir),
+                              ("other", rows[len(rows) // 2:], student_dir)):
+        data_file = write_jsonl(root / f"{name}.jsonl", part)
+        run_cli("dump-teacher", "--model", str(model), "--data", str(data_file), "--output", str(root / name), *common)
+        out[name] = root / name
+    return out
+
+
+def train_args(student_dir, cache: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
+    return ["train-student", "--student", str(student_dir), "--cache", str(cache), "--output", str(out), "--batch-size", "2",
+            "--lr", "3e-3", "--max-length", "128", "--no-progress", *(["--max-steps", str(steps)] if steps else []), *extra]
+
+
+def step_log(run: Path) -> list[tuple]:
+    return [(m["step"], m["loss"], m["tokens"]) for m in read_metrics(run) if "loss" in m]
+
+
+def test_a_mixture_trains_on_each_cache_as_its_stream_reads(student_dir, halves, tmp_path) -> None:
+    """Weights (1, ε): every item from --cache, in its own order: the run of --cache alone, bit for bit. Weights
+    (ε, 1): every item from the --mix cache, read as that cache's stream under its source seed: the run of that
+    cache alone with --seed set to it."""
+    from conftest import run_cli
+
+    a, b = halves["A"], halves["B"]
+    run_cli(*train_args(student_dir, a, tmp_path / "a"))
+    run_cli(*train_args(student_dir, a, tmp_path / "a-mostly", "--mix", str(b), "--mix-weights", "1", "--mix-weights", "1e-12"))
+    assert step_log(tmp_path / "a-mostly") == step_log(tmp_path / "a")
+    run_cli(*train_args(student_dir, b, tmp_path / "b", "--seed", str(source_seed(0, 1))))
+    run_cli(*train_args(student_dir, a, tmp_path / "b-mostly", "--mix", str(b), "--mix-weights", "1e-12", "--mix-weights", "1"))
+    assert step_log(tmp_path / "b-mostly") == step_log(tmp_path / "b")
+    # By default each cache weighs its sequences; an epoch is all of them.
+    records = sum(load_manifest(str(c)).records for c in (a, b))
+    run_cli(*train_args(student_dir, a, tmp_path / "epoch", "--mix", str(b), "--epochs", "1", steps=0))
+    assert [s for s, _, _ in step_log(tmp_path / "epoch")] == list(range(1, math.ceil(records / 2) + 1))
+
+
+def test_a_mixture_resumes_as_it_ran_and_refuses_changes(student_dir, halves, tmp_path) -> None:
+    """A mixture run killed after a checkpoint and resumed logs the uninterrupted run's steps; resumed with other
+    weights, or without the mixed cache, it is refused in one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, assert_one_line, run_cli
+
+    a, b = halves["A"], halves["B"]
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+
+    def args(out: Path, *extra: str, mix: tuple[str, ...] = ("--mix", str(b))) -> list[str]:
+        return train_args(student_dir, a, out, *mix, "--save-every", "2", *extra, steps=8)
+
+    run_cli(*args(clean))
+    proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *args(crashed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (crashed / "checkpoints" / "step-00000004").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_cli(*args(crashed, "--resume"))
+    assert step_log(crashed) == step_log(clean) and len(step_log(clean)) == 8
+    assert_one_line(run_cli(*args(crashed, "--resume", "--mix-weights", "1", "--mix-weights", "3"), check=False),
+                    "--resume with changed settings", "mix_weights")
+    assert_one_line(run_cli(*args(crashed, "--resume", mix=()), check=False), "--resume with changed settings", "mix_identities")
+
+
+def test_caches_that_cannot_mix_are_refused_before_any_write(student_dir, halves, tmp_path) -> None:
+    from conftest import assert_one_line, run_cli
+
+    a = halves["A"]
+    cases = [(("--mix", str(halves["other"])), ("cannot be mixed with", "teacher_hash")),
+             (("--mix", str(halves["B"]), "--mix-weights", "1"), ("--mix-weights", "1 weights for 2 caches")),
+             (("--mix", str(halves["B"]), "--mix-weights", "1", "--mix-weights", "-2"), ("weight", "positive")),
+             (("--mix-weights", "1"), ("--mix-weights", "no --mix is given")),
+             (("--mix", str(tmp_path / "absent")), ("absent",))]
+    for i, (extra, words) in enumerate(cases):
+        assert_one_line(run_cli(*train_args(student_dir, a, tmp_path / f"run{i}", *extra), check=False), *words)
+        assert not (tmp_path / f"run{i}").exists()
