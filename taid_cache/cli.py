@@ -131,6 +131,13 @@ config_command("generate", GenerateConfig, run_generate)
 config_command("train-student", TrainConfig, run_train)
 
 
+def table_console() -> Console:
+    """Where a command prints its table: the terminal's width, or, piped, the table's natural width (rich's
+    default of 80 columns would squeeze the name column to a character)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=10_000)
+
+
 def plot_path(plot: Optional[Path]) -> Optional[Path]:
     """--plot: a .png file in an existing folder, or an existing folder (its cache-mass.png)."""
     if plot is None:
@@ -165,7 +172,7 @@ def inspect_cmd(
     table = Table(title=f"taid-cache {cache}", show_header=False)
     for key, value in stats.items():
         table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(table)
+    table_console().print(table)
 
 
 @app.command("verify")
@@ -237,7 +244,7 @@ def evaluate_cmd(
         table.add_column(columns[k], no_wrap=True, justify="right")
     for name, metrics in results.items():
         table.add_row(name, *(f"{metrics[k]:.3f}" if k in metrics else "" for k in shown))
-    Console().print(table)
+    table_console().print(table)
 
 
 @app.command("distil-on-policy")

@@ -421,11 +421,15 @@ class DumpConfig:
                          "workers).")
     split: str = option("train", "Dataset split (hub datasets).")
     input_kind: str = option("auto", "Row kind: chat (messages), text, tokens (input_ids), or auto.", choices=KINDS)
-    engine: str = option("auto", "Teacher engine: vllm, hf (transformers), or auto (vLLM when it imports).", choices=ENGINES)
-    top_k: int = option(64, "Top-k next-token log-probs stored per position (0 only with --tail-samples).")
+    engine: str = option("auto", "Teacher engine: vllm, hf (transformers), or auto: vLLM when it imports and a GPU is present "
+                         "or a parallel size above 1 is asked for, else hf (on CPU vLLM's start-up of about a minute "
+                         "outweighs its speed, at most 17% above hf's); the choice and why are printed.", choices=ENGINES)
+    top_k: int = option(16, "Top-k next-token log-probs stored per position (0 only with --tail-samples). The default, "
+                        "top-16 + 32 draws, is the cache docs/RESULTS.md found best per byte; --tail-samples 0 writes a "
+                        "top-k cache, which every loss reads (--top-k 64 --tail-samples 0 stores about as many bytes).")
     top_p: Optional[float] = option(None, "Keep only the fewest entries (1..k) whose mass reaches p.", within="(0, 1]")
-    tail_samples: int = option(0, "Also draw N tokens per position from the teacher off the top-k (stored as distinct ids, "
-                               "counts and log-probs): an unbiased sampled tail.", within=f"[0, {MAX_TAIL_SAMPLES}]")
+    tail_samples: int = option(32, "Also draw N tokens per position from the teacher off the top-k (stored as distinct ids, "
+                               "counts and log-probs): an unbiased sampled tail; 0 for none.", within=f"[0, {MAX_TAIL_SAMPLES}]")
     seed: int = option(0, "Seed of the --tail-samples draws.", within=SEEDS)
     target_logprobs: bool = option(False, "Also store, per position, the teacher's exact float32 log-prob of the actual next "
                                    "token, in the head or not (a target_logprob column: what an on-policy loss needs).")

@@ -92,7 +92,8 @@ def student_dir(teacher_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def caches(teacher_dir, data_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train-caches")
-    common = ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--engine", "hf", "--max-length", "256", "--no-progress"]
+    common = ["--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--engine", "hf", "--max-length", "256", "--tail-samples", "0",
+              "--no-progress"]
     run_cli("dump-teacher", *common, "--output", str(root / "top16"), "--top-k", "16")
     run_cli("dump-teacher", *common, "--output", str(root / "full"), "--top-k", "512", "--precision", "fp32")
     return {"top16": root / "top16", "full": root / "full"}

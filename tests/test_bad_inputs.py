@@ -63,7 +63,7 @@ def test_missing_data_file(teacher_dir, tmp_path) -> None:
 
 @pytest.mark.parametrize("k,words", [("0", ("--top-k", "at least 1")), ("513", ("--top-k 513", "vocabulary (512"))])
 def test_bad_top_k(teacher_dir, data_dir, tmp_path, k: str, words) -> None:
-    assert_user_error(dump(teacher_dir, data_dir / "chat.jsonl", tmp_path / "o", "--top-k", k), tmp_path / "o", *words)
+    assert_user_error(dump(teacher_dir, data_dir / "chat.jsonl", tmp_path / "o", "--top-k", k, "--tail-samples", "0"), tmp_path / "o", *words)
 
 
 def test_bad_top_p_and_precision(teacher_dir, data_dir, tmp_path) -> None:

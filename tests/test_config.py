@@ -66,7 +66,8 @@ def test_resumable_settings() -> None:
     cfg = TrainConfig(student="s", cache=Path("c"), output=Path("o"), max_steps=3)
     resumable = {f.name for f in fields(TrainConfig) if f.name not in cfg.settings()} - {"console"}
     assert resumable == {"resume", "save_every", "eval_every", "eval_cache", "progress", "num_workers", "report_to",
-                         "output", "cache", "mix", "student", "teacher_model", "read_ahead", "local_cache"}
+                         "output", "cache", "mix", "student", "teacher_model", "read_ahead", "local_cache",
+                         "stop_at_step"}  # where a run pauses; its schedules run over max_steps either way
     assert cfg.settings()["max_steps"] == 3 and cfg.settings()["precision"] == "fp32"
 
 

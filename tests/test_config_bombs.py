@@ -60,7 +60,9 @@ def refused(command: str, tmp_path: Path, content: str | bytes, *words: str, nam
     assert proc.returncode == 2, (proc.returncode, message[-2000:])
     assert len(message.splitlines()) == 1 and message.startswith("error:"), message[:2000]
     assert str(config) in message or not names_file, message[:2000]
-    assert len(message.replace(str(config), "")) < SHORT, f"{len(message)} characters: {message[:300]}..."
+    # What the message echoes is short; the list of known methods the reproduction adds is the code's, not the input's.
+    echoed = message.replace(str(config), "").split("; known: ")[0]
+    assert len(echoed) < SHORT, f"{len(message)} characters: {message[:300]}..."
     for word in words:
         assert word in message, message
     assert not out.exists()

@@ -18,6 +18,7 @@ from taid_cache.engines.base import EngineConfig
 from taid_cache.engines.hf_engine import HfEngine
 from taid_cache.shards import read_cache
 from taid_cache.shards.codec import LOGPROB_STEP
+from taid_cache.training.metrics import read_metrics
 
 K = 16
 
@@ -116,7 +117,7 @@ def test_text_and_token_rows(teacher_dir, data_dir, tmp_path) -> None:
 def test_top_p_keeps_the_fewest_entries_reaching_p(teacher_dir, data_dir, tmp_path) -> None:
     p = 0.8
     run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", str(tmp_path / "p"),
-            "--engine", "hf", "--top-k", str(K), "--top-p", str(p), "--precision", "fp32", "--no-progress")
+            "--engine", "hf", "--top-k", str(K), "--top-p", str(p), "--tail-samples", "0", "--precision", "fp32", "--no-progress")
     counts_seen = set()
     for rec in list(read_cache(tmp_path / "p"))[:4]:
         ref = reference_logprobs(teacher_dir, rec.input_ids)[:-1]
@@ -209,3 +210,43 @@ def test_verify_catches_a_flipped_byte(chat_cache, tmp_path) -> None:
     proc = run_cli("verify", str(copy), check=False)
     assert proc.returncode != 0
     assert shard.name in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("installed,gpu,parallel,picked", [(False, True, True, "hf"), (True, False, False, "hf"),
+                                                           (True, False, True, "vllm"), (True, True, False, "vllm")])
+def test_auto_picks_vllm_only_with_a_gpu_or_a_parallel_size(monkeypatch, installed, gpu, parallel, picked) -> None:
+    # On CPU vLLM's start-up outweighs its speed (bench/results/dump_teacher.md); TP or PP > 1 only vLLM offers.
+    import importlib.util
+
+    from taid_cache.engines import base
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if installed else None) if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    name, why = base.choose_engine("auto", parallel)
+    assert name == picked and why
+    assert base.choose_engine("hf", parallel) == ("hf", "") and base.choose_engine("vllm") == ("vllm", "")
+
+
+def test_the_default_dump_is_the_recommended_cache_and_the_default_loss_reads_it(teacher_dir, student_dir, data_dir, tmp_path) -> None:
+    # docs/RESULTS.md: top-16 + 32 draws won per byte. No cache option given: that cache, engine auto's choice said
+    # in one line first; train-student with no --loss trains on it; a loss it cannot serve names the dump option.
+    from taid_cache.engines.base import choose_engine
+    from taid_cache.shards.manifest import load_manifest
+
+    out = tmp_path / "cache"
+    proc = run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", str(out),
+                   "--engine", "auto", "--max-length", "256", "--no-progress")
+    engine, why = choose_engine("auto")
+    assert proc.stderr.splitlines()[0] == f"engine: {engine} (--engine auto: {why})"
+    settings = load_manifest(out).settings
+    assert (settings.top_k, settings.tail_samples, settings.engine) == (16, 32, engine)
+    student = student_dir
+    run_cli("train-student", "--student", str(student), "--cache", str(out), "--output", str(tmp_path / "run"), "--max-steps", "1",
+            "--batch-size", "2", "--max-length", "256", "--eval-cache", str(out), "--eval-every", "1", "--no-progress")
+    assert any((tmp_path / "run").glob("model*.safetensors"))
+    evaluations = [m for m in read_metrics(tmp_path / "run") if "eval_ce" in m]  # a held-out cache of the default kind
+    assert len(evaluations) == 1 and all(np.isfinite(v) for k, v in evaluations[0].items() if k.startswith("eval_"))
+    refused = run_cli("train-student", "--student", str(student), "--cache", str(out), "--output", str(tmp_path / "rkl"),
+                      "--loss", "rkl", "--max-steps", "1", "--no-progress", check=False)
+    assert refused.returncode == 2 and "--tail-samples 0" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

@@ -77,6 +77,9 @@ def test_the_evaluate_command(teacher_dir, student_dir, data_dir, tmp_path) -> N
     assert {"rouge_l", "exact_match", "teacher_nll", "ce", "kl", "top1", "answer_tokens", "answers_ended", "blank_answers"} <= set(student)
     assert 0 <= student["rouge_l"] <= 100 and student["kl"] > 0 and scores["teacher"]["teacher_nll"] < student["teacher_nll"]
     assert "ROUGE-L" in proc.stdout
+    # Piped (not a terminal, as here): the table at its natural width, each row's name and figures on one line.
+    row = next(line for line in proc.stdout.splitlines() if str(student_dir) in line)
+    assert f"{student['kl']:.3f}" in row and f"{student['rouge_l']:.3f}" in row
     for flags, words in ((["--prompts", "0"], "--prompts must be"), (["--sample-temperature", "nan"], "--sample-temperature"),
                          (["--data", str(data_dir / "text.jsonl")], "chat rows")):
         args = ["evaluate", str(student_dir), "--data", str(data_dir / "chat.jsonl"), *flags]

@@ -16,7 +16,7 @@ from taid_cache.shards.export import PAD_LOGPROB
 def sampled_cache(teacher_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "sampled"
     run_cli("dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", str(out), "--engine", "hf",
-            "--top-k", "4", "--top-p", "0.6", "--max-length", "256", "--no-progress")
+            "--top-k", "4", "--top-p", "0.6", "--tail-samples", "0", "--max-length", "256", "--no-progress")
     return out
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from conftest import SignalInFinalizer, assert_one_line, run_cli, without_chat_template, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,6 +140,28 @@ def test_a_signal_stops_generation_after_the_part_it_came_in(student_dir, prompt
     run_cli(*common(student_dir, prompts, out))
     assert {k: v for k, v in files_of(out).items() if k != "generation.json"} == \
         {k: v for k, v in files_of(greedy).items() if k != "generation.json"}
+
+
+def test_a_moved_student_and_prompts_resume_and_other_weights_are_refused(student_dir, prompts, greedy, tmp_path) -> None:
+    # What distil-on-policy needs of a run folder moved elsewhere: the student and the prompts are known by content.
+    out = tmp_path / "gen"
+    shutil.copytree(greedy, out)
+    record = json.loads((out / "generation.json").read_text())
+    (out / "generation.json").write_text(json.dumps({"settings": record["settings"], "done": False}))
+    (out / "rows-000000004.jsonl").unlink()
+    student, moved = shutil.copytree(student_dir, tmp_path / "moved" / "student"), tmp_path / "moved" / "prompts.jsonl"
+    shutil.copy(prompts, moved)
+    run_cli(*common(student, moved, out))
+    assert {k: v for k, v in files_of(out).items() if k != "generation.json"} == \
+        {k: v for k, v in files_of(greedy).items() if k != "generation.json"}
+    other = tmp_path / "other"
+    shutil.copytree(student_dir, other)
+    weights = next(other.glob("model*.safetensors"))
+    tensors = load_file(weights)
+    save_file({k: v + 1e-3 if k.endswith("norm.weight") else v for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    before = files_of(out)
+    assert_one_line(run_cli(*common(other, moved, out), check=False), "other settings", "student_hash")
+    assert files_of(out) == before
 
 
 def test_changed_settings_are_refused_before_any_write(student_dir, prompts, greedy) -> None:

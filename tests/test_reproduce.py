@@ -18,10 +18,12 @@ from taid_cache.reproduce.corpus import chat_pairs, split_of, stdlib_files
 from taid_cache.reproduce.models import LlamaSize, new_llama
 from taid_cache.reproduce.pretrain import PretrainConfig, pack_blocks, pretrain
 from taid_cache.shards.manifest import load_manifest
+from taid_cache.training.metrics import read_metrics
 
 QUICK = quick()
 QUICK_METHODS = QUICK.methods
-FILES = ["results.json", "results.md", "loss_curves.png", "heldout_kl.png", "taid_t.png", "heldout_metrics.png", "cache-mass.png"]
+FILES = ["results.json", "results.md", "loss_curves.png", "heldout_kl.png", "taid_t.png", "heldout_metrics.png", "costs.png",
+         "cache-mass.png"]
 GENERATION = ["rouge_l", "exact_match", "teacher_nll", "answer_tokens", "answers_ended", "blank_answers"]
 
 
@@ -71,6 +73,14 @@ def test_quick_reproduce_writes_every_result(quick_run) -> None:
         assert meta["settings"]["cache_identity"] == load_manifest(str(out / cache)).identity
     distilled = {m["method"]: m["mean"]["kl"] for m in results["methods"]}
     assert min(distilled["fkl"], distilled["taid"]) < distilled["sft"]  # distillation moves the student toward the teacher
+    # The report links every plot it wrote, and says when the teacher's answers are all blank.
+    assert all(f"]({name})" in table and (out / name).exists() for name in FILES if name.endswith(".png"))
+    assert ("answers every held-out prompt with a blank" in table) == (results["teacher"]["blank_answers"] >= 1)
+    # taid_t.png's floor: the linear schedule from t_start to 1, one update behind the step that trains with it.
+    taid = [m for m in read_metrics(out / "runs" / "taid" / "seed-0") if "loss" in m]
+    total, start = len(taid), QUICK.taid_t_start
+    floor = [start if k < 2 else start + (1 - start) * min(k / total, 1.0) for k in range(total)]  # k updates before step k+1
+    assert all(m["t"] >= f - 1e-12 for m, f in zip(taid, floor)) and taid[0]["t"] == start
 
 
 @pytest.mark.slow
@@ -181,6 +191,53 @@ batch_size: 4
     assert json.loads((out / "results.json").read_text())["runs"][0]["steps"] == 2
 
 
+@pytest.mark.slow
+def test_round_cached_methods_run_as_rows_and_share_their_first_round(teacher_dir, tmp_path) -> None:
+    # gkd, distillm and opd through distil-on-policy's rounds: gkd and distillm start from the same student with
+    # the same greedy generation and dump settings, so their first round is made once; opd samples (another round).
+    config = tmp_path / "rounds.yaml"
+    config.write_text(f"""name: rounds
+teacher: {teacher_dir}
+student_size: {{hidden: 64, layers: 1, heads: 1, intermediate: 96, tie_embeddings: true}}
+train_pairs: 12
+heldout_pairs: 4
+max_length: 128
+max_prompt: 96
+max_response: 24
+engine: hf
+top_k: 8
+methods: [fkl, gkd, distillm, opd]
+seeds: [0]
+max_steps: 4
+rounds: 2
+round_prompts: 5
+batch_size: 2
+generation_prompts: 2
+max_new_tokens: 4
+""")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert list(results) == ["fkl", "gkd", "distillm", "opd"] and all(r["steps"] == 4 for r in results.values())
+    used = {m: json.loads((out / "runs" / m / "seed-0" / "round-caches.json").read_text()) for m in ("gkd", "distillm", "opd")}
+    assert used["gkd"][0] == used["distillm"][0] and used["gkd"][1] != used["distillm"][1]
+    assert not set(used["opd"]) & set(used["gkd"] + used["distillm"])
+    assert len(list((out / "rounds").iterdir())) == 5
+    prompts = (out / "data" / "round-prompts.jsonl").read_text().splitlines()
+    assert prompts == (out / "data" / "chat-train.jsonl").read_text().splitlines()[:5]
+    for cache in used["opd"]:  # every round answers the round prompts
+        assert load_manifest(cache).records == 5
+    # The teacher's tokens: the train cache's for a cached run; gkd mixes it with its rounds; opd trains on its own.
+    train_tokens = load_manifest(out / "cache-train").tokens
+    assert results["fkl"]["teacher_tokens"] == train_tokens
+    assert results["gkd"]["teacher_tokens"] == train_tokens + sum(load_manifest(c).tokens for c in used["gkd"])
+    assert results["opd"]["teacher_tokens"] == sum(load_manifest(c).tokens for c in used["opd"])
+    assert results["fkl"]["rounds_s"] == 0 and all(results[m]["rounds_s"] > 0 for m in used)
+    assert "| opd | 1 |" in (out / "results.md").read_text()
+
+
 def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
     # The teacher depends on settings only, not on how fast the machine is.
     blocks = pack_blocks([[(7 * i) % 97 for i in range(600)], [(3 * i) % 89 for i in range(300)]], 32)
@@ -193,7 +250,8 @@ def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
 @pytest.mark.parametrize("text,named", [("teacher: x\nstudnet: y\n", "studnet"), ("pretrain_steps: 0\n", "pretrain_steps"),
                                         ("teacher: x\nstudent_size: {hiden: 64}\n", "hiden"), ("student: y\n", "needs a teacher"),
                                         ("teacher: package:no_such_package_here/m.gguf\n", "no installed package"),
-                                        ("cache: top_k\n", "cache must be one of")])
+                                        ("cache: top_k\n", "cache must be one of"),
+                                        ("methods: [gkd]\nmax_steps: 3\n", "need max_steps of at least rounds")])
 def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(text)

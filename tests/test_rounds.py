@@ -109,6 +109,32 @@ def test_a_crash_in_a_generation_or_in_training_resumes_to_the_same_student(fini
     assert [m["step"] for m in read_metrics(tmp / "gkd" / "train") if "loss" in m] == list(range(1, STEPS + 1))
 
 
+def test_a_run_moved_elsewhere_part_way_resumes_to_the_same_student(finished, student_dir, teacher_dir, caches, prompts,
+                                                                    tmp_path, monkeypatch) -> None:
+    # Killed in round 2's generation, the run folder and its rounds moved: round 2's student is known by its
+    # weights, not its old path, so the rerun continues there and ends where the uninterrupted run did.
+    from taid_cache.pipelines import generate
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    real, calls = generate.HfAnswerer.answers, []
+
+    def crash_in_round_two_generation(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(generate.HfAnswerer, "answers", crash_in_round_two_generation)
+    with pytest.raises(RuntimeError, match="killed"):
+        rounds(config(here, student_dir, teacher_dir, caches, prompts, here / "gkd"))
+    monkeypatch.setattr(generate.HfAnswerer, "answers", real)
+    here.rename(there)
+    rounds(config(there, student_dir, teacher_dir, caches, prompts, there / "gkd"))
+    expected, got = weights(finished[1]), weights(there / "gkd")
+    assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
+
+
 def test_a_run_from_the_same_student_reuses_its_first_round(finished, student_dir, teacher_dir, caches, prompts) -> None:
     tmp, _ = finished
     before = {f.name: (f / "cache" / "manifest.json").stat().st_mtime_ns for f in (tmp / "rounds").iterdir()}

@@ -242,7 +242,8 @@ def test_sampled_cache_trains_fkl_and_taid_and_refuses_the_rest(teacher_dir, stu
 @pytest.mark.parametrize("extra, words", [
     (["--tail-samples", "-1"], "--tail-samples must be in"),
     (["--tail-samples", "8", "--top-p", "0.9"], "cannot be combined with --top-p"),
-    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "0", "--tail-samples", "0"], "--top-k must be at least 1"),
+    (["--top-p", "0.9"], "add --tail-samples 0"),  # the default's draws: the message says how to get a top-p cache
 ])
 def test_bad_sampling_options(teacher_dir, data_dir, tmp_path, extra: list[str], words: str) -> None:
     args = ["dump-teacher", "--model", str(teacher_dir), "--data", str(data_dir / "chat.jsonl"), "--output", str(tmp_path / "o"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,8 +27,8 @@ from ..config import (
     DumpConfig, GenerateConfig, TrainConfig, check_fields, checked_options, listed, option, options_of, read_yaml,
     stderr_console, to_json,
 )
-from ..engines.base import Engine, open_engine, resolve_engine
-from ..atomic import write_json
+from ..engines.base import Engine, open_engine
+from ..atomic import read_json, write_json
 from ..errors import UserError
 from ..fingerprints import model_hash, resolve_model
 from ..pipelines import dump_teacher as dump_stage, generate as generate_stage, train_student as train_stage
@@ -39,6 +40,8 @@ from ..training.run_folder import is_finished
 
 METHODS = ("gkd", "distillm", "opd")
 RECORD = "rounds.json"  # in OUTPUT: the run's settings, which a rerun must share
+USED = "round-caches.json"  # in OUTPUT: each round's cache, in order
+COST = "cost.json"  # in a round's folder: the seconds its generation and dump took (the calls that finished them)
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,9 @@ class Rounds:
             settings = self.off_policy.settings
             for name in MIXED_DUMP_SETTINGS:
                 options.setdefault(name, getattr(settings, name))
-        if self.train_options()["loss"] == "opd":
+        if self.train_options()["loss"] == "opd":  # it reads the realized token's log-prob only: no draws to pay for
             options.setdefault("target_logprobs", True)
+            options.setdefault("tail_samples", 0)
         options.setdefault("progress", self.progress)
         return options
 
@@ -261,6 +265,7 @@ class Rounds:
         finally:
             if self.engine is not None:
                 self.engine.close()
+        write_json(self.output / USED, caches)
         self.cfg.console.print(f"distil-on-policy: {self.cfg.rounds} rounds of {self.cfg.method}; student saved to "
                                f"{self.output / 'train'}")
         return {"rounds": self.cfg.rounds, "caches": caches, "student": str(self.output / "train"), "last": last}
@@ -280,10 +285,14 @@ class Rounds:
         student_hash = model_hash(resolve_model(student))
         folder = self.folder / round_key(student_hash, self.generate_config(student, Path()), self.dump_config(Path()))
         self.cfg.console.print(f"round {r + 1} of {self.cfg.rounds}: {student} answers the prompts ({folder})")
-        generate_stage.generate(self.generate_config(student, folder / "generation"))
+        started = time.monotonic()
+        if not generate_stage.generate(self.generate_config(student, folder / "generation"))["nothing_to_do"]:
+            add_cost(folder, "generate_s", time.monotonic() - started)
         dump = self.dump_config(folder)
         if not (folder / "cache" / "manifest.json").is_file():
+            started = time.monotonic()
             dump_stage.dump_teacher(dump, self.open_engine(dump))
+            add_cost(folder, "dump_s", time.monotonic() - started)
         lineage = load_manifest(dump.output).settings.lineage
         if lineage.kind != "student" or lineage.fingerprint != student_hash:
             raise UserError(f"the round cache {dump.output} holds the answers of {lineage.kind} {lineage.name} "
@@ -295,7 +304,7 @@ class Rounds:
         if self.engine is None:
             folder = resolve_model(dump.model)
             facts = dump_stage.teacher_facts(folder)
-            self.engine = open_engine(resolve_engine(dump.engine), dump_stage.engine_config(dump, folder, facts, dump.max_length or facts.context or 2048))
+            self.engine = open_engine(dump_stage.dump_engine(dump)[0], dump_stage.engine_config(dump, folder, facts, dump.max_length or facts.context or 2048))
         return self.engine
 
     def student_after(self, r: int) -> str:
@@ -305,6 +314,23 @@ class Rounds:
         if not out.is_dir():
             checkpoint_to_hf(self.output / "train" / "checkpoints" / f"step-{self.cfg.round_end(r):08d}", out)
         return str(out)
+
+
+def add_cost(folder: Path, stage: str, seconds: float) -> None:
+    """Add a stage's seconds to the round folder's COST (what each run that reuses the round did not pay again)."""
+    path = folder / COST
+    cost = read_json(path) if path.is_file() else {}
+    write_json(path, {**cost, stage: cost.get(stage, 0.0) + seconds})
+
+
+def round_costs(output: Path) -> list[dict[str, Any]]:
+    """A finished run's rounds: each round's cache, its teacher tokens and the seconds its stages took."""
+    rounds = []
+    for cache in read_json(output / USED):
+        cost_file = Path(cache).parent / COST
+        rounds.append({"cache": cache, "teacher_tokens": load_manifest(cache).tokens,
+                       **(read_json(cost_file) if cost_file.is_file() else {})})
+    return rounds
 
 
 def distil_on_policy(cfg: RoundsConfig, progress: bool = True) -> dict[str, Any]:

@@ -44,7 +44,8 @@ def check_options(cfg: DumpConfig) -> None:
     if cfg.top_k < (0 if cfg.tail_samples else 1):  # a sampled tail may stand alone
         raise UserError(f"--top-k must be at least {0 if cfg.tail_samples else 1}, not {cfg.top_k}")
     if cfg.tail_samples and cfg.top_p is not None:
-        raise UserError("--tail-samples draws off the whole top-k: it cannot be combined with --top-p")
+        raise UserError(f"--tail-samples {cfg.tail_samples} draws off the whole top-k: it cannot be combined with --top-p "
+                        "(the default dump draws 32: add --tail-samples 0 for a top-p cache)")
     if cfg.worker_index >= cfg.num_workers:
         raise UserError(f"--worker-index must be in [0, --num-workers); got {cfg.worker_index} of {cfg.num_workers}")
     parse_engine_args(cfg.vllm_args, "--vllm-args")
@@ -142,6 +143,11 @@ def run_engine(cfg: DumpConfig, cache: Store, part: WorkerPart, engine: Engine, 
                      BackgroundWriter(writer, on_written), part.cursor)
 
 
+def dump_engine(cfg: DumpConfig) -> tuple[str, str]:
+    """The engine this dump runs, and why when `--engine auto` chose it."""
+    return resolve_engine(cfg.engine, cfg.tensor_parallel_size > 1 or cfg.pipeline_parallel_size > 1)
+
+
 def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     """Run (or resume) this worker's share of the dump. Returns a summary of what the cache holds.
 
@@ -149,7 +155,9 @@ def dump_teacher(cfg: DumpConfig, engine: Engine | None = None) -> dict:
     several caches (top-k and sampled, train and held-out) for one start-up; the caller closes it. Without it,
     the engine is opened here and closed at the end."""
     check_options(cfg)
-    engine_name = resolve_engine(cfg.engine)
+    engine_name, why = dump_engine(cfg)
+    if engine is None and why:
+        cfg.console.print(f"engine: {engine_name} (--engine auto: {why})")
     cache = open_store(cfg.output)
     folder = resolve_model(cfg.model)
     teacher = teacher_facts(folder)

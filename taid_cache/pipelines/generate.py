@@ -12,7 +12,6 @@ end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, ClassVar, Protocol
 
 from ..config import GenerateConfig, check_fields
-from ..engines.base import parse_engine_args
+from ..engines.base import choose_engine, parse_engine_args
 from ..errors import Interrupted, UserError, first_line, interrupts_at_safe_points, write_errors
 from ..fingerprints import model_hash, resolve_model, tokenizer_hash
 from ..inputs import check_rows, dataset_fingerprint, detect_kind, load_rows, resolve_data, source_tag
@@ -38,24 +37,10 @@ VLLM_OWN_ARGS = frozenset({"model", "dtype", "max_model_len", "seed", "enable_pr
                            "pipeline_parallel_size"})
 
 
-def pick_engine(name: str) -> tuple[str, str]:
-    """The engine `--engine name` runs, and why when it was `auto`'s choice ('' otherwise)."""
-    if name != "auto":
-        return name, ""
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        return "hf", "vLLM is not installed"
-    if not torch.cuda.is_available():
-        return "hf", ("no GPU here, and on CPU vLLM's start-up of about a minute outweighs generating a few hundred short "
-                      "answers; --engine vllm runs it anyway")
-    return "vllm", "vLLM imports and a GPU is present"
-
-
 def check_options(cfg: GenerateConfig) -> tuple[str, dict[str, Any], str]:
     """The declared ranges, then the engine this command runs, its --vllm-args, and why auto picked it."""
     check_fields(cfg)
-    engine, why = pick_engine(cfg.engine)
+    engine, why = choose_engine(cfg.engine)
     engine_args = parse_engine_args(cfg.vllm_args, "--vllm-args")
     if engine == "vllm":
         from ..engines.vllm_engine import check_engine_args, check_installed
@@ -231,8 +216,11 @@ def check_folder(store: Store, settings: dict[str, Any]) -> dict[str, Any] | Non
         if others:
             raise UserError(f"--output {store.url} holds other files ({others[0]}, ...) and no {SETTINGS_FILE}: use a new folder")
         return None
-    # A folder of the release before --vllm-args ran without engine arguments.
-    diff = describe_differences({"engine_args": {}, **record["settings"]}, settings, "there", "now")
+    # A folder of the release before --vllm-args ran without engine arguments. The student and the prompts are
+    # compared by what they hold (student_hash, data_fingerprint), not where: a moved run folder resumes.
+    where = ("student", "data")
+    diff = describe_differences({"engine_args": {}, **{k: v for k, v in record["settings"].items() if k not in where}},
+                                {k: v for k, v in settings.items() if k not in where}, "there", "now")
     if diff:
         raise UserError(f"--output {store.url} was generated with other settings ({diff}): rerun with those, or use "
                         "another --output")

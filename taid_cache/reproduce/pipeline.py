@@ -22,12 +22,13 @@ from ..atomic import atomic_path, read_json, remove_temporaries, write_json, wri
 from ..errors import UserError
 from ..fingerprints import resolve_model
 from ..gguf import convert_gguf, is_gguf_source, locate
-from ..config import DumpConfig, TrainConfig, to_json
-from ..engines.base import open_engine, resolve_engine
-from ..pipelines.dump_teacher import dump_teacher, engine_config, teacher_facts
+from ..config import DumpConfig, GenerateConfig, TrainConfig, check_fields, to_json
+from ..engines.base import open_engine
+from ..pipelines.dump_teacher import dump_engine, dump_teacher, engine_config, teacher_facts
 from ..pipelines.train_student import train_student
+from ..onpolicy.rounds import RECIPES, RoundsConfig, distil_on_policy, round_costs
 from ..shards.inspect import cache_stats, plot_captured_mass
-from .config import METHODS, ReproduceConfig, check_settings, method_cache, runs_of
+from .config import METHODS, ReproduceConfig, check_settings, is_rounds, method_cache, runs_of
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -130,7 +131,7 @@ def dump_caches(cfg: ReproduceConfig, teacher: Path, caches: dict[str, tuple[Pat
     missing = [d for d in dumps.values() if not (Path(d.output) / "manifest.json").exists()]
     if missing:
         folder = resolve_model(str(teacher))
-        engine = open_engine(resolve_engine(cfg.engine), engine_config(missing[0], folder, teacher_facts(folder), cfg.max_length))
+        engine = open_engine(dump_engine(missing[0])[0], engine_config(missing[0], folder, teacher_facts(folder), cfg.max_length))
         try:
             for dump in missing:
                 dump_teacher(dump, engine)
@@ -164,19 +165,72 @@ def student_init(cfg: ReproduceConfig, out: Path, teacher: Path, seed: int) -> P
     return folder
 
 
+def shared_train_options(cfg: ReproduceConfig, seed: int, heldout: Path) -> dict[str, Any]:
+    """train-student's options every method of the reproduction shares (round-cached ones included)."""
+    every = max(1, (cfg.max_steps or 1000) // 4)
+    return dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                taid_t_start=cfg.taid_t_start, seed=seed, max_length=cfg.max_length, save_every=every,
+                eval_cache=str(heldout), eval_every=every)
+
+
 def method_config(cfg: ReproduceConfig, method: str, seed: int, run: Path, student: Path, teacher: Path, cache: Path, heldout: Path,
                   console: Console, resume: bool = False) -> TrainConfig:
     """train-student's options for one method of the reproduction."""
     options = dict(METHODS[method])
     online = options.pop("online", False)
     options.pop("cache", None)  # which cache: the caller's choice
+    options.pop("rounds", None)  # a round-cached method's loss and parameters, as its rounds train (rounds_config)
     if "on_policy" in options:  # the student's answers as long as the data's (the length filter's response)
         options.setdefault("max_new_tokens", cfg.max_response)
     return TrainConfig(student=str(student), cache=str(cache), output=str(run), max_steps=cfg.max_steps, epochs=cfg.epochs,
-                       batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       taid_t_start=cfg.taid_t_start, seed=seed, max_length=cfg.max_length,
-                       teacher_model=str(teacher) if online else None, save_every=max(1, (cfg.max_steps or 1000) // 4),
-                       eval_cache=str(heldout), eval_every=max(1, (cfg.max_steps or 1000) // 4), resume=resume, console=console, **options)
+                       teacher_model=str(teacher) if online else None, resume=resume, console=console,
+                       **shared_train_options(cfg, seed, heldout), **options)
+
+
+def rounds_config(cfg: ReproduceConfig, method: str, seed: int, run: Path, student: Path, teacher: Path, cache: Path,
+                  heldout: Path, prompts: Path, console: Console) -> RoundsConfig:
+    """distil-on-policy's settings for a round-cached method: the reproduction's training options and dumps, answers
+    as long as the data's responses, and round folders shared by every run (OUT/rounds: a round of the same student
+    and settings is generated and dumped once)."""
+    return RoundsConfig(
+        method=method, student=str(student), teacher=str(teacher), prompts=[str(prompts)], output=str(run),
+        max_steps=cfg.max_steps, rounds=cfg.rounds, cache=None if RECIPES[method].share == 1 else str(cache),
+        rounds_folder=str(run.parents[2] / "rounds"), console=console,
+        generate={"engine": cfg.engine, "max_new_tokens": cfg.max_response, "seed": seed, "max_length": cfg.max_length},
+        dump={"engine": cfg.engine, "max_length": cfg.max_length, "seed": cfg.seed, "tensor_parallel_size": cfg.tensor_parallel_size},
+        train=shared_train_options(cfg, seed, heldout))
+
+
+def train_rounds(cfg: ReproduceConfig, method: str, seed: int, out: Path, student: Path, teacher: Path, cache: Path, heldout: Path,
+                 prompts: Path, console: Console) -> Path:
+    """One round-cached student (distil-on-policy, which resumes itself); a finished one is reused."""
+    run = out / "runs" / run_name(method, seed)
+    if not any((run / "train").glob("model*.safetensors")):
+        distil_on_policy(rounds_config(cfg, method, seed, run, student, teacher, cache, heldout, prompts, console))
+    return run / "train"
+
+
+def teacher_costs(cfg: ReproduceConfig, runs: dict[str, Path], caches: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """What the teacher did for each run: the tokens it scored (online: every trained token; cached: the train
+    cache's, paid once for every run that reads it; round-cached: that, where the recipe mixes it, and its rounds'
+    caches) and the seconds the rounds' generations and dumps took."""
+    from ..shards.manifest import load_manifest
+    from ..training.metrics import read_metrics
+
+    costs = {}
+    for name, run in runs.items():
+        method = name.rsplit("/seed-", 1)[0]
+        options = METHODS[method]
+        off_policy = load_manifest(caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]).tokens
+        if options.get("online"):
+            costs[name] = {"teacher_tokens": [m for m in read_metrics(run) if "loss" in m][-1]["tokens"], "rounds_s": 0.0}
+        elif is_rounds(method):
+            rounds = round_costs(run.parent)
+            costs[name] = {"teacher_tokens": sum(r["teacher_tokens"] for r in rounds) + (off_policy if RECIPES[method].share < 1 else 0),
+                           "rounds_s": sum(r.get("generate_s", 0.0) + r.get("dump_s", 0.0) for r in rounds)}
+        else:
+            costs[name] = {"teacher_tokens": off_policy, "rounds_s": 0.0}
+    return costs
 
 
 def dump_config(cfg: ReproduceConfig, teacher: Path, data: Path, output: Path, top_k: int, tail_samples: int,
@@ -190,7 +244,7 @@ def check_reproduction(cfg: ReproduceConfig, out: Path, console: Console) -> Non
     """Everything a later stage would refuse, before the first write: the settings, every stage's options (as
     dump-teacher and train-student check them), the local data files and the models."""
     from ..inputs import resolve_data
-    from ..pipelines import dump_teacher as dump_stage, train_student as train_stage
+    from ..pipelines import dump_teacher as dump_stage, generate as generate_stage, train_student as train_stage
 
     check_settings(cfg, "the reproduction")
     placeholder = out / "check"
@@ -200,6 +254,12 @@ def check_reproduction(cfg: ReproduceConfig, out: Path, console: Console) -> Non
             dump_stage.check_options(dump_config(cfg, placeholder, placeholder, placeholder, top_k, draws, console))
         for method in cfg.methods:
             train_stage.check_options(method_config(cfg, method, cfg.seeds[0], placeholder, placeholder, placeholder, placeholder, placeholder, console))
+        for method in filter(is_rounds, cfg.methods):
+            rounds = rounds_config(cfg, method, cfg.seeds[0], out / "runs" / run_name(method, cfg.seeds[0]), placeholder, placeholder,
+                                   placeholder, placeholder, placeholder, console)
+            check_fields(rounds)
+            generate_stage.check_options(GenerateConfig(student=str(placeholder), data=[str(placeholder)], output=str(placeholder),
+                                                        console=console, **rounds.generate))
     except UserError as exc:
         raise UserError(f"the reproduction's settings, as its stages would take them: {exc}") from None
     for data in (cfg.train_data, cfg.heldout_data):
@@ -311,12 +371,19 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
     plan = runs_of(cfg)
     stage(5, f"train-student: {len(cfg.methods)} methods, {len(plan)} runs")
     runs = {}
+    prompts = out / "data" / "round-prompts.jsonl"
+    if any(is_rounds(m) for m in cfg.methods) and not prompts.exists():
+        write_text(prompts, "".join(train_file.read_text().splitlines(keepends=True)[:cfg.round_prompts]))
     for i, (method, seed) in enumerate(plan, 1):
         console.print(f"[bold]run {i}/{len(plan)}: {method}, seed {seed}")
         cache = caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]
-        runs[run_name(method, seed)] = train_method(cfg, method, seed, out, students[seed], teacher, cache, caches["heldout"], console)
+        if is_rounds(method):
+            runs[run_name(method, seed)] = train_rounds(cfg, method, seed, out, students[seed], teacher, cache, caches["heldout"],
+                                                        prompts, console)
+        else:
+            runs[run_name(method, seed)] = train_method(cfg, method, seed, out, students[seed], teacher, cache, caches["heldout"], console)
     stage(6, "evaluation against the real teacher and by generation")
     evaluation = evaluate_runs(cfg, out, runs, teacher, heldout_file, caches["heldout"], console)
     stage(7, "report")
     sampled = cache_stats(caches["sampled"])[0] if "sampled" in caches else None
-    return write_report(cfg, out, runs, evaluation, stats, sampled, console)
+    return write_report(cfg, out, runs, evaluation, stats, sampled, teacher_costs(cfg, runs, caches), console)

@@ -16,7 +16,8 @@ def check_serves(settings: CacheSettings, loss: str, tail: str) -> None:
     """Refuse a loss or a tail mode a cache cannot serve, in one line (before anything is loaded)."""
     if settings.sampled and loss not in SAMPLED_LOSSES:
         raise UserError(f"--loss {loss}: a cache with a sampled tail (--tail-samples) serves {', '.join(SAMPLED_LOSSES)}; "
-                        "the other losses need the teacher's log-probs at tokens it never drew")
+                        f"{loss} needs the teacher's log-probs at tokens it never drew: a top-k cache serves it (dump-teacher "
+                        "--tail-samples 0, with --top-k 64 say)")
     if settings.sampled and tail != "student":
         raise UserError(f"--tail {tail}: a cache with a sampled tail (--tail-samples) has its tail in its draws; "
                         "--tail shapes the tail of a top-k cache only")
