@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
@@ -25,6 +26,24 @@ QUICK_METHODS = QUICK.methods
 FILES = ["results.json", "results.md", "loss_curves.png", "heldout_kl.png", "taid_t.png", "heldout_metrics.png", "costs.png",
          "cache-mass.png"]
 GENERATION = ["rouge_l", "exact_match", "teacher_nll", "answer_tokens", "answers_ended", "blank_answers"]
+
+
+def reproduce_config(config: dict, tmp_path: Path, timeout: int) -> Path:
+    """`python -m taid_cache.reproduce --config` on `config` (written as YAML); its OUT, the run having succeeded."""
+    path, out = tmp_path / f"{config['name']}.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(path), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def random_student(teacher_dir: Path, **over) -> dict:
+    """A config of a given teacher, a random student of student_size with its tokenizer, and the standard-library
+    chat pairs cut to train_pairs / heldout_pairs (what configs/smollm2-135m.yaml does with the real teacher)."""
+    return {"teacher": str(teacher_dir), "student_size": {"hidden": 64, "layers": 1, "heads": 1, "intermediate": 96, "tie_embeddings": True},
+            "train_pairs": 12, "heldout_pairs": 4, "max_length": 128, "max_prompt": 96, "max_response": 64, "engine": "hf",
+            "top_k": 8, "seeds": [0], **over}
 
 
 @pytest.fixture(scope="module")
@@ -122,26 +141,10 @@ def test_config_with_tiny_local_models(teacher_dir, data_dir, tmp_path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     new_llama(LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), len(tokenizer), tokenizer, seed=3, out=tmp_path / "student")
     chat = str(data_dir / "chat.jsonl")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(f"""name: tiny
-teacher: {teacher_dir}
-student: {tmp_path / "student"}
-train_data: [{chat}]
-heldout_data: [{chat}]
-heldout_rows: 5
-max_length: 256
-max_prompt: 200
-max_response: 200
-engine: hf
-top_k: 8
-methods: [sft, taid, taid-tail-renorm]
-seeds: [0]
-max_steps: 3
-batch_size: 4
-""")
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    reproduce_config({"name": "tiny", "teacher": str(teacher_dir), "student": str(tmp_path / "student"), "train_data": [chat],
+                      "heldout_data": [chat], "heldout_rows": 5, "max_length": 256, "max_prompt": 200, "max_response": 200,
+                      "engine": "hf", "top_k": 8, "methods": ["sft", "taid", "taid-tail-renorm"], "seeds": [0], "max_steps": 3,
+                      "batch_size": 4}, tmp_path, timeout=600)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["method"] for r in results["runs"]] == ["sft", "taid", "taid-tail-renorm"]
     heldout = (tmp_path / "out" / "data" / "chat-heldout.jsonl").read_text().splitlines()
@@ -155,28 +158,8 @@ batch_size: 4
 
 @pytest.mark.slow
 def test_config_with_a_random_student_and_the_builtin_chat_pairs(teacher_dir, tmp_path) -> None:
-    # What configs/smollm2-135m.yaml does with the real teacher: a given teacher, a random student of
-    # student_size with its tokenizer, and the standard-library chat pairs cut to train_pairs / heldout_pairs.
-    config = tmp_path / "random-student.yaml"
-    config.write_text(f"""name: random-student
-teacher: {teacher_dir}
-student_size: {{hidden: 64, layers: 1, heads: 1, intermediate: 96, tie_embeddings: true}}
-train_pairs: 12
-heldout_pairs: 4
-max_length: 128
-max_prompt: 96
-max_response: 64
-engine: hf
-top_k: 8
-methods: [fkl]
-seeds: [0]
-max_steps: 2
-batch_size: 4
-""")
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "out"
+    out = reproduce_config(random_student(teacher_dir, name="random-student", methods=["fkl"], max_steps=2, batch_size=4),
+                           tmp_path, timeout=900)
     student = AutoModelForCausalLM.from_pretrained(out / "student-init-seed0")
     teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     assert (student.config.hidden_size, student.config.num_hidden_layers, student.config.vocab_size) == (64, 1, len(teacher_tokenizer))
@@ -195,30 +178,9 @@ batch_size: 4
 def test_round_cached_methods_run_as_rows_and_share_their_first_round(teacher_dir, tmp_path) -> None:
     # gkd, distillm and opd through distil-on-policy's rounds: gkd and distillm start from the same student with
     # the same greedy generation and dump settings, so their first round is made once; opd samples (another round).
-    config = tmp_path / "rounds.yaml"
-    config.write_text(f"""name: rounds
-teacher: {teacher_dir}
-student_size: {{hidden: 64, layers: 1, heads: 1, intermediate: 96, tie_embeddings: true}}
-train_pairs: 12
-heldout_pairs: 4
-max_length: 128
-max_prompt: 96
-max_response: 24
-engine: hf
-top_k: 8
-methods: [fkl, gkd, distillm, opd]
-seeds: [0]
-max_steps: 4
-rounds: 2
-round_prompts: 5
-batch_size: 2
-generation_prompts: 2
-max_new_tokens: 4
-""")
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = reproduce_config(random_student(teacher_dir, name="rounds", max_response=24, methods=["fkl", "gkd", "distillm", "opd"],
+                                          max_steps=4, rounds=2, round_prompts=5, batch_size=2, generation_prompts=2,
+                                          max_new_tokens=4), tmp_path, timeout=900)
     results = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert list(results) == ["fkl", "gkd", "distillm", "opd"] and all(r["steps"] == 4 for r in results.values())
     used = {m: json.loads((out / "runs" / m / "seed-0" / "round-caches.json").read_text()) for m in ("gkd", "distillm", "opd")}

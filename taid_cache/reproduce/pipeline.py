@@ -210,6 +210,11 @@ def train_rounds(cfg: ReproduceConfig, method: str, seed: int, out: Path, studen
     return run / "train"
 
 
+def train_cache(cfg: ReproduceConfig, method: str, caches: dict[str, Path]) -> Path:
+    """The train cache a method reads, of the reproduction's caches."""
+    return caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]
+
+
 def teacher_costs(cfg: ReproduceConfig, runs: dict[str, Path], caches: dict[str, Path]) -> dict[str, dict[str, float]]:
     """What the teacher did for each run: the tokens it scored (online: every trained token; cached: the train
     cache's, paid once for every run that reads it; round-cached: that, where the recipe mixes it, and its rounds'
@@ -217,11 +222,12 @@ def teacher_costs(cfg: ReproduceConfig, runs: dict[str, Path], caches: dict[str,
     from ..shards.manifest import load_manifest
     from ..training.metrics import read_metrics
 
+    tokens = {cache: load_manifest(cache).tokens for cache in caches.values()}
     costs = {}
     for name, run in runs.items():
         method = name.rsplit("/seed-", 1)[0]
         options = METHODS[method]
-        off_policy = load_manifest(caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]).tokens
+        off_policy = tokens[train_cache(cfg, method, caches)]
         if options.get("online"):
             costs[name] = {"teacher_tokens": [m for m in read_metrics(run) if "loss" in m][-1]["tokens"], "rounds_s": 0.0}
         elif is_rounds(method):
@@ -376,7 +382,7 @@ def run_reproduce(cfg: ReproduceConfig, out: Path, console: Console | None = Non
         write_text(prompts, "".join(train_file.read_text().splitlines(keepends=True)[:cfg.round_prompts]))
     for i, (method, seed) in enumerate(plan, 1):
         console.print(f"[bold]run {i}/{len(plan)}: {method}, seed {seed}")
-        cache = caches["sampled" if method_cache(cfg, method) == "sampled" else "train"]
+        cache = train_cache(cfg, method, caches)
         if is_rounds(method):
             runs[run_name(method, seed)] = train_rounds(cfg, method, seed, out, students[seed], teacher, cache, caches["heldout"],
                                                         prompts, console)

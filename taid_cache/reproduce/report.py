@@ -242,8 +242,8 @@ def write_report(cfg: ReproduceConfig, out: Path, runs: dict[str, Path], evaluat
                "teacher scored for a run (online: every trained token; cached: its train cache's, paid once for every run "
                "that reads it; round-cached: its rounds' caches, and the train cache where the recipe mixes it in); "
                "rounds s: a round-cached run's generations and dumps"
-             + (f" ({cfg.rounds} rounds, each answering {cfg.round_prompts} train prompts; a round another run already "
-                "made is not paid again)." if any(is_rounds(m) for m in cfg.methods) else "."), "",
+             + (f" ({cfg.rounds} rounds, each answering {cfg.round_prompts} train prompts; a round two runs share, "
+                "made once, counts in each)." if any(is_rounds(m) for m in cfg.methods) else "."), "",
              "| method | seeds | " + " | ".join(m.label + (" ↑" if m.higher_is_better else " ↓") for m in METRICS) + " | " + " | ".join(COSTS.values()) + " |",
              "|---" * (len(METRICS) + 2 + len(COSTS)) + "|"]
     lines += [f"| {m['method']} | {len(m['seeds'])} | " + " | ".join(cell(m, metric) for metric in METRICS)
