@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Before torch loads its OpenMP (it reads this then), for this process and every one the suite starts: an idle
@@ -155,6 +156,49 @@ def run_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"taid-cache {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+class CommandServer:
+    """`python -m MODULE ARGS` for many quick cases, run one after another by one process (tests/command_server.py)
+    so that the interpreter and its imports start once. `preexec_fn` applies to that process (a memory limit). A
+    server that dies is started again for the next case; the case it died in fails."""
+
+    def __init__(self, preexec_fn=None) -> None:
+        self.preexec_fn, self.proc = preexec_fn, None
+
+    def start(self) -> None:
+        read, write = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "command_server.py"), str(write)], stdin=subprocess.PIPE,
+                                     text=True, pass_fds=(write,), preexec_fn=self.preexec_fn, cwd=tempfile.gettempdir(),
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        os.close(write)
+        self.replies = os.fdopen(read)
+
+    def run(self, module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self.proc.stdin.write(json.dumps({"module": module, "args": list(args), "cwd": str(cwd)}) + "\n")
+        self.proc.stdin.flush()
+        line = self.replies.readline()
+        if not line:
+            code = self.proc.wait()
+            self.proc = None
+            raise AssertionError(f"the command server died (exit status {code}) running python -m {module} {' '.join(args)}")
+        reply = json.loads(line)
+        return subprocess.CompletedProcess([module, *args], reply["code"], reply["stdout"], reply["stderr"])
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def commands():
+    """One command server for the suite's quick refusal cases that want a process's view (stderr whole, exit status)."""
+    server = CommandServer()
+    yield server
+    server.close()
 
 
 # Two forwards of one model that batch differently (packed vs alone, two engines) round differently: log-probs

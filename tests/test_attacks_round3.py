@@ -164,13 +164,12 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_a_bad_reproduce_config_writes_nothing_before_it_is_refused(teacher_dir, tmp_path, case: str) -> None:
+def test_a_bad_reproduce_config_writes_nothing_before_it_is_refused(teacher_dir, commands, tmp_path, case: str) -> None:
     text, named = BAD_CONFIGS[case]
     config = tmp_path / "bad.yaml"
     config.write_text(text.format(teacher=teacher_dir, tmp=tmp_path))
     out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = commands.run("taid_cache.reproduce", "--config", str(config), "--out", str(out), cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and named in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not out.exists() or not any(out.rglob("*.json*"))  # no settings.json, no data: the corrected config runs

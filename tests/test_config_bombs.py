@@ -2,17 +2,19 @@
 digit limit, bytes that are not UTF-8, nesting deeper than the stack. Each is one short line on stderr naming the
 file, exit 2, nothing written, for train-student, dump-teacher and the reproduction alike.
 
-Every case runs the real command in a subprocess (as a user would), under an address-space limit: a loader that
-expanded a bomb fails here by a MemoryError instead of taking the machine's memory."""
+Every case runs the real command as `python -m` runs it, in a process of the module's command server (one start
+for every case), under an address-space limit: a loader that expanded a bomb fails here by a MemoryError instead
+of taking the machine's memory."""
 
 from __future__ import annotations
 
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import CommandServer
 
 COMMANDS = ("train-student", "dump-teacher", "reproduce")
 # A known key of each command that takes a list (where a bomb is most at home) and one that takes an integer.
@@ -34,20 +36,26 @@ def limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
 
+SERVER = CommandServer(preexec_fn=limit_memory)  # started at its first case
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_server():
+    yield
+    SERVER.close()
+
+
 def run(command: str, config: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     if command == "reproduce":
-        args = ["-m", "taid_cache.reproduce", "--config", str(config), "--out", str(out)]
+        module, args = "taid_cache.reproduce", ["--config", str(config), "--out", str(out)]
     elif command == "train-student":
-        args = ["-m", "taid_cache.cli", "train-student", "--config", str(config), "--student", str(tmp_path / "student"),
-                "--cache", str(tmp_path / "cache"), "--output", str(out)]
+        module, args = "taid_cache.cli", ["train-student", "--config", str(config), "--student", str(tmp_path / "student"),
+                                          "--cache", str(tmp_path / "cache"), "--output", str(out)]
     else:
-        args = ["-m", "taid_cache.cli", "dump-teacher", "--config", str(config), "--model", str(tmp_path / "model"),
-                "--data", str(tmp_path / "data.jsonl"), "--output", str(out)]
-    # cwd: the temporary folder, so that `-m` imports the installed (or PYTHONPATH's) package, not a checkout's.
-    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_memory)
-    return proc, out
+        module, args = "taid_cache.cli", ["dump-teacher", "--config", str(config), "--model", str(tmp_path / "model"),
+                                          "--data", str(tmp_path / "data.jsonl"), "--output", str(out)]
+    return SERVER.run(module, *args, cwd=tmp_path), out
 
 
 def refused(command: str, tmp_path: Path, content: str | bytes, *words: str, names_file: bool = True) -> str:

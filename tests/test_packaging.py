@@ -3,6 +3,10 @@ that torch, and every command's --help works there."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -11,6 +15,7 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from conftest import ROOT
 
@@ -40,20 +45,43 @@ def test_the_wheels_requirements_leave_torch_to_the_user(tmp_path) -> None:
     assert metadata["License-Expression"] == "Apache-2.0"
 
 
+def wheel_digest(built: Path) -> str:
+    """The wheel's contents (names and bytes, not the zip's timestamps): equal for equal sources."""
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(built) as archive:
+        for name in sorted(archive.namelist()):
+            digest.update(name.encode() + b"\0" + archive.read(name))
+    return digest.hexdigest()[:16]
+
+
+def installed_env(built: Path, constraints: Path) -> tuple[Path, dict]:
+    """A fresh venv, torch installed first (this machine's CPU build), then the wheel with its dependencies from the
+    package registry; what torch was before the wheel and pip's output. Kept by the hash of the wheel and of the
+    constraints, outside the checkout (a rerun of the same code reuses it, a changed package builds its own); the
+    record is written last, so an environment a killed run left is built again."""
+    key = hashlib.sha256((wheel_digest(built) + constraints.read_text()).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "taid-cache-tests"
+    env, record = root / f"wheel-env-{key}", root / f"wheel-env-{key}.json"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f"wheel-env-{key}.lock"):
+        if not record.exists():
+            shutil.rmtree(env, ignore_errors=True)
+            venv.create(env, with_pip=True)
+            python = env / "bin" / "python"
+            run(python, "-m", "pip", "install", "-q", "-c", constraints, "torch==2.13.0")
+            before = run(python, "-c", "import torch; print(torch.__version__, torch.__file__)").stdout
+            install = run(python, "-m", "pip", "install", built)  # no constraints: the wheel's own requirements alone
+            record.write_text(json.dumps({"torch_before": before, "install_output": install.stdout}))
+    return env, json.loads(record.read_text())
+
+
 @pytest.mark.slow
 def test_the_wheel_installs_beside_an_existing_torch(tmp_path) -> None:
-    """A fresh venv, torch installed first (this machine's CPU build), then the wheel with its dependencies from
-    the package registry: torch is the same afterwards, and `taid-cache --help` and every subcommand's run."""
-    built = wheel(tmp_path)
-    env = tmp_path / "env"
-    venv.create(env, with_pip=True)
-    python = env / "bin" / "python"
-    constraints = ROOT / "scripts" / "constraints.txt"
-    run(python, "-m", "pip", "install", "-q", "-c", constraints, "torch==2.13.0")
-    before = run(python, "-c", "import torch; print(torch.__version__, torch.__file__)").stdout
-    install = run(python, "-m", "pip", "install", built)  # no constraints: the wheel's own requirements alone
-    assert "Uninstalling torch" not in install.stdout
-    assert run(python, "-c", "import torch; print(torch.__version__, torch.__file__)").stdout == before
+    """Installed beside an existing torch, the wheel keeps it: torch is the same afterwards, and `taid-cache --help`
+    and every subcommand's run."""
+    env, record = installed_env(wheel(tmp_path), ROOT / "scripts" / "constraints.txt")
+    assert "Uninstalling torch" not in record["install_output"]
+    assert run(env / "bin" / "python", "-c", "import torch; print(torch.__version__, torch.__file__)").stdout == record["torch_before"]
     cli = env / "bin" / "taid-cache"
     assert "dump-teacher" in run(cli, "--help", cwd=tmp_path).stdout
     for command in COMMANDS:

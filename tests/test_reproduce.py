@@ -214,11 +214,10 @@ def test_pretraining_runs_its_step_budget_and_repeats_exactly() -> None:
                                         ("teacher: package:no_such_package_here/m.gguf\n", "no installed package"),
                                         ("cache: top_k\n", "cache must be one of"),
                                         ("methods: [gkd]\nmax_steps: 3\n", "need max_steps of at least rounds")])
-def test_bad_config_is_one_line(tmp_path, text: str, named: str) -> None:
+def test_bad_config_is_one_line(commands, tmp_path, text: str, named: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = commands.run("taid_cache.reproduce", "--config", str(config), "--out", str(tmp_path / "o"), cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and named in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "settings.json").exists()  # so the corrected config is not refused as "other settings"

@@ -137,7 +137,7 @@ def quick() -> ReproduceConfig:
     """The same steps at a size that finishes in a few minutes on 2 cores."""
     return ReproduceConfig(
         name="embedded-quick", vocab_size=1024, teacher_size=LlamaSize(hidden=128, layers=2, heads=2, intermediate=384),
-        student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_steps=150, train_pairs=200,
+        student_size=LlamaSize(hidden=64, layers=1, heads=1, intermediate=128), pretrain_steps=100, train_pairs=200,
         heldout_pairs=40, max_length=256, max_prompt=160, max_response=128,
         methods=["sft", "fkl", "rkl", "dkd", "ctkd", "taid", "taid-online", "taid-top-k"], seeds=[0, 1], seeded=["fkl", "taid"],
         max_steps=25, batch_size=8, lr=3e-3, engine="hf", top_k=32, sampled_top_k=8, tail_samples=24, generation_prompts=16,

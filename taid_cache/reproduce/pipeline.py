@@ -113,7 +113,7 @@ def build_teacher(cfg: ReproduceConfig, out: Path, console: Console) -> Path:
         return folder
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     model = new_llama(cfg.teacher_size, len(tokenizer), tokenizer, seed=cfg.seed)
-    blocks = pack_blocks([tokenizer(t)["input_ids"] for t in pretrain_texts(out)], 256)
+    blocks = pack_blocks(tokenizer(pretrain_texts(out))["input_ids"], 256)  # one batch call: the fast tokenizer's threads
     losses = pretrain(model, blocks, PretrainConfig(steps=cfg.pretrain_steps, seed=cfg.seed), console=console)
     remove_temporaries(folder)
     with atomic_path(folder) as tmp:
