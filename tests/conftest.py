@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -158,18 +159,27 @@ def run_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+# Bytes of address space for the command server: far above what a refused command needs, so a config loader that
+# expanded a YAML bomb fails by a MemoryError there instead of taking the machine's memory.
+COMMAND_MEMORY = 2 * 1024**3
+
+
+def limit_address_space() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (COMMAND_MEMORY, COMMAND_MEMORY))
+
+
 class CommandServer:
     """`python -m MODULE ARGS` for many quick cases, run one after another by one process (tests/command_server.py)
-    so that the interpreter and its imports start once. `preexec_fn` applies to that process (a memory limit). A
-    server that dies is started again for the next case; the case it died in fails."""
+    so that the interpreter and its imports start once, under COMMAND_MEMORY. A server that dies is started again
+    for the next case; the case it died in fails."""
 
-    def __init__(self, preexec_fn=None) -> None:
-        self.preexec_fn, self.proc = preexec_fn, None
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         read, write = os.pipe()
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "command_server.py"), str(write)], stdin=subprocess.PIPE,
-                                     text=True, pass_fds=(write,), preexec_fn=self.preexec_fn, cwd=tempfile.gettempdir(),
+                                     text=True, pass_fds=(write,), preexec_fn=limit_address_space, cwd=tempfile.gettempdir(),
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         os.close(write)
         self.replies = os.fdopen(read)
@@ -182,15 +192,17 @@ class CommandServer:
         line = self.replies.readline()
         if not line:
             code = self.proc.wait()
-            self.proc = None
+            self.close()
             raise AssertionError(f"the command server died (exit status {code}) running python -m {module} {' '.join(args)}")
         reply = json.loads(line)
         return subprocess.CompletedProcess([module, *args], reply["code"], reply["stdout"], reply["stderr"])
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None:
             self.proc.stdin.close()
             self.proc.wait()
+            self.replies.close()
+            self.proc = None
 
 
 @pytest.fixture(scope="session")

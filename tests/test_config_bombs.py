@@ -2,13 +2,12 @@
 digit limit, bytes that are not UTF-8, nesting deeper than the stack. Each is one short line on stderr naming the
 file, exit 2, nothing written, for train-student, dump-teacher and the reproduction alike.
 
-Every case runs the real command as `python -m` runs it, in a process of the module's command server (one start
+Every case runs the real command as `python -m` runs it, in the suite's command server (one start
 for every case), under an address-space limit: a loader that expanded a bomb fails here by a MemoryError instead
 of taking the machine's memory."""
 
 from __future__ import annotations
 
-import resource
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,6 @@ COMMANDS = ("train-student", "dump-teacher", "reproduce")
 # A known key of each command that takes a list (where a bomb is most at home) and one that takes an integer.
 LIST_KEY = {"train-student": "report_to", "dump-teacher": "data", "reproduce": "methods"}
 INT_KEY = {"train-student": "max_steps", "dump-teacher": "top_k", "reproduce": "seeds"}
-LIMIT = 2 * 1024**3  # bytes of address space for the command: far above what reading a config needs
 SHORT = 400  # characters a message may take besides the file's name
 
 
@@ -32,20 +30,8 @@ def bomb(depth: int) -> str:
     return f"[{', '.join(levels)}]"
 
 
-def limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
 
-
-SERVER = CommandServer(preexec_fn=limit_memory)  # started at its first case
-
-
-@pytest.fixture(scope="module", autouse=True)
-def close_server():
-    yield
-    SERVER.close()
-
-
-def run(command: str, config: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def run(commands: CommandServer, command: str, config: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     if command == "reproduce":
         module, args = "taid_cache.reproduce", ["--config", str(config), "--out", str(out)]
@@ -55,15 +41,15 @@ def run(command: str, config: Path, tmp_path: Path) -> tuple[subprocess.Complete
     else:
         module, args = "taid_cache.cli", ["dump-teacher", "--config", str(config), "--model", str(tmp_path / "model"),
                                           "--data", str(tmp_path / "data.jsonl"), "--output", str(out)]
-    return SERVER.run(module, *args, cwd=tmp_path), out
+    return commands.run(module, *args, cwd=tmp_path), out
 
 
-def refused(command: str, tmp_path: Path, content: str | bytes, *words: str, names_file: bool = True) -> str:
+def refused(commands: CommandServer, command: str, tmp_path: Path, content: str | bytes, *words: str, names_file: bool = True) -> str:
     """Run `command` on a config holding `content`: exit 2, one short line naming the file (and `words`), no output.
     A stage's choices and ranges are checked once the config is built, and name the option, not the file."""
     config = tmp_path / "bad.yaml"
     config.write_bytes(content if isinstance(content, bytes) else content.encode())
-    proc, out = run(command, config, tmp_path)
+    proc, out = run(commands, command, config, tmp_path)
     message = proc.stderr.strip()
     assert proc.returncode == 2, (proc.returncode, message[-2000:])
     assert len(message.splitlines()) == 1 and message.startswith("error:"), message[:2000]
@@ -78,46 +64,46 @@ def refused(command: str, tmp_path: Path, content: str | bytes, *words: str, nam
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_an_alias_bomb_is_refused_in_one_line(command: str, tmp_path: Path) -> None:
+def test_an_alias_bomb_is_refused_in_one_line(commands: CommandServer, command: str, tmp_path: Path) -> None:
     text = f"{LIST_KEY[command]}: {bomb(9)}\n"
     assert len(text) < 400
-    message = refused(command, tmp_path, text, "alias", "line 1")
+    message = refused(commands, command, tmp_path, text, "alias", "line 1")
     assert "*a" in message  # the alias it met first
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_alias_is_refused_not_only_a_large_one(command: str, tmp_path: Path) -> None:
-    refused(command, tmp_path, f"# the integer once, then by alias\nseed: &n 3\n{INT_KEY[command]}: *n\n", "alias", "line 3")
+def test_every_alias_is_refused_not_only_a_large_one(commands: CommandServer, command: str, tmp_path: Path) -> None:
+    refused(commands, command, tmp_path, f"# the integer once, then by alias\nseed: &n 3\n{INT_KEY[command]}: *n\n", "alias", "line 3")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_small_bomb_is_not_echoed_whole(command: str, tmp_path: Path) -> None:
+def test_a_small_bomb_is_not_echoed_whole(commands: CommandServer, command: str, tmp_path: Path) -> None:
     # 215 bytes of depth 6: the old type error printed its 531,441 strings (4.3 MB).
-    refused(command, tmp_path, f"{INT_KEY[command]}: {bomb(6)}\n")
+    refused(commands, command, tmp_path, f"{INT_KEY[command]}: {bomb(6)}\n")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_an_integer_past_the_digit_limit_is_one_line(command: str, tmp_path: Path) -> None:
+def test_an_integer_past_the_digit_limit_is_one_line(commands: CommandServer, command: str, tmp_path: Path) -> None:
     value = "1" + "0" * 5000
-    refused(command, tmp_path, f"{INT_KEY[command]}: {value if command != 'reproduce' else f'[{value}]'}\n", "line 1")
+    refused(commands, command, tmp_path, f"{INT_KEY[command]}: {value if command != 'reproduce' else f'[{value}]'}\n", "line 1")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_byte_that_is_not_utf8_is_one_line(command: str, tmp_path: Path) -> None:
-    refused(command, tmp_path, f"{INT_KEY[command]}: 3\n# caf".encode() + b"\xe9\n", "UTF-8")
+def test_a_byte_that_is_not_utf8_is_one_line(commands: CommandServer, command: str, tmp_path: Path) -> None:
+    refused(commands, command, tmp_path, f"{INT_KEY[command]}: 3\n# caf".encode() + b"\xe9\n", "UTF-8")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("brackets", ["[]", "{}"])
-def test_deep_nesting_is_one_line(command: str, brackets: str, tmp_path: Path) -> None:
+def test_deep_nesting_is_one_line(commands: CommandServer, command: str, brackets: str, tmp_path: Path) -> None:
     opening, closing = brackets
     depth = 100_000
-    refused(command, tmp_path, f"{LIST_KEY[command]}: {opening * depth}{closing * depth}\n", "line 1")
+    refused(commands, command, tmp_path, f"{LIST_KEY[command]}: {opening * depth}{closing * depth}\n", "line 1")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_deep_json_nesting_is_one_line(command: str, tmp_path: Path) -> None:
-    refused(command, tmp_path, f'{{"{LIST_KEY[command]}": {"[" * 100_000}{"]" * 100_000}}}\n')
+def test_deep_json_nesting_is_one_line(commands: CommandServer, command: str, tmp_path: Path) -> None:
+    refused(commands, command, tmp_path, f'{{"{LIST_KEY[command]}": {"[" * 100_000}{"]" * 100_000}}}\n')
 
 
 LONG = "x" * 5000
@@ -156,17 +142,17 @@ ECHOES = [
 
 
 @pytest.mark.parametrize("case", ECHOES, ids=[f"{case[0]}-{i}" for i, case in enumerate(ECHOES)])
-def test_no_message_echoes_a_value_at_length(case: tuple, tmp_path: Path) -> None:
+def test_no_message_echoes_a_value_at_length(commands: CommandServer, case: tuple, tmp_path: Path) -> None:
     command, text, *checked = case
-    message = refused(command, tmp_path, text, names_file=not checked)
+    message = refused(commands, command, tmp_path, text, names_file=not checked)
     assert any(cut in message for cut in ("…", "...", " more")), message  # what it shows of the value, cut
 
 
-def test_the_reproduction_reads_yaml_as_the_stages_do(tmp_path: Path) -> None:
+def test_the_reproduction_reads_yaml_as_the_stages_do(commands: CommandServer, tmp_path: Path) -> None:
     # One loader for every config file: a key given twice is refused there too (safe_load kept the last).
-    refused("reproduce", tmp_path, "max_steps: 3\nlr: 0.1\nmax_steps: 4\n", "max_steps is given twice (lines 1 and 3)")
+    refused(commands, "reproduce", tmp_path, "max_steps: 3\nlr: 0.1\nmax_steps: 4\n", "max_steps is given twice (lines 1 and 3)")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_file_past_a_config_files_size_is_refused_unread(command: str, tmp_path: Path) -> None:
-    refused(command, tmp_path, f"{INT_KEY[command]}: 3\n" + "# a comment\n" * 200_000, "larger than")
+def test_a_file_past_a_config_files_size_is_refused_unread(commands: CommandServer, command: str, tmp_path: Path) -> None:
+    refused(commands, command, tmp_path, f"{INT_KEY[command]}: 3\n" + "# a comment\n" * 200_000, "larger than")

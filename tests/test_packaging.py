@@ -19,6 +19,7 @@ from filelock import FileLock
 
 from conftest import ROOT
 
+TORCH_WHERE = "import torch; print(torch.__version__, torch.__file__)"  # which torch an environment imports
 COMMANDS = ["dump-teacher", "train-student", "inspect", "verify", "export", "evaluate", "export-checkpoint", "convert-gguf"]
 
 
@@ -69,7 +70,7 @@ def installed_env(built: Path, constraints: Path) -> tuple[Path, dict]:
             venv.create(env, with_pip=True)
             python = env / "bin" / "python"
             run(python, "-m", "pip", "install", "-q", "-c", constraints, "torch==2.13.0")
-            before = run(python, "-c", "import torch; print(torch.__version__, torch.__file__)").stdout
+            before = run(python, "-c", TORCH_WHERE).stdout
             install = run(python, "-m", "pip", "install", built)  # no constraints: the wheel's own requirements alone
             record.write_text(json.dumps({"torch_before": before, "install_output": install.stdout}))
     return env, json.loads(record.read_text())
@@ -81,7 +82,7 @@ def test_the_wheel_installs_beside_an_existing_torch(tmp_path) -> None:
     and every subcommand's run."""
     env, record = installed_env(wheel(tmp_path), ROOT / "scripts" / "constraints.txt")
     assert "Uninstalling torch" not in record["install_output"]
-    assert run(env / "bin" / "python", "-c", "import torch; print(torch.__version__, torch.__file__)").stdout == record["torch_before"]
+    assert run(env / "bin" / "python", "-c", TORCH_WHERE).stdout == record["torch_before"]
     cli = env / "bin" / "taid-cache"
     assert "dump-teacher" in run(cli, "--help", cwd=tmp_path).stdout
     for command in COMMANDS:
