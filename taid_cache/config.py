@@ -458,6 +458,11 @@ class DumpConfig:
     progress: bool = option(True, "Show a progress bar.")
     console: Console = field(default_factory=stderr_console)
 
+    @property
+    def sampled(self) -> bool:
+        """It writes a head + sampled tail cache (as the cache's `CacheSettings.sampled` will say)."""
+        return self.tail_samples > 0
+
 
 @dataclass
 class GenerateConfig:

@@ -180,6 +180,27 @@ def test_answers_are_the_students_own(student_dir, caches) -> None:
 
 
 @pytest.mark.slow
+def test_an_evaluation_at_a_stop_step_leaves_the_adaptive_threshold(student_dir, teacher_dir, caches, tmp_path, monkeypatch) -> None:
+    """Held-out losses move the adaptive sampler at --eval-every's steps and the end only: a run stopped at step 3
+    (as a round ends) and resumed takes the uninterrupted run's updates (steps 0, 2 and 4) and its choices."""
+    updates, real = [], OnPolicySampler.update
+    monkeypatch.setattr(OnPolicySampler, "update", lambda self, loss: (updates.append(loss), real(self, loss))[1])
+    args = ["train-student", "--student", str(student_dir), "--cache", str(caches["top16"]), "--teacher-model", str(teacher_dir),
+            "--max-steps", "4", "--batch-size", "2", "--lr", "3e-3", "--max-length", "96", "--no-progress", "--loss", "js",
+            "--on-policy", "adaptive", "--max-new-tokens", "6", "--eval-cache", str(caches["top16"]), "--eval-every", "2",
+            "--adaptive-threshold", "0.5"]
+    run_cli(*args, "--output", str(tmp_path / "clean"))
+    assert len(updates) == 3
+    updates.clear()
+    run_cli(*args, "--output", str(tmp_path / "stopped"), "--stop-at-step", "3")
+    assert len(updates) == 2  # steps 0 and 2: the held-out scores at step 3 are logged, not taken
+    run_cli(*args, "--output", str(tmp_path / "stopped"), "--resume")
+    assert len(updates) == 3
+    keys = ("step", "loss", "on_policy_batches", "adaptive_threshold")
+    clean, resumed = ([[m.get(k) for k in keys] for m in read_metrics(tmp_path / run) if "loss" in m] for run in ("clean", "stopped"))
+    assert resumed == clean
+
+
 @pytest.mark.parametrize("kind", ["mixed", "adaptive"])
 def test_kill_9_then_resume_equals_uninterrupted(student_dir, teacher_dir, caches, tmp_path, kind) -> None:
     """The sampler's draws, threshold and replay buffer are checkpointed: a run killed after a checkpoint and

@@ -144,6 +144,24 @@ def test_a_run_from_the_same_student_reuses_its_first_round(finished, student_di
     assert len(after) == 3 and all(after[name] == stamp for name, stamp in before.items())  # round 1 shared, untouched
 
 
+def test_a_rerun_with_the_teacher_and_prompts_moved_and_progress_shown_finds_its_rounds(
+        finished, student_dir, teacher_dir, caches, prompts, tmp_path) -> None:
+    # Rounds are known by what made them: the models and prompts by hash, not by path, and not by whether the run
+    # shows progress bars. A finished run rerun so finds every round made and the training done: nothing is made again.
+    tmp, out = finished
+    teacher, moved_prompts = tmp_path / "teacher", tmp_path / "prompts.jsonl"
+    shutil.copytree(teacher_dir, teacher)
+    shutil.copy(prompts, moved_prompts)
+    before = {f.name: (f / "cache" / "manifest.json").stat().st_mtime_ns for f in (tmp / "rounds").iterdir()}
+    trained = weights(out)
+    path = config(tmp_path, student_dir, teacher, caches, moved_prompts, out, rounds_folder=str(tmp / "rounds"))
+    result = run_cli("distil-on-policy", "--config", str(path), "--progress")
+    assert "is already complete: nothing to do" in result.stderr
+    after = {f.name: (f / "cache" / "manifest.json").stat().st_mtime_ns for f in (tmp / "rounds").iterdir()}
+    assert after == before
+    assert all((trained[k] == v).all() for k, v in weights(out).items())
+
+
 def test_a_round_cache_of_another_student_is_refused(finished, student_dir, teacher_dir, caches, prompts, tmp_path) -> None:
     tmp, out = finished
     first = next(f for f in (tmp / "rounds").iterdir()
@@ -171,10 +189,15 @@ def test_bad_rounds_configs_fail_in_one_line_before_any_write(student_dir, teach
         ({"rounds": 9}, "every round trains at least one step"),
         ({"teacher": str(student_dir)}, "another teacher"),
         ({"train": {"lr": -1}}, "--lr must be"),
+        # What the training could not read, refused before the first round is generated and dumped.
+        ({"cache": None, "on_policy_share": 1, "dump": {"engine": "hf", "tail_samples": 8}}, "--loss js", "sampled tail"),
+        ({"dump": {"engine": "hf", "top_k": 8}}, "dump: top_k 8", "taken from the cache"),
+        ({"method": "opd", "on_policy_share": 0.5}, "--loss opd", "--target-logprobs"),
+        ({"method": "opd", "cache": None, "generate": {"engine": "hf", "temperature": 0.7}}, "temperature 0.7", "reverse KL"),
     ]
-    for over, words in cases:
+    for over, *words in cases:
         result = rounds(config(tmp_path, student_dir, teacher_dir, caches, prompts, out, **over), check=False)
-        assert_one_line(result, words)
+        assert_one_line(result, *words)
         assert not out.exists() and not (tmp_path / "rounds").exists(), over
     # A changed generation setting on a rerun of a run part-way or finished: refused, nothing started.
     tmp, finished_out = finished

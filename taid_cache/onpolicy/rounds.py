@@ -31,11 +31,14 @@ from ..engines.base import Engine, open_engine
 from ..atomic import read_json, write_json
 from ..errors import UserError
 from ..fingerprints import model_hash, resolve_model
+from ..inputs import dataset_fingerprint, load_rows, resolve_data
 from ..pipelines import dump_teacher as dump_stage, generate as generate_stage, train_student as train_stage
 from ..settings import describe_differences
 from ..shards.manifest import load_manifest
 from ..storage import open_store
 from ..training.checkpoint import checkpoint_to_hf, checkpoints, step_of
+from ..training.data import MIX_AGREE
+from ..training.policy import check_serves
 from ..training.run_folder import is_finished
 
 METHODS = ("gkd", "distillm", "opd")
@@ -138,11 +141,21 @@ def read_rounds_config(path: Path) -> RoundsConfig:
     return cfg
 
 
-def round_key(student_hash: str, generate: GenerateConfig, dump: DumpConfig) -> str:
-    """A round's folder name: what made its generation and cache (their output folders aside)."""
+# Options that say where things are or how a run shows itself, not what a round holds: its models and prompts
+# enter a round's key and a run's record by their hashes instead, so a moved teacher, prompt file or run folder,
+# or --no-progress, finds the rounds already made.
+NOT_CONTENT = ("student", "model", "data", "output", "progress")
 
-    made_of = {"student_hash": student_hash, "generate": {**to_json(generate), "student": None, "output": None},
-               "dump": {**to_json(dump), "data": None, "output": None}}
+
+def contents(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in NOT_CONTENT}
+
+
+def round_key(made_of: dict[str, Any], student_hash: str, generate: GenerateConfig, dump: DumpConfig) -> str:
+    """A round's folder name: what made its generation and cache (`made_of`: the teacher and the prompts, by hash),
+    whatever their paths."""
+
+    made_of = {**made_of, "student_hash": student_hash, "generate": contents(to_json(generate)), "dump": contents(to_json(dump))}
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -169,6 +182,7 @@ class Rounds:
                             "the rounds' caches could not be mixed with it")
         self.dump_options = self.dump_defaults()
         self.check_stages()
+        self.made_of = {"teacher_hash": self.teacher_hash, "prompts": self.prompts_fingerprint()}
 
     def dump_defaults(self) -> dict[str, Any]:
         """The dump section, with what the caches must share for mixing taken from the off-policy cache unless
@@ -177,6 +191,9 @@ class Rounds:
         if self.off_policy is not None:
             settings = self.off_policy.settings
             for name in MIXED_DUMP_SETTINGS:
+                if name in MIX_AGREE and name in options and options[name] != getattr(settings, name):
+                    raise UserError(f"dump: {name} {options[name]}: the rounds' caches are mixed with cache {self.cfg.cache}, "
+                                    f"dumped with {name} {getattr(settings, name)}; drop it (it is taken from the cache)")
                 options.setdefault(name, getattr(settings, name))
         if self.train_options()["loss"] == "opd":  # it reads the realized token's log-prob only: no draws to pay for
             options.setdefault("target_logprobs", True)
@@ -215,26 +232,38 @@ class Rounds:
     def check_stages(self) -> None:
         """Each stage's own checks of its options, on round 0's configs: a typo fails before any write."""
 
-        generate_stage.check_options(self.generate_config(self.cfg.student, self.folder / "check"))
-        dump_stage.check_options(self.dump_config(self.folder / "check"))
+        generation = self.generate_config(self.cfg.student, self.folder / "check")
+        generate_stage.check_options(generation)
+        dump = self.dump_config(self.folder / "check")
+        dump_stage.check_options(dump)
         cfg = TrainConfig(student=self.cfg.student, cache=self.cfg.cache or str(self.folder / "check"), output=str(self.output / "train"),
                           max_steps=self.cfg.max_steps, stop_at_step=self.cfg.round_end(0), console=self.cfg.console,
                           **self.train_options())
         train_stage.check_options(cfg)
         if cfg.on_policy is not None or cfg.teacher_model is not None:
             raise UserError("the rounds train from the teacher's caches: their train section takes no teacher_model or on_policy")
+        # What the training will read: the off-policy cache's settings, which the rounds' dumps share, or (alone)
+        # those of the rounds' dumps, checked before the first round pays for them.
+        check_serves(self.off_policy.settings if self.off_policy is not None else dump, cfg.loss, cfg.tail)
+        if cfg.loss == "opd" and (generation.temperature != 1 or generation.top_p != 1):
+            raise UserError(f"generate: temperature {generation.temperature:g}, top_p {generation.top_p:g}: opd trains on "
+                            "answers drawn from the student (temperature 1, top_p 1); its gradient is the reverse KL's only for those")
+
+    def prompts_fingerprint(self) -> str:
+        """The prompts by what they hold (as a generation records them), not where they are."""
+        generation = self.generate_config(self.cfg.student, Path())
+        data = resolve_data(generation.data)
+        return dataset_fingerprint(data, load_rows(data, generation.split))
 
     def settings(self) -> dict[str, Any]:
         """What a rerun must share with the run it continues (RECORD): the method, models, data and every stage's
         options; the models and the off-policy cache by what they hold."""
-        cfg, drop = self.cfg, ("progress", "output")
-        generation = to_json(self.generate_config(cfg.student, Path()))
-        return {"method": cfg.method, "student_hash": model_hash(resolve_model(cfg.student)), "teacher_hash": self.teacher_hash,
-                "cache_identity": self.off_policy.identity if self.off_policy else None, "prompts": list(cfg.prompts),
+        cfg = self.cfg
+        return {"method": cfg.method, "student_hash": model_hash(resolve_model(cfg.student)), **self.made_of,
+                "cache_identity": self.off_policy.identity if self.off_policy else None,
                 "rounds": cfg.rounds, "max_steps": cfg.max_steps, "on_policy_share": cfg.share,
-                "generate": {k: v for k, v in generation.items() if k not in drop},
-                "dump": {k: v for k, v in self.dump_options.items() if k not in drop},
-                "train": {k: v for k, v in self.train_options().items() if k not in drop}}
+                "generate": contents(to_json(self.generate_config(cfg.student, Path()))),
+                "dump": contents(self.dump_options), "train": contents(self.train_options())}
 
     def check_record(self) -> None:
         """A rerun continues the run in OUTPUT only with its settings (a changed generation setting would start
@@ -283,7 +312,7 @@ class Rounds:
         one, before a kill) left it; its lineage must be that student."""
 
         student_hash = model_hash(resolve_model(student))
-        folder = self.folder / round_key(student_hash, self.generate_config(student, Path()), self.dump_config(Path()))
+        folder = self.folder / round_key(self.made_of, student_hash, self.generate_config(student, Path()), self.dump_config(Path()))
         self.cfg.console.print(f"round {r + 1} of {self.cfg.rounds}: {student} answers the prompts ({folder})")
         started = time.monotonic()
         if not generate_stage.generate(self.generate_config(student, folder / "generation"))["nothing_to_do"]:

@@ -5,14 +5,23 @@ ctkd's curriculum stands, and TAID's t, moved once per optimizer step from the s
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 from ..errors import UserError
 from ..losses import PARAMS, REGISTRY, SAMPLED_LOSSES, LossConfig, TaidSchedule
-from ..shards.contract import CacheSettings
 
 
-def check_serves(settings: CacheSettings, loss: str, tail: str) -> None:
+class Serves(Protocol):
+    """What decides the losses a cache serves: a written cache's `CacheSettings`, or the `DumpConfig` of one about
+    to be dumped (distil-on-policy checks its rounds' caches before it makes them)."""
+
+    @property
+    def sampled(self) -> bool: ...
+
+    target_logprobs: bool
+
+
+def check_serves(settings: Serves, loss: str, tail: str) -> None:
     """Refuse a loss or a tail mode a cache cannot serve, in one line (before anything is loaded)."""
     if settings.sampled and loss not in SAMPLED_LOSSES:
         raise UserError(f"--loss {loss}: a cache with a sampled tail (--tail-samples) serves {', '.join(SAMPLED_LOSSES)}; "

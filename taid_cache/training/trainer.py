@@ -181,22 +181,25 @@ class Trainer:
 
     def evaluate_if_due(self, bar) -> None:
         step, every = self.progress.step, self.cfg.eval_every
-        if self.eval_rows is None or not ((every and step % every == 0) or step == self.stop_step):
+        scheduled = bool(every and step % every == 0) or step == self.total_steps
+        if self.eval_rows is None or not (scheduled or step == self.stop_step):
             return
-        self.evaluate(bar)
+        # At a --stop-at-step the uninterrupted run would not evaluate, its scores are logged but do not move the
+        # adaptive sampler: stopped there and resumed, the run chooses as the uninterrupted one does.
+        self.evaluate(bar, moves_sampler=scheduled)
 
     @property
     def validates_first(self) -> bool:
         """The adaptive sampler's run: it evaluates at step 0 and moves with each held-out loss."""
         return self.on_policy is not None and self.on_policy.sampler.adaptive
 
-    def evaluate(self, bar) -> None:
+    def evaluate(self, bar, moves_sampler: bool = True) -> None:
         """Held-out scores, logged; the adaptive sampler also takes the run's own loss on them (`eval_loss`)."""
         cfg, step = self.cfg, self.progress.step
         objective = self.loss if self.validates_first else None
         scores = evaluate(self.model, self.eval_rows, self.env, cfg.batch_size, cfg.max_length, cfg.pack, cfg.tail,
                           objective, self.policy.t)
-        if objective is not None:
+        if objective is not None and moves_sampler:
             self.on_policy.sampler.update(scores["eval_loss"])
         self.log.write({"step": step, **scores})
         self.log.sync()
