@@ -179,7 +179,6 @@ def test_answers_are_the_students_own(student_dir, caches) -> None:
         close_distributed(env)
 
 
-@pytest.mark.slow
 def test_an_evaluation_at_a_stop_step_leaves_the_adaptive_threshold(student_dir, teacher_dir, caches, tmp_path, monkeypatch) -> None:
     """Held-out losses move the adaptive sampler at --eval-every's steps and the end only: a run stopped at step 3
     (as a round ends) and resumed takes the uninterrupted run's updates (steps 0, 2 and 4) and its choices."""
@@ -201,6 +200,7 @@ def test_an_evaluation_at_a_stop_step_leaves_the_adaptive_threshold(student_dir,
     assert resumed == clean
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mixed", "adaptive"])
 def test_kill_9_then_resume_equals_uninterrupted(student_dir, teacher_dir, caches, tmp_path, kind) -> None:
     """The sampler's draws, threshold and replay buffer are checkpointed: a run killed after a checkpoint and

@@ -8,9 +8,9 @@ Round r: the current student answers the prompts (`generate`); the teacher score
 checkpoint at the round's end, as a model folder, is the next round's student. Every stage resumes, so a rerun
 after a kill anywhere continues where it stopped and ends with the same student.
 
-A round's generation and cache live in a folder named by what made them (the student's hash, the prompts, the
-generation and dump settings): every run whose round starts from the same student reuses it (round 0 of every
-method that shares the initial student and settings)."""
+A round's generation and cache live in a folder named by what made them (the student's and the teacher's hashes,
+the prompts' fingerprint, the generation and dump settings; no paths): every run whose round starts from the
+same student reuses it (round 0 of every method that shares the initial student and settings)."""
 
 from __future__ import annotations
 
@@ -185,8 +185,8 @@ class Rounds:
         self.made_of = {"teacher_hash": self.teacher_hash, "prompts": self.prompts_fingerprint()}
 
     def dump_defaults(self) -> dict[str, Any]:
-        """The dump section, with what the caches must share for mixing taken from the off-policy cache unless
-        given (a mismatch given explicitly is refused at training, in one line), and opd's target log-probs."""
+        """The dump section, with what the caches must share for mixing taken from the off-policy cache (one given
+        that differs is refused here, in one line), and opd's target log-probs."""
         options = dict(self.cfg.dump)
         if self.off_policy is not None:
             settings = self.off_policy.settings
