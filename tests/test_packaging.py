@@ -15,11 +15,12 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from conftest import ROOT
 
 TORCH_WHERE = "import torch; print(torch.__version__, torch.__file__)"  # which torch an environment imports
+KEPT_ENVS = 2  # environments kept (the most recently used): each is about 1.6 GB, one per version of the package
 COMMANDS = ["dump-teacher", "train-student", "inspect", "verify", "export", "evaluate", "export-checkpoint", "convert-gguf"]
 
 
@@ -73,7 +74,36 @@ def installed_env(built: Path, constraints: Path) -> tuple[Path, dict]:
             before = run(python, "-c", TORCH_WHERE).stdout
             install = run(python, "-m", "pip", "install", built)  # no constraints: the wheel's own requirements alone
             record.write_text(json.dumps({"torch_before": before, "install_output": install.stdout}))
+        os.utime(record)  # used now: the newest is kept
+        prune_envs(root, KEPT_ENVS)
     return env, json.loads(record.read_text())
+
+
+def prune_envs(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently used environments under `root` (by their records' times), and any
+    a killed build left without a record; one another run holds (its lock) is left alone."""
+    records = sorted(root.glob("wheel-env-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    kept = {p.with_suffix("") for p in records[:keep]}
+    for env in [p for p in root.glob("wheel-env-*") if p.is_dir() and p not in kept]:
+        try:
+            with FileLock(env.with_suffix(".lock"), timeout=0):
+                env.with_suffix(".json").unlink(missing_ok=True)  # the record first: a half-removed env is rebuilt
+                shutil.rmtree(env, ignore_errors=True)
+        except Timeout:
+            continue
+
+
+def test_old_test_environments_are_pruned_to_the_most_recently_used(tmp_path) -> None:
+    for age, key in enumerate(["newest", "second", "third", "fourth"]):
+        (tmp_path / f"wheel-env-{key}").mkdir()
+        (tmp_path / f"wheel-env-{key}.json").write_text("{}")
+        os.utime(tmp_path / f"wheel-env-{key}.json", (1e9 - age, 1e9 - age))
+    (tmp_path / "wheel-env-killed").mkdir()  # a build killed before its record
+    held = FileLock(tmp_path / "wheel-env-fourth.lock")
+    with held:  # another run's, building or using it
+        prune_envs(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.glob("wheel-env-*") if p.is_dir()) == ["wheel-env-fourth", "wheel-env-newest", "wheel-env-second"]
+    assert not (tmp_path / "wheel-env-third.json").exists() and (tmp_path / "wheel-env-fourth.json").exists()
 
 
 @pytest.mark.slow
