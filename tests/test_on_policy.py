@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line, run_cli
 from taid_cache.config import TrainConfig
 from taid_cache.onpolicy.sampler import Answer, Choice, OnPolicySampler, SamplerConfig
 from taid_cache.pipelines.train_student import train_student
@@ -132,7 +132,10 @@ def test_bad_on_policy_input_is_one_line(student_dir, teacher_dir, caches, tmp_p
     assert r.returncode != 0 and "--on-policy" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli(*common, "--output", str(tmp_path / "c"), "--on-policy", "adaptive", "--teacher-model", str(teacher_dir), check=False)
     assert r.returncode != 0 and "--eval-cache" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not any((tmp_path / x).exists() for x in "abc")
+    r = run_cli(*common, "--output", str(tmp_path / "d"), "--on-policy", "fresh", "--teacher-model", str(teacher_dir), "--loss", "opd",
+                "--generation-temperature", "0.7", check=False)
+    assert_one_line(r, "--generation-temperature 0.7", "reverse KL")
+    assert not any((tmp_path / x).exists() for x in "abcd")
 
 
 def test_answers_are_the_students_own(student_dir, caches) -> None:

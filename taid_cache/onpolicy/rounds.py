@@ -38,7 +38,7 @@ from ..shards.manifest import load_manifest
 from ..storage import open_store
 from ..training.checkpoint import checkpoint_to_hf, checkpoints, step_of
 from ..training.data import MIX_AGREE
-from ..training.policy import check_serves
+from ..training.policy import check_opd_sampling, check_serves
 from ..training.run_folder import is_finished
 
 METHODS = ("gkd", "distillm", "opd")
@@ -245,9 +245,9 @@ class Rounds:
         # What the training will read: the off-policy cache's settings, which the rounds' dumps share, or (alone)
         # those of the rounds' dumps, checked before the first round pays for them.
         check_serves(self.off_policy.settings if self.off_policy is not None else dump, cfg.loss, cfg.tail)
-        if cfg.loss == "opd" and (generation.temperature != 1 or generation.top_p != 1):
-            raise UserError(f"generate: temperature {generation.temperature:g}, top_p {generation.top_p:g}: opd trains on "
-                            "answers drawn from the student (temperature 1, top_p 1); its gradient is the reverse KL's only for those")
+        if cfg.loss == "opd":
+            check_opd_sampling(generation.temperature, generation.top_p,
+                               f"generate: temperature {generation.temperature:g}, top_p {generation.top_p:g}")
 
     def prompts_fingerprint(self) -> str:
         """The prompts by what they hold (as a generation records them), not where they are."""

@@ -30,7 +30,7 @@ from ..shards.manifest import load_manifest
 from ..shards.reader import read_cache
 from ..shards.verify import verify_cache
 from ..storage import Store, open_store, remote_errors
-from ..training.policy import DistillationPolicy, check_parameters, check_serves, total_steps
+from ..training.policy import DistillationPolicy, check_opd_sampling, check_parameters, check_serves, total_steps
 from ..training.trainer import Progress, Trainer
 from ..training.checkpoint import CheckpointManager, checkpoints, readable_meta, remove_interrupted_saves, step_of
 from ..training.data import CacheMixture, CacheRows, CacheStream, StreamOrder, check_mixable, micro_batches
@@ -93,9 +93,10 @@ def check_on_policy_options(cfg: TrainConfig) -> None:
                         "they are written (for on-policy data through a cache, run taid-cache distil-on-policy)")
     if cfg.on_policy == "adaptive" and cfg.eval_cache is None:
         raise UserError("--on-policy adaptive needs --eval-cache: its threshold moves with the held-out loss")
-    if cfg.loss == "opd" and (generation_temperature(cfg) != 1 or cfg.generation_top_p != 1):
-        raise UserError("--loss opd samples the student at temperature 1 with the whole distribution (--generation-temperature 1 "
-                        "--generation-top-p 1): its gradient is the reverse KL's only for answers drawn from the student")
+    if cfg.loss == "opd":
+        temperature = generation_temperature(cfg)
+        check_opd_sampling(temperature, cfg.generation_top_p,
+                           f"--generation-temperature {temperature:g} --generation-top-p {cfg.generation_top_p:g}")
 
 
 # The on-policy options and their defaults: set without --on-policy, they would do nothing.

@@ -35,6 +35,14 @@ def check_serves(settings: Serves, loss: str, tail: str) -> None:
                         "dump it with dump-teacher --target-logprobs")
 
 
+def check_opd_sampling(temperature: float, top_p: float, named: str) -> None:
+    """opd's gradient is the reverse KL's only for answers drawn from the student as it is: refuse other sampling in
+    one line, `named` as the front-end names the settings (train-student's flags, distil-on-policy's section)."""
+    if temperature != 1 or top_p != 1:
+        raise UserError(f"{named}: --loss opd trains on answers drawn from the student at temperature 1 with the whole "
+                        "distribution (top-p 1): its gradient is the reverse KL's only for those")
+
+
 def check_parameters(loss: str, values: Mapping[str, float], named: Callable[[str], str]) -> None:
     """A loss parameter set (away from its default) for a loss that does not read it: one line, naming it as the
     front-end does (`named`: train-student's --flag, or the config field)."""
