@@ -26,8 +26,8 @@ from taid_cache.shards.writer import ShardWriter
 from taid_cache.storage import open_store
 from taid_cache.training import data
 from taid_cache.training.metrics import read_metrics
-from taid_cache.training.data import (CacheMixture, CacheRows, StreamOrder, check_mixable, mixed_stream, partition, shard_sequence,
-                                      source_counts, source_seed, stream)
+from taid_cache.training.data import (CacheMixture, CacheRows, MixSchedule, StreamOrder, check_mixable, mixed_stream, partition,
+                                      shard_sequence, source_counts, source_seed, stream)
 from test_read_ahead import CountingRemote
 
 SHARDS = [5, 1, 7, 4]  # rows per shard: uneven, one of a single row
@@ -84,19 +84,72 @@ def test_each_source_gives_its_weight_within_binomial_error() -> None:
     def counters() -> list:  # source i's references (i, 0), (i, 1), ...
         return [zip(itertools.repeat(i), itertools.count()) for i in range(len(weights))]
 
-    sources = [source for source, _ in itertools.islice(mixed_stream(counters(), weights, 11), n)]
+    sources = [source for source, _ in itertools.islice(mixed_stream(counters(), MixSchedule.of(weights), 11), n)]
     got = Counter(sources)
     for i, w in enumerate(weights):
         p = w / sum(weights)
         assert abs(got[i] - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)), (i, got[i], n * p)
     # What a resumed run counts without reading: the stream's own prefix, at block edges and between them.
     for stop in (0, 1, 4095, 4096, 4097, 12_345, n):
-        assert source_counts(weights, 11, stop).tolist() == [sources[:stop].count(i) for i in range(len(weights))]
+        assert source_counts(MixSchedule.of(weights), 11, stop).tolist() == [sources[:stop].count(i) for i in range(len(weights))]
     # The source's k-th item is its own k-th reference, whatever the others.
     seen: Counter = Counter()
-    for source, (i, k) in itertools.islice(mixed_stream(counters(), weights, 11), 1000):
+    for source, (i, k) in itertools.islice(mixed_stream(counters(), MixSchedule.of(weights), 11), 1000):
         assert (i, k) == (source, seen[source])
         seen[source] += 1
+
+
+def test_a_grown_mixture_keeps_the_draws_before_it_grew(monkeypatch) -> None:
+    monkeypatch.setattr(data, "MIX_BLOCK", 7)  # phases that start inside blocks and span several
+    seed, n = 3, 200
+    schedule = MixSchedule.of([2.0])
+    schedule.grow(30, [2.0, 1.0])
+    schedule.grow(30, [2.0, 1.0])  # the weights that already hold: nothing changes
+    schedule.grow(64, [1.0, 1.0, 4.0])
+    assert schedule.phases == [(0, [2.0]), (30, [2.0, 1.0]), (64, [1.0, 1.0, 4.0])]
+
+    def reference(phases: list[tuple[int, list[float]]]) -> list[int]:
+        """Item j: the first source whose cumulative share under j's phase exceeds j's uniform number."""
+        out = []
+        for j in range(n):
+            u = np.random.default_rng([seed, data._MIX_KEY, j // 7]).random(7)[j % 7]
+            weights = [w for start, w in phases if start <= j][-1]
+            shares = np.cumsum(weights) / sum(weights)
+            out.append(next((i for i, c in enumerate(shares) if u < c), len(weights) - 1))
+        return out
+
+    def counters() -> list:
+        return [zip(itertools.repeat(i), itertools.count()) for i in range(3)]
+
+    got = [source for source, _ in itertools.islice(mixed_stream(counters(), schedule, seed), n)]
+    assert got == reference(schedule.phases)
+    assert set(got[:30]) == {0} and set(got[30:64]) == {0, 1} and set(got[64:]) == {0, 1, 2}
+    for stop in (0, 29, 30, 31, 64, 65, n):
+        assert source_counts(schedule, seed, stop).tolist() == [got[:stop].count(i) for i in range(3)]
+    # Regrown at an earlier step (a run resumed from an older checkpoint): the later phases give way.
+    schedule.grow(40, [1.0, 1.0])
+    assert schedule.phases == [(0, [2.0]), (30, [2.0, 1.0]), (40, [1.0, 1.0])]
+    restored = MixSchedule.of([9.0])
+    restored.load_state_dict(json.loads(json.dumps(schedule.state_dict())))  # as meta.json keeps it
+    assert restored == schedule
+
+
+def test_a_resumed_run_whose_mixture_grew_reads_each_source_on(caches, monkeypatch) -> None:
+    monkeypatch.setattr(data, "MIX_BLOCK", 5)
+    grown = MixSchedule.of([1.0])
+    grown.grow(17, [1.0, 3.0])
+    mixture = CacheMixture([caches["A"], caches["B"]], grown)
+    whole = ids(mixture.runs(StreamOrder(seed=2, buffer=4, limit=80)))
+    # Before the growth: A alone, exactly as the run of A alone read it.
+    assert whole[:17] == ids(caches["A"].runs(StreamOrder(seed=2, buffer=4, limit=17)))
+    # After: each source on from where it stood, A's stream continued, B's from its first item.
+    for tag, source in (("A", 0), ("B", 1)):
+        own = [f"{tag}/{s}/{r}" for s, r in itertools.islice(stream(SHARDS, source_seed(2, source), 4, True), 80)]
+        mine = [i for i in whole if i.startswith(tag)]
+        assert mine == own[: len(mine)]
+    assert {i[0] for i in whole[17:]} == {"A", "B"}
+    for start in (17, 18, 33):
+        assert ids(mixture.runs(StreamOrder(seed=2, buffer=4, start=start, limit=80 - start))) == whole[start:]
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -278,6 +331,43 @@ def test_a_mixture_resumes_as_it_ran_and_refuses_changes(student_dir, halves, tm
     assert_one_line(run_cli(*args(crashed, "--resume", mix=()), check=False), "--resume with changed settings", "mix_identities")
 
 
+def test_a_run_resumed_with_a_cache_joined_reads_each_cache_on(student_dir, halves, tmp_path) -> None:
+    """A alone to step 3, then resumed with --mix B (how the rounds grow a mixture): steps 1–3 are A's alone and
+    steps 4–8 the grown schedule's, as the step's tokens show. A checkpoint of a release without the schedule
+    resumes as if today's weights held from step 0."""
+    import shutil
+
+    from conftest import run_cli
+
+    a, b = halves["A"], halves["B"]
+    run = tmp_path / "run"
+    run_cli(*train_args(student_dir, a, run, "--stop-at-step", "3", steps=8))
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    meta_file = next((old / "checkpoints").glob("step-*")) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("mixture") == {"phases": [[0, [float(load_manifest(str(a)).records)]]]}
+    meta_file.write_text(json.dumps(meta))
+    for out in (run, old):
+        run_cli(*train_args(student_dir, a, out, "--resume", "--mix", str(b), steps=8))
+
+    weights = [float(load_manifest(str(c)).records) for c in (a, b)]
+    sources = [CacheRows(str(c)) for c in (a, b)]
+
+    def step_tokens(schedule: MixSchedule) -> list[int]:
+        runs = CacheMixture(sources, schedule).runs(StreamOrder(seed=0, limit=16, batch_size=2))
+        return [sum(min(len(r.input_ids), 128) for r in run) for run in runs]
+
+    def logged(out: Path) -> list[int]:
+        tokens = [t for _, _, t in step_log(out)]
+        return [t - before for t, before in zip(tokens, [0, *tokens])]
+
+    grown = MixSchedule.of(weights[:1])
+    grown.grow(3 * 2, weights)
+    assert logged(run) == step_tokens(grown)
+    assert logged(old)[3:] == step_tokens(MixSchedule.of(weights))[3:] != step_tokens(grown)[3:]
+
+
 def test_caches_that_cannot_mix_are_refused_before_any_write(student_dir, halves, tmp_path) -> None:
     from conftest import assert_one_line, run_cli
 
@@ -290,3 +380,37 @@ def test_caches_that_cannot_mix_are_refused_before_any_write(student_dir, halves
     for i, (extra, words) in enumerate(cases):
         assert_one_line(run_cli(*train_args(student_dir, a, tmp_path / f"run{i}", *extra), check=False), *words)
         assert not (tmp_path / f"run{i}").exists()
+
+
+def test_the_hugging_face_trainer_trains_on_a_mixture_as_train_student_does(student_dir, halves, tmp_path) -> None:
+    """`CacheDistillationConfig(mix=...)`, or a `CacheDataset(mix=...)`: train-student's --mix steps, loss for loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import run_cli
+    from taid_cache.integrations import CacheDataset, CacheDistillationTrainer
+    from test_hf_trainer import hf_args
+
+    a, b = halves["A"], halves["B"]
+    run_cli(*train_args(student_dir, a, tmp_path / "cli", "--mix", str(b), "--mix-weights", "1", "--mix-weights", "2"))
+    cli = [m["loss"] for m in read_metrics(tmp_path / "cli") if "loss" in m]
+
+    def trained(train_dataset, **kw) -> list[float]:
+        args = hf_args(tmp_path / "hf", max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3, max_length=128, **kw)
+        trainer = CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args,
+                                           train_dataset=train_dataset, processing_class=AutoTokenizer.from_pretrained(student_dir))
+        trainer.train()
+        return [s["loss"] for s in trainer.steps.history]
+
+    np.testing.assert_allclose(trained(str(a), mix=[str(b)], mix_weights=[1.0, 2.0]), cli, rtol=2e-5)
+    mixed = CacheDataset(a, batch_size=2, mix=[b], mix_weights=[1, 2])
+    assert mixed.records == sum(load_manifest(str(c)).records for c in (a, b))
+    np.testing.assert_allclose(trained(mixed), cli, rtol=2e-5)
+    with pytest.raises(ValueError, match="carries its own"):
+        trained(mixed, mix=[str(b)])
+    with pytest.raises(ValueError, match="one held-out cache"):
+        CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=hf_args(tmp_path / "e"),
+                                 train_dataset=str(a), eval_dataset=mixed, processing_class=AutoTokenizer.from_pretrained(student_dir))
+    with pytest.raises(UserError, match="no mix is given"):
+        CacheDataset(a, mix_weights=[1.0])
+    with pytest.raises(UserError, match="cannot be mixed"):
+        CacheDataset(a, mix=[halves["other"]])

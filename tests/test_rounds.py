@@ -13,7 +13,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import assert_one_line, run_cli, write_jsonl
+from taid_cache.errors import UserError
 from taid_cache.fingerprints import model_hash
+from taid_cache.onpolicy.rounds import RoundsConfig, distil_on_policy
 from taid_cache.shards.manifest import load_manifest
 from taid_cache.training.metrics import read_metrics
 
@@ -193,6 +195,8 @@ def test_bad_rounds_configs_fail_in_one_line_before_any_write(student_dir, teach
         ({"cache": None, "on_policy_share": 1, "dump": {"engine": "hf", "tail_samples": 8}}, "--loss js", "sampled tail"),
         ({"dump": {"engine": "hf", "top_k": 8}}, "dump: top_k 8", "taken from the cache"),
         ({"method": "opd", "on_policy_share": 0.5}, "--loss opd", "--target-logprobs"),
+        ({"method": "opd", "on_policy_share": 0.5, "dump": {"engine": "hf", "target_logprobs": True}},
+         "dump: target_logprobs True", "dump the cache again with target_logprobs True"),
         ({"method": "opd", "cache": None, "generate": {"engine": "hf", "temperature": 0.7}}, "temperature 0.7", "reverse KL"),
     ]
     for over, *words in cases:
@@ -206,6 +210,16 @@ def test_bad_rounds_configs_fail_in_one_line_before_any_write(student_dir, teach
     before = sorted(p.name for p in (tmp / "rounds").iterdir())
     assert_one_line(rounds(changed, check=False), "other settings", "max_new_tokens")
     assert sorted(p.name for p in (tmp / "rounds").iterdir()) == before
+
+
+def test_a_python_caller_setting_what_the_rounds_set_is_refused_in_one_line(student_dir, teacher_dir, caches, prompts,
+                                                                            tmp_path) -> None:
+    cfg = RoundsConfig(method="gkd", student=str(student_dir), teacher=str(teacher_dir), prompts=[str(prompts)],
+                       output=str(tmp_path / "run"), max_steps=STEPS, cache=str(caches["top16"]),
+                       train={"max_steps": 3, "mix": []})
+    with pytest.raises(UserError, match=r"^train: max_steps, mix are set by the rounds$"):
+        distil_on_policy(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_stop_at_step_needs_a_fixed_schedule(student_dir, caches, tmp_path) -> None:

@@ -7,8 +7,9 @@ from typing import Iterator
 
 from torch.utils.data import IterableDataset
 
+from ..errors import UserError
 from ..shards.contract import CacheRecord, CacheSettings, Manifest
-from ..training.data import CacheRows, StreamOrder
+from ..training.data import CacheMixture, CacheRows, StreamOrder, default_weights
 
 
 class CacheDataset(IterableDataset):
@@ -23,17 +24,30 @@ class CacheDataset(IterableDataset):
       consecutive items (run m to worker m mod workers) and batches are train-student's micro-batches.
     - `start`: global items to skip, as a resumed run does (integers, no data read).
     - `read_ahead`, `local_dir`: for a remote cache, shards fetched ahead of need, and a local folder to keep them.
+    - `mix`, `mix_weights`: more caches of the same teacher, tokenizer and head, mixed with `cache` as
+      train-student's --mix and --mix-weights mix them (weights for `cache` then each of `mix`; by default by
+      their sequences).
     """
 
     def __init__(self, cache: str | Path, seed: int = 0, shuffle_buffer: int = 1024, shuffle: bool = True, rank: int = 0,
                  world: int = 1, batch_size: int = 1, start: int = 0, limit: int | None = None, read_ahead: int = 2,
-                 local_dir: str | None = None) -> None:
-        self.rows = CacheRows(str(cache), read_ahead, local_dir)
+                 local_dir: str | None = None, mix: tuple[str | Path, ...] | list[str | Path] = (),
+                 mix_weights: tuple[float, ...] | list[float] = ()) -> None:
+        if mix_weights and not mix:
+            raise UserError("mix_weights weighs the cache against the mix caches, and no mix is given")
+        sources = [CacheRows(str(location), read_ahead, local_dir) for location in (cache, *mix)]
+        self.rows: CacheRows | CacheMixture = CacheMixture(
+            sources, list(mix_weights) or default_weights([s.manifest for s in sources])) if mix else sources[0]
         self.order = StreamOrder(seed, shuffle_buffer, shuffle, start, limit, rank, world, batch_size)
 
     @property
     def manifest(self) -> Manifest:
         return self.rows.manifest
+
+    @property
+    def records(self) -> int:
+        """The sequences of the cache (of all the mixed caches)."""
+        return self.rows.records
 
     @property
     def settings(self) -> CacheSettings:

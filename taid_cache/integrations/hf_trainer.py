@@ -29,6 +29,7 @@ from ..heads import check_head
 from ..losses import LOSSES, PARAMS, LossConfig, TaidSchedule
 from ..shards.contract import CacheSettings
 from ..training.distributed import Dist
+from ..training.data import CacheMixture
 from ..training.evaluate import evaluate
 from ..training.loss_step import micro_batch_loss
 from ..training.policy import DistillationPolicy, check_parameters, check_serves, total_steps
@@ -54,6 +55,10 @@ _OWN = [
     ("shuffle_buffer", int, _field(1024, "Sequences in the cache stream's shuffle buffer.")),
     ("read_ahead", int, _field(2, "A cache on an object store: shards fetched ahead of need.")),
     ("local_cache", str | None, _field(None, "A cache on an object store: a local folder keeping its shards.")),
+    ("mix", list[str], dataclasses.field(default_factory=list, metadata={"help": "More caches of the train cache's "
+                                         "teacher, tokenizer and head, mixed with it as train-student's --mix."})),
+    ("mix_weights", list[float], dataclasses.field(default_factory=list, metadata={"help": "Weights of the train cache "
+                                                   "then each mix cache [default: by their sequences]."})),
     ("loss_chunk", int, _field(1024, "Positions per LM-head/loss chunk.")),
     ("taid_t_start", float, _field(0.4, "TAID's first t.")),
     ("taid_t_end", float, _field(1.0, "TAID's last t.")),
@@ -94,13 +99,21 @@ CacheDistillationConfig = dataclasses.make_dataclass(
                           "schedule and how the cache is read: one YAML or `HfArgumentParser` drives a run."})
 
 
-def as_cache_dataset(data: Any, args: Any, shuffle: bool) -> CacheDataset | None:
-    """A cache folder or URI, or a `CacheDataset` as it is."""
-    if data is None or isinstance(data, CacheDataset):
+def as_cache_dataset(data: Any, args: Any, train: bool) -> CacheDataset | None:
+    """A cache folder or URI (the training one shuffled and mixed with `args.mix`), or a `CacheDataset` as it is."""
+    if isinstance(data, CacheDataset):
+        if train and args.mix:
+            raise ValueError("args.mix mixes caches into a train_dataset given as a folder or URI; a CacheDataset "
+                             "carries its own: CacheDataset(cache, mix=..., mix_weights=...)")
+        if not train and isinstance(data.rows, CacheMixture):
+            raise ValueError("eval_dataset is a mixture of caches: give one held-out cache")
         return data
+    if data is None:
+        return None
     if isinstance(data, (str, os.PathLike)):
-        return CacheDataset(data, seed=args.seed, shuffle_buffer=args.shuffle_buffer, shuffle=shuffle,
-                            batch_size=args.per_device_train_batch_size, read_ahead=args.read_ahead, local_dir=args.local_cache)
+        return CacheDataset(data, seed=args.seed, shuffle_buffer=args.shuffle_buffer, shuffle=train,
+                            batch_size=args.per_device_train_batch_size, read_ahead=args.read_ahead, local_dir=args.local_cache,
+                            **({"mix": args.mix, "mix_weights": args.mix_weights} if train else {}))
     raise TypeError(f"a dataset must be a cache folder, a URI or a CacheDataset, not {type(data).__name__}")
 
 
@@ -182,7 +195,7 @@ class CacheDistillationTrainer(Trainer):
                  callbacks: list | None = None, **kwargs: Any) -> None:
         if not hasattr(args, "loss_config"):
             raise TypeError("args must be a CacheDistillationConfig (TrainingArguments with the loss and TAID settings)")
-        train = as_cache_dataset(train_dataset, args, shuffle=True)
+        train = as_cache_dataset(train_dataset, args, train=True)
         if train is None:
             raise ValueError("train_dataset: give the cache (a folder, a URI or a CacheDataset)")
         settings = train.settings
@@ -192,7 +205,7 @@ class CacheDistillationTrainer(Trainer):
                             f"{getattr(model, 'name_or_path', 'the model')!r} has none")
         check_vocabulary(model, tokenizer, settings, "student")
         check_serves(settings, args.loss, args.tail)
-        held_out = as_cache_dataset(eval_dataset, args, shuffle=False)
+        held_out = as_cache_dataset(eval_dataset, args, train=False)
         if held_out is not None and (held_out.settings.teacher_hash, held_out.settings.tokenizer_hash) != \
                 (settings.teacher_hash, settings.tokenizer_hash):
             raise UserError("eval_dataset was dumped from another teacher or tokenizer than train_dataset: its KL would "
@@ -205,7 +218,7 @@ class CacheDistillationTrainer(Trainer):
         # A resumed run starts the stream at its step (integers skipped, no data read: `_load_from_checkpoint`).
         args.ignore_data_skip = True
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        records = train.manifest.records
+        records = train.records
         if args.max_steps <= 0:  # the stream is endless: its length in steps, from the epochs asked for
             args.max_steps = total_steps(None, args.num_train_epochs, records, global_batch)
         self.policy = DistillationPolicy(args.loss_config(), args.schedule(args.max_steps), records, global_batch)
@@ -231,7 +244,7 @@ class CacheDistillationTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The held-out cache: the loss at the current t, KL to the cache's teacher, top-1 agreement, CE. Never
         moves t."""
-        data = as_cache_dataset(eval_dataset, self.args, shuffle=False) or self.eval_dataset
+        data = as_cache_dataset(eval_dataset, self.args, train=False) or self.eval_dataset
         if data is None:
             raise ValueError("evaluate: no eval_dataset (a cache folder, a URI or a CacheDataset)")
         args = self.args

@@ -116,6 +116,14 @@ class RoundsConfig:
         return (r + 1) * self.max_steps // self.rounds
 
 
+def check_sections(cfg: RoundsConfig) -> None:
+    """Refuse a stage's option the rounds set themselves (from a file or a Python caller alike)."""
+    for name in SET_BY_ROUNDS:
+        taken = sorted(set(getattr(cfg, name)) & set(SET_BY_ROUNDS[name]))
+        if taken:
+            raise UserError(f"{name}: {listed(taken)} {'is' if len(taken) == 1 else 'are'} set by the rounds")
+
+
 def read_rounds_config(path: Path) -> RoundsConfig:
     """A rounds config file: its own options, then its generate / dump / train sections, each checked against that
     command's options; every mistake in one line naming the file, before anything is loaded or written."""
@@ -126,11 +134,7 @@ def read_rounds_config(path: Path) -> RoundsConfig:
     sections = {}
     for name, config in (("generate", GenerateConfig), ("dump", DumpConfig), ("train", TrainConfig)):
         section = values.pop(name, None) or {}
-        section = checked_options(config, section, f"{where}: {name}", hf=config is TrainConfig)
-        taken = sorted(set(section) & set(SET_BY_ROUNDS[name]))
-        if taken:
-            raise UserError(f"{where}: {name}: {listed(taken)} {'is' if len(taken) == 1 else 'are'} set by the rounds")
-        sections[name] = section
+        sections[name] = checked_options(config, section, f"{where}: {name}", hf=config is TrainConfig)
     options = checked_options(RoundsConfig, values, where)
     missing = [f.name for f in options_of(RoundsConfig)
                if f.default is MISSING and f.default_factory is MISSING and f.name not in options]
@@ -168,6 +172,7 @@ class Rounds:
         self.engine: Engine | None = None
         self.output = Path(cfg.output)
         self.folder = Path(cfg.rounds_folder) if cfg.rounds_folder else self.output / "rounds"
+        check_sections(cfg)
         if cfg.rounds > cfg.max_steps:
             raise UserError(f"rounds {cfg.rounds} is more than max_steps {cfg.max_steps}: every round trains at least one step")
         if cfg.share < 1 and cfg.cache is None:
@@ -193,7 +198,8 @@ class Rounds:
             for name in MIXED_DUMP_SETTINGS:
                 if name in MIX_AGREE and name in options and options[name] != getattr(settings, name):
                     raise UserError(f"dump: {name} {options[name]}: the rounds' caches are mixed with cache {self.cfg.cache}, "
-                                    f"dumped with {name} {getattr(settings, name)}; drop it (it is taken from the cache)")
+                                    f"dumped with {name} {getattr(settings, name)}; drop it (it is taken from the cache), or "
+                                    f"dump the cache again with {name} {options[name]}")
                 options.setdefault(name, getattr(settings, name))
         if self.train_options()["loss"] == "opd":  # it reads the realized token's log-prob only: no draws to pay for
             options.setdefault("target_logprobs", True)

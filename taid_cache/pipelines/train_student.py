@@ -33,7 +33,7 @@ from ..storage import Store, open_store, remote_errors
 from ..training.policy import DistillationPolicy, check_opd_sampling, check_parameters, check_serves, total_steps
 from ..training.trainer import Progress, Trainer
 from ..training.checkpoint import CheckpointManager, checkpoints, readable_meta, remove_interrupted_saves, step_of
-from ..training.data import CacheMixture, CacheRows, CacheStream, StreamOrder, check_mixable, micro_batches
+from ..training.data import CacheMixture, CacheRows, CacheStream, MixSchedule, StreamOrder, check_mixable, default_weights, micro_batches
 from ..training.distributed import Dist, broadcast_object, close_distributed, init_distributed
 from ..training.metrics import MetricsLog, check_report_to
 from ..training.optim import lr_schedule
@@ -78,7 +78,7 @@ def train_caches(cfg: TrainConfig) -> list[str]:
 def mix_weights(cfg: TrainConfig, manifests: list[Manifest]) -> list[float]:
     """Each train cache's share: --mix-weights, or by the caches' sequences (the mixture then reads as one cache of
     them all would, in expectation)."""
-    return list(cfg.mix_weights) if cfg.mix_weights else [float(m.records) for m in manifests]
+    return list(cfg.mix_weights) if cfg.mix_weights else default_weights(manifests)
 
 
 def check_on_policy_options(cfg: TrainConfig) -> None:
@@ -159,8 +159,9 @@ def run_settings(cfg: TrainConfig, manifests: list[Manifest], env: Dist, global_
 def without_grown_mix(then: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A resumed run may add caches after the ones it trained on, with new weights (how distil-on-policy's rounds
     grow the mixture, the optimizer, schedules and TAID's t carried on); the caches it trained on, and every
-    other setting, stay. The mixture's stream is a function of the step, so a kill inside a round resumes it
-    exactly."""
+    other setting, stay. The new weights hold from the resumed step on (the checkpoint's `MixSchedule` keeps the
+    steps before it as they were drawn), and the stream is a function of the step, so a kill inside a round
+    resumes it exactly."""
     before, after = then.get("mix_identities", []), now.get("mix_identities", [])
     if len(after) > len(before) and after[: len(before)] == before:
         mix = ("mix_identities", "mix_weights")
@@ -265,16 +266,18 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
     policy = DistillationPolicy(loss_cfg, schedule, records, global_batch)
     progress = Progress()
     sampler = on_policy_sampler(cfg)
-    states = {"taid": policy} if sampler is None else {"taid": policy, "on_policy": sampler}
+    mixture = MixSchedule.of(mix_weights(cfg, manifests))
+    states = {"taid": policy, "mixture": mixture, **({"on_policy": sampler} if sampler is not None else {})}
     checkpoints = CheckpointManager(output, progress, states, run_config, lambda folder: describe_student(lm, tokenizer, folder))
     if resume:
         checkpoints.restore(model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
+        mixture.grow(progress.step * global_batch, mix_weights(cfg, manifests))  # caches joined: their weights from here on
         if env.rank == 0:
             cfg.console.print(f"resumed from step {progress.step} of {steps} ({cfg.output})")
     log = MetricsLog(output, env, progress.step, cfg.report_to, run_config)
     order = StreamOrder(cfg.seed, cfg.shuffle_buffer, True, progress.step * global_batch, None, env.rank, env.world, cfg.batch_size)
     sources = [CacheRows(location, cfg.read_ahead, cfg.local_cache, m) for location, m in zip(train_caches(cfg), manifests)]
-    rows = CacheMixture(sources, mix_weights(cfg, manifests)) if cfg.mix else sources[0]
+    rows = CacheMixture(sources, mixture) if cfg.mix else sources[0]
     data = micro_batches(CacheStream(rows, order, cfg.max_length, cfg.pack), cfg.num_workers)
     on_policy = None
     if sampler is not None:

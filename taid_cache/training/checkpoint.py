@@ -180,7 +180,8 @@ class CheckpointManager:
         meta = load_newest(self.output, model, optimizer, scheduler, env, warn)
         self.progress.load_state_dict(meta)
         for name, state in self.states.items():
-            state.load_state_dict(meta[name])
+            if name in meta:  # a state a checkpoint of an earlier release lacks keeps its initial value
+                state.load_state_dict(meta[name])
 
 
 UNREADABLE = (UserError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, CheckpointException)

@@ -10,7 +10,9 @@ what a step contains, and resuming skips integers instead of reading data.
 Several caches of one teacher mix by weight (`CacheMixture`): global item j comes from a source drawn by a
 seeded function of (seed, j's block) alone, and a source's k-th item is item k of its own stream, so a resumed
 run counts each source's items before `start` without reading, and the partition above is unchanged. One
-cache is the mixture of one, in the order above.
+cache is the mixture of one, in the order above. A mixture may grow (`MixSchedule`: caches joined and new
+weights from a resumed step on): the items before the step keep their sources, and each draw is the same
+uniform number read against the weights of its item's phase.
 """
 
 from __future__ import annotations
@@ -103,27 +105,65 @@ def source_seed(seed: int, source: int) -> int:
     return seed if source == 0 else int(np.random.SeedSequence([seed, _SOURCE_KEY, source]).generate_state(1, np.uint64)[0])
 
 
-def block_sources(weights: list[float], seed: int, block: int) -> np.ndarray:
+@dataclass
+class MixSchedule:
+    """A mixture's weights over the run: phase i's weights (one per source, the sources a prefix of the run's)
+    hold for the global items from its start to the next phase's. A run resumed with caches joined or new weights
+    grows it at the step it resumes from (`grow`), so every item before that step keeps the source it was drawn
+    from: the schedule is part of the run's checkpointed state."""
+
+    phases: list[tuple[int, list[float]]]
+
+    @classmethod
+    def of(cls, weights: list[float]) -> MixSchedule:
+        """Weights that hold from the first item on."""
+        return cls([(0, [float(w) for w in weights])])
+
+    @property
+    def weights(self) -> list[float]:
+        """The weights that hold now (the last phase's): one per source."""
+        return self.phases[-1][1]
+
+    def grow(self, start: int, weights: list[float]) -> None:
+        """`weights` from global item `start` on (phases from `start` on replaced); nothing when they already hold."""
+        weights = [float(w) for w in weights]
+        if weights != self.weights:
+            self.phases = [*(p for p in self.phases if p[0] < start), (start, weights)]
+
+    def state_dict(self) -> dict[str, list]:
+        return {"phases": [[start, list(weights)] for start, weights in self.phases]}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        self.phases = [(int(start), [float(w) for w in weights]) for start, weights in state["phases"]]
+
+
+def block_sources(schedule: MixSchedule, seed: int, block: int) -> np.ndarray:
     """The source of each global item of `block` (items [block·MIX_BLOCK, (block+1)·MIX_BLOCK)): source i with
-    probability weights[i] / sum(weights), a function of (seed, block) alone."""
-    bounds = np.cumsum(weights) / math.fsum(weights)
+    probability weights[i] / sum(weights) under the weights of the item's phase, a function of (seed, block)."""
     draws = np.random.default_rng([seed, _MIX_KEY, block]).random(MIX_BLOCK)
-    return np.minimum(np.searchsorted(bounds, draws, side="right"), len(weights) - 1)  # a last bound rounded below 1
+    items = block * MIX_BLOCK + np.arange(MIX_BLOCK)
+    sources = np.zeros(MIX_BLOCK, np.int64)
+    ends = [start for start, _ in schedule.phases[1:]] + [items[-1] + 1]
+    for (start, weights), end in zip(schedule.phases, ends):
+        take = (items >= start) & (items < end)
+        bounds = np.cumsum(weights) / math.fsum(weights)
+        sources[take] = np.minimum(np.searchsorted(bounds, draws[take], side="right"), len(weights) - 1)  # a last bound rounded below 1
+    return sources
 
 
-def source_counts(weights: list[float], seed: int, stop: int) -> np.ndarray:
+def source_counts(schedule: MixSchedule, seed: int, stop: int) -> np.ndarray:
     """How many of the global items [0, stop) each source gives: where each source's stream stands at `stop`."""
-    counts = np.zeros(len(weights), np.int64)
+    counts = np.zeros(len(schedule.weights), np.int64)
     for block in range(math.ceil(stop / MIX_BLOCK)):
-        sources = block_sources(weights, seed, block)[: stop - block * MIX_BLOCK]
-        counts += np.bincount(sources, minlength=len(weights))
+        sources = block_sources(schedule, seed, block)[: stop - block * MIX_BLOCK]
+        counts += np.bincount(sources, minlength=len(counts))
     return counts
 
 
-def mixed_stream(streams: list[Iterator[Ref]], weights: list[float], seed: int) -> Iterator[tuple[int, Ref]]:
+def mixed_stream(streams: list[Iterator[Ref]], schedule: MixSchedule, seed: int) -> Iterator[tuple[int, Ref]]:
     """Endless (source, reference): global item j is the next reference of the source `block_sources` gives it."""
     for block in itertools.count():
-        for source in block_sources(weights, seed, block).tolist():
+        for source in block_sources(schedule, seed, block).tolist():
             yield source, next(streams[source])
 
 
@@ -214,6 +254,10 @@ class CacheRows:
     def shard_rows(self) -> list[int]:
         return [s.records for s in self.manifest.shards]
 
+    @property
+    def records(self) -> int:
+        return self.manifest.records
+
     def files(self, seed: int, order: StreamOrder, position: int) -> ShardFiles:
         """The cache's shard files; a remote one's fetched ahead in the order of its stream under `seed` from that
         stream's item `position` on (where it stands at `order.start`), so no shard it will not read is fetched."""
@@ -222,7 +266,7 @@ class CacheRows:
 
     def runs(self, order: StreamOrder) -> Iterator[list[CacheRecord]]:
         """This rank's (and this loader worker's) runs of `order.batch_size` records: the mixture of this cache alone."""
-        return CacheMixture([self], [1.0]).runs(order)
+        return CacheMixture([self], MixSchedule.of([1.0])).runs(order)
 
 
 # What the caches of a mixture must share: the teacher and tokenizer (one target distribution, one vocabulary
@@ -255,26 +299,41 @@ def check_mixable(manifests: list[Manifest], names: list[str], weights: list[flo
                             "--top-k, --top-p, --tail-samples and --target-logprobs")
 
 
+def default_weights(manifests: list[Manifest]) -> list[float]:
+    """Each cache's share by its sequences: the mixture then reads as one cache of them all."""
+    return [float(m.records) for m in manifests]
+
+
 class CacheMixture:
     """Several caches' records as one stream in a `StreamOrder`: global item j from source i with probability
-    weights[i] / sum(weights) (`block_sources`), source i's k-th item being item k of its own stream (seeded by
-    `source_seed`), the whole partitioned as one cache's stream is."""
+    weights[i] / sum(weights) (`block_sources`; weights, or a `MixSchedule` of them), source i's k-th item being
+    item k of its own stream (seeded by `source_seed`), the whole partitioned as one cache's stream is."""
 
-    def __init__(self, sources: list[CacheRows], weights: list[float]) -> None:
-        check_mixable([s.manifest for s in sources], [s.location for s in sources], weights)
-        self.sources, self.weights = sources, [float(w) for w in weights]
+    def __init__(self, sources: list[CacheRows], weights: list[float] | MixSchedule) -> None:
+        self.schedule = weights if isinstance(weights, MixSchedule) else MixSchedule.of(weights)
+        check_mixable([s.manifest for s in sources], [s.location for s in sources], self.schedule.weights)
+        self.sources = sources
+
+    @property
+    def manifest(self) -> Manifest:
+        """The first cache's manifest: its teacher, tokenizer and head settings are every source's (`MIX_AGREE`)."""
+        return self.sources[0].manifest
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.sources)
 
     def runs(self, order: StreamOrder) -> Iterator[list[CacheRecord]]:
         """This rank's (and this loader worker's) runs of `order.batch_size` records."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         seeds = [source_seed(order.seed, i) for i in range(len(self.sources))]
-        before = source_counts(self.weights, order.seed, order.start).tolist()
+        before = source_counts(self.schedule, order.seed, order.start).tolist()
         with contextlib.ExitStack() as opened:
             readers = [RandomAccess(opened.enter_context(contextlib.closing(source.files(seed, order, position))))
                        for source, seed, position in zip(self.sources, seeds, before)]
             refs = mixed_stream([stream(s.shard_rows, seed, order.buffer, order.shuffle) for s, seed in zip(self.sources, seeds)],
-                                self.weights, order.seed)
+                                self.schedule, order.seed)
             for chunk in partition(refs, order.start, order.limit, order.rank, order.world, order.batch_size, worker, workers):
                 yield [readers[source].get(*ref) for source, ref in chunk]
 
