@@ -126,12 +126,22 @@ def test_a_grown_mixture_keeps_the_draws_before_it_grew(monkeypatch) -> None:
     assert set(got[:30]) == {0} and set(got[30:64]) == {0, 1} and set(got[64:]) == {0, 1, 2}
     for stop in (0, 29, 30, 31, 64, 65, n):
         assert source_counts(schedule, seed, stop).tolist() == [got[:stop].count(i) for i in range(3)]
-    # Regrown at an earlier step (a run resumed from an older checkpoint): the later phases give way.
+    # Regrown at an earlier item: the later phases give way, and a phase is added only where the weights change.
     schedule.grow(40, [1.0, 1.0])
     assert schedule.phases == [(0, [2.0]), (30, [2.0, 1.0]), (40, [1.0, 1.0])]
     restored = MixSchedule.of([9.0])
     restored.load_state_dict(json.loads(json.dumps(schedule.state_dict())))  # as meta.json keeps it
     assert restored == schedule
+    schedule.grow(35, [1.0, 1.0])
+    assert schedule.phases == [(0, [2.0]), (30, [2.0, 1.0]), (35, [1.0, 1.0])]
+    schedule.grow(31, [2.0, 1.0])
+    assert schedule.phases == [(0, [2.0]), (30, [2.0, 1.0])]
+    # What no run can hold: a first phase after item 0, phases out of order, a cache dropped.
+    for phases in ([(5, [1.0])], [(0, [1.0]), (9, [1.0, 1.0]), (9, [1.0, 2.0])], [(0, [1.0, 1.0]), (9, [1.0])]):
+        with pytest.raises(UserError, match="never drop a cache"):
+            MixSchedule(phases)
+    with pytest.raises(UserError, match="never drop a cache"):
+        schedule.grow(50, [1.0])
 
 
 def test_a_resumed_run_whose_mixture_grew_reads_each_source_on(caches, monkeypatch) -> None:
@@ -407,6 +417,8 @@ def test_the_hugging_face_trainer_trains_on_a_mixture_as_train_student_does(stud
     np.testing.assert_allclose(trained(mixed), cli, rtol=2e-5)
     with pytest.raises(ValueError, match="carries its own"):
         trained(mixed, mix=[str(b)])
+    with pytest.raises(ValueError, match="carries its own"):
+        trained(mixed, mix_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="one held-out cache"):
         CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=hf_args(tmp_path / "e"),
                                  train_dataset=str(a), eval_dataset=mixed, processing_class=AutoTokenizer.from_pretrained(student_dir))
@@ -414,3 +426,32 @@ def test_the_hugging_face_trainer_trains_on_a_mixture_as_train_student_does(stud
         CacheDataset(a, mix_weights=[1.0])
     with pytest.raises(UserError, match="cannot be mixed"):
         CacheDataset(a, mix=[halves["other"]])
+
+
+def test_a_hugging_face_run_resumed_with_a_cache_joined_takes_train_students_grown_steps(student_dir, halves, tmp_path) -> None:
+    """A alone, checkpoint at step 2, resumed with B mixed in: steps 3–4 are train-student's grown run's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import run_cli
+    from taid_cache.integrations import CacheDistillationTrainer
+    from test_hf_trainer import hf_args
+
+    a, b = halves["A"], halves["B"]
+    run_cli(*train_args(student_dir, a, tmp_path / "cli", "--stop-at-step", "2"))
+    run_cli(*train_args(student_dir, a, tmp_path / "cli", "--resume", "--mix", str(b)))
+    cli = [m["loss"] for m in read_metrics(tmp_path / "cli") if "loss" in m]
+
+    def trainer(**kw) -> CacheDistillationTrainer:
+        args = hf_args(tmp_path / "hf", max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3, max_length=128,
+                       save_strategy="steps", save_steps=2, **kw)
+        return CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args, train_dataset=str(a),
+                                        processing_class=AutoTokenizer.from_pretrained(student_dir))
+
+    first = trainer()
+    first.train()
+    np.testing.assert_allclose([s["loss"] for s in first.steps.history[:2]], cli[:2], rtol=2e-5)
+    resumed = trainer(mix=[str(b)])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
+    assert resumed.train_dataset.schedule.phases == [(0, [float(load_manifest(str(a)).records)]),
+                                                     (4, [float(load_manifest(str(c)).records) for c in (a, b)])]
+    np.testing.assert_allclose([s["loss"] for s in resumed.steps.history], cli[2:], rtol=2e-5)

@@ -184,7 +184,7 @@ def test_a_round_cache_of_another_student_is_refused(finished, student_dir, teac
 def test_bad_rounds_configs_fail_in_one_line_before_any_write(student_dir, teacher_dir, caches, prompts, finished, tmp_path) -> None:
     out = tmp_path / "run"
     cases = [
-        ({"train": {"max_steps": 3}}, "max_steps is set by the rounds"),
+        ({"train": {"max_steps": 3}}, "run.yaml: train: max_steps is set by the rounds"),
         ({"generate": {"temprature": 1}}, "unknown options temprature"),
         ({"cache": None}, "give cache"),
         ({"method": "opd"}, "would not be read"),

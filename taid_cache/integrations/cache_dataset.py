@@ -9,7 +9,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import UserError
 from ..shards.contract import CacheRecord, CacheSettings, Manifest
-from ..training.data import CacheMixture, CacheRows, StreamOrder, default_weights
+from ..training.data import CacheMixture, CacheRows, MixSchedule, StreamOrder, weights_or_default
 
 
 class CacheDataset(IterableDataset):
@@ -36,8 +36,9 @@ class CacheDataset(IterableDataset):
         if mix_weights and not mix:
             raise UserError("mix_weights weighs the cache against the mix caches, and no mix is given")
         sources = [CacheRows(str(location), read_ahead, local_dir) for location in (cache, *mix)]
-        self.rows: CacheRows | CacheMixture = CacheMixture(
-            sources, list(mix_weights) or default_weights([s.manifest for s in sources])) if mix else sources[0]
+        # The weights over the run (a resumed Trainer grows them when caches joined: `schedule`); one cache's is its own.
+        self.schedule = MixSchedule.of(weights_or_default(mix_weights, [s.manifest for s in sources]))
+        self.rows: CacheRows | CacheMixture = CacheMixture(sources, self.schedule) if mix else sources[0]
         self.order = StreamOrder(seed, shuffle_buffer, shuffle, start, limit, rank, world, batch_size)
 
     @property

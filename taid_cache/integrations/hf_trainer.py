@@ -39,6 +39,7 @@ from .cache_dataset import CacheDataset
 from .collator import DistillationCollator, micro_batch
 
 STATE = "taid_cache_state.json"  # in each Trainer checkpoint: the step policy's state (TAID's t)
+MIXTURE = "taid_cache_mixture.json"  # and the train caches' weights over the run (`MixSchedule`)
 TEMPERATURE = "taid_cache_temperature.pt"  # ctkd's learned temperature, trained beside the student
 
 
@@ -102,9 +103,9 @@ CacheDistillationConfig = dataclasses.make_dataclass(
 def as_cache_dataset(data: Any, args: Any, train: bool) -> CacheDataset | None:
     """A cache folder or URI (the training one shuffled and mixed with `args.mix`), or a `CacheDataset` as it is."""
     if isinstance(data, CacheDataset):
-        if train and args.mix:
-            raise ValueError("args.mix mixes caches into a train_dataset given as a folder or URI; a CacheDataset "
-                             "carries its own: CacheDataset(cache, mix=..., mix_weights=...)")
+        if train and (args.mix or args.mix_weights):
+            raise ValueError("args.mix and args.mix_weights mix caches into a train_dataset given as a folder or URI; a "
+                             "CacheDataset carries its own: CacheDataset(cache, mix=..., mix_weights=...)")
         if not train and isinstance(data.rows, CacheMixture):
             raise ValueError("eval_dataset is a mixture of caches: give one held-out cache")
         return data
@@ -268,6 +269,7 @@ class CacheDistillationTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, Path(output_dir) / "training_args.bin")
         (Path(output_dir) / STATE).write_text(json.dumps(self.policy.state_dict()))
+        (Path(output_dir) / MIXTURE).write_text(json.dumps(self.train_dataset.schedule.state_dict()))
         if self.model.loss_model.temperature is not None:
             torch.save(self.model.loss_model.temperature.state_dict(), Path(output_dir) / TEMPERATURE)
 
@@ -288,6 +290,12 @@ class CacheDistillationTrainer(Trainer):
                             f"unexpected {sorted(unexpected)[:3]})")
         self.policy.load_state_dict(json.loads((folder / STATE).read_text()))
         step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
-        self.train_dataset.order = dataclasses.replace(self.train_dataset.order, start=step * self.policy.global_batch)
+        start = step * self.policy.global_batch
+        self.train_dataset.order = dataclasses.replace(self.train_dataset.order, start=start)
+        schedule = self.train_dataset.schedule
+        if (folder / MIXTURE).is_file():  # caches joined since: their weights from the resumed step on, as train-student's
+            weights = schedule.weights
+            schedule.load_state_dict(json.loads((folder / MIXTURE).read_text()))
+            schedule.grow(start, weights)
         if self.model.loss_model.temperature is not None:
             self.model.loss_model.temperature.load_state_dict(torch.load(folder / TEMPERATURE, weights_only=True))

@@ -116,12 +116,12 @@ class RoundsConfig:
         return (r + 1) * self.max_steps // self.rounds
 
 
-def check_sections(cfg: RoundsConfig) -> None:
-    """Refuse a stage's option the rounds set themselves (from a file or a Python caller alike)."""
+def check_sections(cfg: RoundsConfig, where: str = "") -> None:
+    """Refuse a stage's option the rounds set themselves (from a file, whose name `where` gives, or a Python caller)."""
     for name in SET_BY_ROUNDS:
         taken = sorted(set(getattr(cfg, name)) & set(SET_BY_ROUNDS[name]))
         if taken:
-            raise UserError(f"{name}: {listed(taken)} {'is' if len(taken) == 1 else 'are'} set by the rounds")
+            raise UserError(f"{where}{name}: {listed(taken)} {'is' if len(taken) == 1 else 'are'} set by the rounds")
 
 
 def read_rounds_config(path: Path) -> RoundsConfig:
@@ -142,6 +142,7 @@ def read_rounds_config(path: Path) -> RoundsConfig:
         raise UserError(f"{where}: missing {listed(missing)}")
     cfg = RoundsConfig(**options, **sections)
     check_fields(cfg)
+    check_sections(cfg, f"{where}: ")
     return cfg
 
 

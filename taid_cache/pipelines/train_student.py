@@ -33,7 +33,8 @@ from ..storage import Store, open_store, remote_errors
 from ..training.policy import DistillationPolicy, check_opd_sampling, check_parameters, check_serves, total_steps
 from ..training.trainer import Progress, Trainer
 from ..training.checkpoint import CheckpointManager, checkpoints, readable_meta, remove_interrupted_saves, step_of
-from ..training.data import CacheMixture, CacheRows, CacheStream, MixSchedule, StreamOrder, check_mixable, default_weights, micro_batches
+from ..training.data import (CacheMixture, CacheRows, CacheStream, MixSchedule, StreamOrder, check_mixable, micro_batches,
+                             weights_or_default)
 from ..training.distributed import Dist, broadcast_object, close_distributed, init_distributed
 from ..training.metrics import MetricsLog, check_report_to
 from ..training.optim import lr_schedule
@@ -76,9 +77,8 @@ def train_caches(cfg: TrainConfig) -> list[str]:
 
 
 def mix_weights(cfg: TrainConfig, manifests: list[Manifest]) -> list[float]:
-    """Each train cache's share: --mix-weights, or by the caches' sequences (the mixture then reads as one cache of
-    them all would, in expectation)."""
-    return list(cfg.mix_weights) if cfg.mix_weights else default_weights(manifests)
+    """Each train cache's share: --mix-weights, or by the caches' sequences."""
+    return weights_or_default(cfg.mix_weights, manifests)
 
 
 def check_on_policy_options(cfg: TrainConfig) -> None:
@@ -268,7 +268,8 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
     sampler = on_policy_sampler(cfg)
     mixture = MixSchedule.of(mix_weights(cfg, manifests))
     states = {"taid": policy, "mixture": mixture, **({"on_policy": sampler} if sampler is not None else {})}
-    checkpoints = CheckpointManager(output, progress, states, run_config, lambda folder: describe_student(lm, tokenizer, folder))
+    checkpoints = CheckpointManager(output, progress, states, run_config, lambda folder: describe_student(lm, tokenizer, folder),
+                                    added_since={"mixture"})
     if resume:
         checkpoints.restore(model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
         mixture.grow(progress.step * global_batch, mix_weights(cfg, manifests))  # caches joined: their weights from here on

@@ -167,8 +167,10 @@ class CheckpointManager:
     time) and every other Stateful of `states` under its name."""
 
     def __init__(self, output: Store, progress: Stateful, states: dict[str, Stateful], settings: dict[str, Any],
-                 describe: Callable[[Path], None]) -> None:
+                 describe: Callable[[Path], None], added_since: set[str] = frozenset()) -> None:
+        # added_since: states a checkpoint of an earlier release may lack; they then keep their initial value.
         self.output, self.progress, self.states, self.settings, self.describe = output, progress, states, settings, describe
+        self.added_since = added_since
 
     def save(self, step: int, model, optimizer, scheduler, env: Dist) -> None:
         extra = {"settings": self.settings, **self.progress.state_dict(), **{k: s.state_dict() for k, s in self.states.items()}}
@@ -180,7 +182,7 @@ class CheckpointManager:
         meta = load_newest(self.output, model, optimizer, scheduler, env, warn)
         self.progress.load_state_dict(meta)
         for name, state in self.states.items():
-            if name in meta:  # a state a checkpoint of an earlier release lacks keeps its initial value
+            if name in meta or name not in self.added_since:
                 state.load_state_dict(meta[name])
 
 

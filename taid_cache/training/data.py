@@ -124,17 +124,25 @@ class MixSchedule:
         """The weights that hold now (the last phase's): one per source."""
         return self.phases[-1][1]
 
+    def __post_init__(self) -> None:
+        starts, widths = [start for start, _ in self.phases], [len(weights) for _, weights in self.phases]
+        if not starts or starts[0] != 0 or starts != sorted(set(starts)) or widths != sorted(widths):
+            raise UserError(f"a mixture's phases must start at item 0, in increasing order, and never drop a cache: {self.phases}")
+
     def grow(self, start: int, weights: list[float]) -> None:
-        """`weights` from global item `start` on (phases from `start` on replaced); nothing when they already hold."""
+        """`weights` from global item `start` on, in place of the phases from `start` on (nothing new when the phase
+        that then holds has them)."""
+        kept = [p for p in self.phases if p[0] < start]
         weights = [float(w) for w in weights]
-        if weights != self.weights:
-            self.phases = [*(p for p in self.phases if p[0] < start), (start, weights)]
+        self.phases = kept if kept and kept[-1][1] == weights else [*kept, (start, weights)]
+        self.__post_init__()
 
     def state_dict(self) -> dict[str, list]:
         return {"phases": [[start, list(weights)] for start, weights in self.phases]}
 
     def load_state_dict(self, state: dict[str, list]) -> None:
         self.phases = [(int(start), [float(w) for w in weights]) for start, weights in state["phases"]]
+        self.__post_init__()
 
 
 def block_sources(schedule: MixSchedule, seed: int, block: int) -> np.ndarray:
@@ -299,9 +307,10 @@ def check_mixable(manifests: list[Manifest], names: list[str], weights: list[flo
                             "--top-k, --top-p, --tail-samples and --target-logprobs")
 
 
-def default_weights(manifests: list[Manifest]) -> list[float]:
-    """Each cache's share by its sequences: the mixture then reads as one cache of them all."""
-    return [float(m.records) for m in manifests]
+def weights_or_default(weights: list[float] | tuple[float, ...], manifests: list[Manifest]) -> list[float]:
+    """The weights given, or else each cache's share by its sequences: the mixture then reads as one cache of them
+    all (in expectation)."""
+    return [float(w) for w in weights] if weights else [float(m.records) for m in manifests]
 
 
 class CacheMixture:
