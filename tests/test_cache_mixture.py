@@ -429,11 +429,15 @@ def test_the_hugging_face_trainer_trains_on_a_mixture_as_train_student_does(stud
 
 
 def test_a_hugging_face_run_resumed_with_a_cache_joined_takes_train_students_grown_steps(student_dir, halves, tmp_path) -> None:
-    """A alone, checkpoint at step 2, resumed with B mixed in: steps 3–4 are train-student's grown run's."""
+    """A alone, checkpoint at step 2, resumed with B mixed in: steps 3–4 are train-student's grown run's, from a
+    checkpoint of a release that kept no mixture record too; other caches or weights are refused."""
+    import shutil
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import run_cli
     from taid_cache.integrations import CacheDistillationTrainer
+    from taid_cache.integrations.hf_trainer import MIXTURE
     from test_hf_trainer import hf_args
 
     a, b = halves["A"], halves["B"]
@@ -441,17 +445,26 @@ def test_a_hugging_face_run_resumed_with_a_cache_joined_takes_train_students_gro
     run_cli(*train_args(student_dir, a, tmp_path / "cli", "--resume", "--mix", str(b)))
     cli = [m["loss"] for m in read_metrics(tmp_path / "cli") if "loss" in m]
 
-    def trainer(**kw) -> CacheDistillationTrainer:
-        args = hf_args(tmp_path / "hf", max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3, max_length=128,
+    def trainer(out: str, train: Path = a, **kw) -> CacheDistillationTrainer:
+        args = hf_args(tmp_path / out, max_steps=4, per_device_train_batch_size=2, learning_rate=3e-3, max_length=128,
                        save_strategy="steps", save_steps=2, **kw)
-        return CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args, train_dataset=str(a),
+        return CacheDistillationTrainer(model=AutoModelForCausalLM.from_pretrained(student_dir), args=args, train_dataset=str(train),
                                         processing_class=AutoTokenizer.from_pretrained(student_dir))
 
-    first = trainer()
+    first = trainer("hf")
     first.train()
     np.testing.assert_allclose([s["loss"] for s in first.steps.history[:2]], cli[:2], rtol=2e-5)
-    resumed = trainer(mix=[str(b)])
-    resumed.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
-    assert resumed.train_dataset.schedule.phases == [(0, [float(load_manifest(str(a)).records)]),
-                                                     (4, [float(load_manifest(str(c)).records) for c in (a, b)])]
-    np.testing.assert_allclose([s["loss"] for s in resumed.steps.history], cli[2:], rtol=2e-5)
+    checkpoint = tmp_path / "hf" / "checkpoint-2"
+    older = tmp_path / "older" / "checkpoint-2"
+    shutil.copytree(checkpoint, older)
+    (older / MIXTURE).unlink()
+    records = [float(load_manifest(str(c)).records) for c in (a, b)]
+    for out, folder in (("hf", checkpoint), ("older", older)):
+        resumed = trainer(out, mix=[str(b)])
+        resumed.train(resume_from_checkpoint=str(folder))
+        assert resumed.train_dataset.schedule.phases == [(0, records[:1]), (4, records)], out
+        np.testing.assert_allclose([s["loss"] for s in resumed.steps.history], cli[2:], rtol=2e-5)
+    for kw in ({"train": b}, {"mix": [str(b)], "mix_weights": [1.0, 1.0]}):
+        shutil.copytree(tmp_path / "hf" / "checkpoint-4", tmp_path / "again" / "checkpoint-4", dirs_exist_ok=True)
+        with pytest.raises(UserError, match="other caches, or other weights"):
+            trainer("again", **kw).train(resume_from_checkpoint=str(tmp_path / "again" / "checkpoint-4"))

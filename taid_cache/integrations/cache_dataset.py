@@ -46,6 +46,12 @@ class CacheDataset(IterableDataset):
         return self.rows.manifest
 
     @property
+    def identities(self) -> list[str]:
+        """The identities of the cache and of each mixed cache, in order."""
+        sources = self.rows.sources if isinstance(self.rows, CacheMixture) else [self.rows]
+        return [s.manifest.identity for s in sources]
+
+    @property
     def records(self) -> int:
         """The sequences of the cache (of all the mixed caches)."""
         return self.rows.records

@@ -39,7 +39,7 @@ from .cache_dataset import CacheDataset
 from .collator import DistillationCollator, micro_batch
 
 STATE = "taid_cache_state.json"  # in each Trainer checkpoint: the step policy's state (TAID's t)
-MIXTURE = "taid_cache_mixture.json"  # and the train caches' weights over the run (`MixSchedule`)
+MIXTURE = "taid_cache_mixture.json"  # and the train caches (their identities) and their weights over the run
 TEMPERATURE = "taid_cache_temperature.pt"  # ctkd's learned temperature, trained beside the student
 
 
@@ -184,6 +184,20 @@ def tokenizer_of(model: nn.Module):
         return None
 
 
+def resume_mixture(data: CacheDataset, saved: dict[str, Any] | None, start: int, folder: Path) -> None:
+    """The train caches' weights as the checkpoint left them, and today's from global item `start` on when caches
+    joined after the checkpoint's (the rule of train-student's --resume); other caches, or other weights for the
+    same ones, are refused. A checkpoint without the record is of a release whose Trainer read one cache."""
+    now, weights = data.identities, data.schedule.weights
+    then = saved["caches"] if saved else now[:1]
+    phases = saved["phases"] if saved else [[0, weights[:1]]]
+    if now[: len(then)] != then or (len(now) == len(then) and phases[-1][1] != weights):
+        raise UserError(f"resume from {folder}: it trained on other caches, or other weights for them, than train_dataset "
+                        "and args.mix now give; resume with its caches and weights, or add caches after them")
+    data.schedule.load_state_dict({"phases": phases})
+    data.schedule.grow(start, weights)
+
+
 class CacheDistillationTrainer(Trainer):
     """`Trainer` on a cache. `model`: a causal LM with the cache's tokenizer; `args`: a `CacheDistillationConfig`;
     `train_dataset` / `eval_dataset`: cache folders or URIs, or `CacheDataset`s (the training stream is seeded
@@ -259,8 +273,9 @@ class CacheDistillationTrainer(Trainer):
         return metrics
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The student alone, as a Hugging Face folder (`from_pretrained` loads it), with the step policy's state
-        and ctkd's temperature beside it (what a resumed run needs besides the student)."""
+        """The student alone, as a Hugging Face folder (`from_pretrained` loads it), with the step policy's state,
+        the train caches' weights over the run and ctkd's temperature beside it (what a resumed run needs besides
+        the student)."""
         output_dir = output_dir or self.args.output_dir
         prefix = "loss_model.lm."
         student_state = None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -269,12 +284,14 @@ class CacheDistillationTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, Path(output_dir) / "training_args.bin")
         (Path(output_dir) / STATE).write_text(json.dumps(self.policy.state_dict()))
-        (Path(output_dir) / MIXTURE).write_text(json.dumps(self.train_dataset.schedule.state_dict()))
+        (Path(output_dir) / MIXTURE).write_text(json.dumps({"caches": self.train_dataset.identities,
+                                                            **self.train_dataset.schedule.state_dict()}))
         if self.model.loss_model.temperature is not None:
             torch.save(self.model.loss_model.temperature.state_dict(), Path(output_dir) / TEMPERATURE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """A checkpoint `_save` wrote: the student's weights into the student, the policy's state, the temperature."""
+        """A checkpoint `_save` wrote: the student's weights into the student, the policy's state, the mixture's
+        weights (grown when caches joined), the temperature."""
         from safetensors.torch import load_file
 
         folder = Path(resume_from_checkpoint)
@@ -292,10 +309,7 @@ class CacheDistillationTrainer(Trainer):
         step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
         start = step * self.policy.global_batch
         self.train_dataset.order = dataclasses.replace(self.train_dataset.order, start=start)
-        schedule = self.train_dataset.schedule
-        if (folder / MIXTURE).is_file():  # caches joined since: their weights from the resumed step on, as train-student's
-            weights = schedule.weights
-            schedule.load_state_dict(json.loads((folder / MIXTURE).read_text()))
-            schedule.grow(start, weights)
+        resume_mixture(self.train_dataset, json.loads((folder / MIXTURE).read_text()) if (folder / MIXTURE).is_file() else None,
+                       start, folder)
         if self.model.loss_model.temperature is not None:
             self.model.loss_model.temperature.load_state_dict(torch.load(folder / TEMPERATURE, weights_only=True))

@@ -269,7 +269,7 @@ def run_locked(cfg: TrainConfig, output: Store, env: Dist) -> dict[str, Any]:
     mixture = MixSchedule.of(mix_weights(cfg, manifests))
     states = {"taid": policy, "mixture": mixture, **({"on_policy": sampler} if sampler is not None else {})}
     checkpoints = CheckpointManager(output, progress, states, run_config, lambda folder: describe_student(lm, tokenizer, folder),
-                                    added_since={"mixture"})
+                                    added_since=frozenset({"mixture"}))
     if resume:
         checkpoints.restore(model, optimizer, scheduler, env, lambda line: cfg.console.print(line) if env.rank == 0 else None)
         mixture.grow(progress.step * global_batch, mix_weights(cfg, manifests))  # caches joined: their weights from here on

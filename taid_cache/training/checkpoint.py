@@ -167,7 +167,7 @@ class CheckpointManager:
     time) and every other Stateful of `states` under its name."""
 
     def __init__(self, output: Store, progress: Stateful, states: dict[str, Stateful], settings: dict[str, Any],
-                 describe: Callable[[Path], None], added_since: set[str] = frozenset()) -> None:
+                 describe: Callable[[Path], None], added_since: frozenset[str] = frozenset()) -> None:
         # added_since: states a checkpoint of an earlier release may lack; they then keep their initial value.
         self.output, self.progress, self.states, self.settings, self.describe = output, progress, states, settings, describe
         self.added_since = added_since

@@ -125,24 +125,30 @@ class MixSchedule:
         return self.phases[-1][1]
 
     def __post_init__(self) -> None:
-        starts, widths = [start for start, _ in self.phases], [len(weights) for _, weights in self.phases]
-        if not starts or starts[0] != 0 or starts != sorted(set(starts)) or widths != sorted(widths):
-            raise UserError(f"a mixture's phases must start at item 0, in increasing order, and never drop a cache: {self.phases}")
+        check_phases(self.phases)
 
     def grow(self, start: int, weights: list[float]) -> None:
         """`weights` from global item `start` on, in place of the phases from `start` on (nothing new when the phase
         that then holds has them)."""
         kept = [p for p in self.phases if p[0] < start]
         weights = [float(w) for w in weights]
-        self.phases = kept if kept and kept[-1][1] == weights else [*kept, (start, weights)]
-        self.__post_init__()
+        self.phases = check_phases(kept if kept and kept[-1][1] == weights else [*kept, (start, weights)])
 
     def state_dict(self) -> dict[str, list]:
         return {"phases": [[start, list(weights)] for start, weights in self.phases]}
 
     def load_state_dict(self, state: dict[str, list]) -> None:
-        self.phases = [(int(start), [float(w) for w in weights]) for start, weights in state["phases"]]
-        self.__post_init__()
+        self.phases = check_phases([(int(start), [float(w) for w in weights]) for start, weights in state["phases"]])
+
+
+def check_phases(phases: list[tuple[int, list[float]]]) -> list[tuple[int, list[float]]]:
+    """`phases` when a run can hold them: from item 0, in increasing order, each with the caches of the one before
+    and perhaps more (a resumed run may add caches, never drop one)."""
+    starts, widths = [start for start, _ in phases], [len(weights) for _, weights in phases]
+    if not starts or starts[0] != 0 or starts != sorted(set(starts)) or widths[0] == 0 or widths != sorted(widths):
+        raise UserError(f"a mixture's phases must start at item 0, in increasing order, and never drop a cache: got "
+                        f"phases from items {starts} of {widths} caches")
+    return phases
 
 
 def block_sources(schedule: MixSchedule, seed: int, block: int) -> np.ndarray:
