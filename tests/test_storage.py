@@ -154,8 +154,9 @@ def test_lease_refuses_a_second_holder(store):
         assert store.is_leased("writer.lock")
 
 
-def test_lease_wait_takes_its_turn(store, monkeypatch):
-    monkeypatch.setattr(store, "lease_ttl", 2.0, raising=False)  # remote: polls every ttl/4
+def test_lease_wait_takes_its_turn(store):
+    # The default ttl (remote: a minute, polled every second): a lease whose refreshes stall for a whole ttl has
+    # lapsed and may be taken, and a 2 s ttl lapsed on a loaded machine (the holder's first PUT and refreshes slow).
     acquired = threading.Event()
 
     def second() -> None:
@@ -374,7 +375,7 @@ def test_s3_stale_lease_is_taken_over(s3_bucket, lease, taken):
 
 
 def test_s3_lease_is_refreshed(s3_bucket):
-    store = FsspecStore(s3_bucket, lease_ttl=0.4)  # refreshed every 0.1 s
+    store = FsspecStore(s3_bucket, lease_ttl=4.0)  # refreshed every second: long enough that load cannot lapse it
     with store.lease("writer.lock", "the cache"):
         first = json.loads(store.read_text("writer.lock"))["expires"]
         for _ in range(400):  # a bound against a hang, not a timing
