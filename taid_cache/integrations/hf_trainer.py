@@ -29,7 +29,7 @@ from ..heads import check_head
 from ..losses import LOSSES, PARAMS, LossConfig, TaidSchedule
 from ..shards.contract import CacheSettings
 from ..training.distributed import Dist
-from ..training.data import CacheMixture
+from ..training.data import CacheMixture, joins
 from ..training.evaluate import evaluate
 from ..training.loss_step import micro_batch_loss
 from ..training.policy import DistillationPolicy, check_parameters, check_serves, total_steps
@@ -191,7 +191,7 @@ def resume_mixture(data: CacheDataset, saved: dict[str, Any] | None, start: int,
     now, weights = data.identities, data.schedule.weights
     then = saved["caches"] if saved else now[:1]
     phases = saved["phases"] if saved else [[0, weights[:1]]]
-    if now[: len(then)] != then or (len(now) == len(then) and phases[-1][1] != weights):
+    if not (joins(then, now) or (now == then and phases[-1][1] == weights)):
         raise UserError(f"resume from {folder}: it trained on other caches, or other weights for them, than train_dataset "
                         "and args.mix now give; resume with its caches and weights, or add caches after them")
     data.schedule.load_state_dict({"phases": phases})

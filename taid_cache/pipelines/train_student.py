@@ -33,8 +33,8 @@ from ..storage import Store, open_store, remote_errors
 from ..training.policy import DistillationPolicy, check_opd_sampling, check_parameters, check_serves, total_steps
 from ..training.trainer import Progress, Trainer
 from ..training.checkpoint import CheckpointManager, checkpoints, readable_meta, remove_interrupted_saves, step_of
-from ..training.data import (CacheMixture, CacheRows, CacheStream, MixSchedule, StreamOrder, check_mixable, micro_batches,
-                             weights_or_default)
+from ..training.data import (CacheMixture, CacheRows, CacheStream, MixSchedule, StreamOrder, check_mixable, joins,
+                             micro_batches, weights_or_default)
 from ..training.distributed import Dist, broadcast_object, close_distributed, init_distributed
 from ..training.metrics import MetricsLog, check_report_to
 from ..training.optim import lr_schedule
@@ -163,7 +163,7 @@ def without_grown_mix(then: dict[str, Any], now: dict[str, Any]) -> tuple[dict[s
     steps before it as they were drawn), and the stream is a function of the step, so a kill inside a round
     resumes it exactly."""
     before, after = then.get("mix_identities", []), now.get("mix_identities", [])
-    if len(after) > len(before) and after[: len(before)] == before:
+    if joins(before, after):
         mix = ("mix_identities", "mix_weights")
         return {k: v for k, v in then.items() if k not in mix}, {k: v for k, v in now.items() if k not in mix}
     return then, now

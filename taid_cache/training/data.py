@@ -141,6 +141,12 @@ class MixSchedule:
         self.phases = check_phases([(int(start), [float(w) for w in weights]) for start, weights in state["phases"]])
 
 
+def joins(then: list[str], now: list[str]) -> bool:
+    """Whether the caches `now` (by identity) are those of `then` with more added after them: the one way a resumed
+    run may change its mixture's caches (train-student's --resume and the Hugging Face Trainer's alike)."""
+    return len(now) > len(then) and now[: len(then)] == then
+
+
 def check_phases(phases: list[tuple[int, list[float]]]) -> list[tuple[int, list[float]]]:
     """`phases` when a run can hold them: from item 0, in increasing order, each with the caches of the one before
     and perhaps more (a resumed run may add caches, never drop one)."""
