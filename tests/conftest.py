@@ -37,6 +37,26 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 VOCAB = 512
 
+# `make test` runs the suite in two pytest-xdist workers (pyproject.toml). Each worker's torchrun calls take their
+# own rendezvous port (torchrun reads PET_MASTER_PORT), so two workers' rank tests never meet on torchrun's default.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER.startswith("gw"):
+    os.environ.setdefault("PET_MASTER_PORT", str(29500 + 17 * (int(WORKER[2:]) + 1)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The order `--dist loadfile` hands modules to the workers: the longest first (the vLLM modules, then those with
+    the most slow tests), so that none starts last and leaves the other worker idle. A stable sort: within a module,
+    the tests keep their order."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def longest_first(tests: list[pytest.Item]) -> tuple[bool, int]:
+        return (not any(t.get_closest_marker("vllm") for t in tests), -sum(bool(t.get_closest_marker("slow")) for t in tests))
+
+    items[:] = [item for tests in sorted(modules.values(), key=longest_first) for item in tests]
+
 
 # The losses the `caches` fixture's dumps serve: all but those reading the teacher at the next token only (opd
 # reads a --target-logprobs cache; tests/test_opd.py runs it).

@@ -1,14 +1,16 @@
 """The vLLM engine writes every cache the transformers engine writes: on the same teacher and data, top-k,
 --top-p, a head + sampled tail, the exact tail mass and the full fidelity report agree with the hf engine's, at
-tensor parallel 1 and 2 and pipeline parallel 2, for float32 and bf16 teachers; a killed sampled dump resumes
-record-identical; two single-core vLLM workers make one worker's cache.
+tensor parallel 1 and 2 and pipeline parallel 2, for float32 and bf16 teachers; a killed sampled dump leaves none
+of vLLM's processes behind and resumes record-identical; two single-core vLLM workers make one worker's cache.
 
-One vLLM engine is started for the module and reused by the in-process dumps (`dump_teacher(cfg, engine)`);
-the parallel, kill -9 and multi-worker cases start their own processes. `enforce_eager` skips vLLM's
+One vLLM engine is started for the module and reused by the in-process dumps (`dump_teacher(cfg, engine)`); the
+parallel and bf16 cases run the command in this process (their engines start their own processes, but vLLM is
+imported once), the kill -9 and multi-worker cases start commands of their own. `enforce_eager` skips vLLM's
 compilation at start-up, which on CPU changes start-up time only (docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -19,11 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, TIE_NATS, assert_same_up_to_ties, kill_group, run_cli, run_process, write_jsonl
+from conftest import ROOT, TIE_NATS, assert_same_up_to_ties, kill_group, run_cli, write_jsonl
 from taid_cache.config import DumpConfig
 from taid_cache.engines.base import EngineConfig, open_engine
 from taid_cache.engines.tail_sampling import sequence_uniforms
@@ -144,16 +147,17 @@ def test_head_and_sampled_tail_equal_hf(vllm_engine, teacher_dir, data_dir, samp
     assert_same_draws(vllm, sampled_hf, teacher_dir, seed=3, draws=24)
 
 
-def test_tensor_parallel_2_sampled_and_pipeline_parallel_2(teacher_dir, data_dir, sampled_hf, caches, tmp_path) -> None:
-    proc = run_process(*cli_args(teacher_dir, data_dir / "chat.jsonl", tmp_path / "tp2", "--tensor-parallel-size", "2",
-                                 "--top-k", "4", "--tail-samples", "24", "--seed", "3"))
-    assert "Worker_TP1" in proc.stdout + proc.stderr  # a second tensor-parallel rank really ran
+def test_tensor_parallel_2_sampled_and_pipeline_parallel_2(teacher_dir, data_dir, sampled_hf, caches, tmp_path, capfd) -> None:
+    """The command in this process (vLLM is imported already); its engine's processes write to this one's output."""
+    run_cli(*cli_args(teacher_dir, data_dir / "chat.jsonl", tmp_path / "tp2", "--tensor-parallel-size", "2",
+                      "--top-k", "4", "--tail-samples", "24", "--seed", "3"))
+    assert "Worker_TP1" in "".join(capfd.readouterr())  # a second tensor-parallel rank really ran
     assert_same_cache(tmp_path / "tp2", sampled_hf, LOGPROB_STEP + 1e-6)
     assert_same_draws(tmp_path / "tp2", sampled_hf, teacher_dir, seed=3, draws=24)
     # Compiled, as by default: vLLM 0.32's CPU runner fails pipeline parallelism under enforce_eager.
-    proc = run_process(*cli_args(teacher_dir, data_dir / "chat.jsonl", tmp_path / "pp2", "--pipeline-parallel-size", "2",
-                                 "--top-k", "16", eager=False))
-    assert "PP1" in proc.stdout + proc.stderr  # the second pipeline stage really ran
+    run_cli(*cli_args(teacher_dir, data_dir / "chat.jsonl", tmp_path / "pp2", "--pipeline-parallel-size", "2", "--top-k", "16",
+                      eager=False))
+    assert "PP1" in "".join(capfd.readouterr())  # the second pipeline stage really ran
     assert_same_cache(tmp_path / "pp2", caches["top16"], LOGPROB_STEP + 1e-6)
 
 
@@ -166,7 +170,7 @@ def test_a_bf16_teacher(teacher_dir, data_dir, tmp_path) -> None:
     AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16).save_pretrained(folder)
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(folder)
     hf = dump("hf", folder, data_dir / "chat.jsonl", tmp_path / "hf", top_k=16, tail_samples=16)
-    run_process(*cli_args(folder, data_dir / "chat.jsonl", tmp_path / "vllm", "--top-k", "16", "--tail-samples", "16"))
+    run_cli(*cli_args(folder, data_dir / "chat.jsonl", tmp_path / "vllm", "--top-k", "16", "--tail-samples", "16"))
     assert json.loads((tmp_path / "vllm" / "manifest.json").read_text())["settings"]["dtype"] == "bfloat16"
     a, b = list(read_cache(tmp_path / "vllm")), list(read_cache(hf))
     top1 = np.concatenate([x.topk_ids[:, 0] == y.topk_ids[:, 0] for x, y in zip(a, b)])
@@ -194,27 +198,63 @@ def committed(out: Path) -> int:
         return 0
 
 
-def test_kill_9_during_a_sampled_dump_then_resume_is_record_identical(vllm_engine, teacher_dir, many_rows, tmp_path) -> None:
-    """The resumed run redoes only the uncommitted batches, on the same batch boundaries, and redraws the
-    same tail from (seed, sample id): the finished cache equals an uninterrupted one record for record."""
+def alive(pid: int, started: float) -> bool:
+    """The process `pid` that started at `started` still runs (not a zombie; not another process under its pid)."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill_9_of_a_sampled_dump_leaves_none_of_its_processes_and_resumes_record_identical(vllm_engine, teacher_dir, many_rows,
+                                                                                            tmp_path) -> None:
+    """The dump alone is killed (not its process group), after vLLM's engine core has started its worker and some
+    shards are committed. Every process it started must go with it: vLLM's engine core and worker once outlived a
+    kill -9 (re-parented to init, minutes later still there, holding the memory the resumed dump needs). The resumed
+    run then redoes only the uncommitted batches, on the same batch boundaries, and redraws the same tail from
+    (seed, sample id): the finished cache equals an uninterrupted one record for record. The deadlines only guard a
+    hang; nothing is asserted about how fast."""
     small_shards = {"top_k": 8, "tail_samples": 16, "batch_tokens": 400, "shard_size_mb": 0.001}  # SMALL_SHARDS
     clean = dump("vllm", teacher_dir, many_rows, tmp_path / "clean", vllm_engine, **small_shards)
     crashed = tmp_path / "crashed"
-    # Its own process group: the kill takes vLLM's engine-core and worker processes with it, as a node failure
-    # would (not its own session, which a loaded machine starves: docs/BENCHMARKS.md).
     log = tmp_path / "killed-dump.log"  # its output, vLLM's timestamped start-up included: shown if the kill missed
+    seen: dict[int, tuple[float, str]] = {}  # every descendant of the dump: pid -> (start time, command line)
+
+    def record(parent: psutil.Process) -> None:
+        for child in parent.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                seen.setdefault(child.pid, (child.create_time(), " ".join(child.cmdline())[:160]))
+
     with log.open("w") as output:
         proc = subprocess.Popen([sys.executable, "-m", "taid_cache.cli", *cli_args(teacher_dir, many_rows, crashed, *SMALL_SHARDS)],
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, process_group=0)
-    # However slowly vLLM starts on a loaded machine: wait for the commits (the deadline only guards a hang,
-    # under pytest's 900 s per test).
-    hang_guard = time.monotonic() + 600
+    parent = psutil.Process(proc.pid)
     try:
-        while proc.poll() is None and committed(crashed) < 3 and time.monotonic() < hang_guard:
+        # However slowly vLLM starts on a loaded machine: wait for its worker (a descendant with a child) and the
+        # commits (the deadline only guards a hang, under pytest's 900 s per test).
+        hang_guard = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < hang_guard:
+            record(parent)
+            parents = {psutil.Process(pid).ppid() for pid in seen if alive(pid, seen[pid][0])}
+            if parents & set(seen) and committed(crashed) >= 3:
+                break
             time.sleep(0.05)
-    finally:
-        kill_group(proc, signal.SIGKILL)
+        record(parent)
+        assert proc.poll() is None, "the dump ended before it could be killed:\n" + log.read_text(errors="replace")[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)  # the dump only
         proc.wait()
+        hang_guard = time.monotonic() + 300
+        while any(alive(pid, started) for pid, (started, _) in seen.items()) and time.monotonic() < hang_guard:
+            time.sleep(0.2)
+        survivors = [f"{pid}: {cmd}" for pid, (started, cmd) in seen.items() if alive(pid, started)]
+        assert len(seen) >= 2 and not survivors, "\n".join(["outlived the dump:", *survivors])
+    finally:
+        # Whatever survived is not left running.
+        for pid in [pid for pid, (started, _) in seen.items() if alive(pid, started)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        kill_group(proc, signal.SIGKILL)
     total = len(json.loads((clean / "manifest.json").read_text())["shards"])
     assert 3 <= committed(crashed) < total and not (crashed / "manifest.json").exists(), log.read_text(errors="replace")[-3000:]
     # Resumed on the module's engine (one vLLM start fewer): the same settings as the killed command's.
