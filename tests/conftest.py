@@ -45,15 +45,16 @@ if WORKER.startswith("gw"):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The order `--dist loadfile` hands modules to the workers: the longest first (the vLLM modules, then those with
-    the most slow tests), so that none starts last and leaves the other worker idle. A stable sort: within a module,
+    """The order `--dist loadfile` hands modules to the workers: the longest first (those with slow vLLM tests, then
+    those with the most slow tests), so that none starts last and leaves the other worker idle. A stable sort: within a module,
     the tests keep their order."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
 
     def longest_first(tests: list[pytest.Item]) -> tuple[bool, int]:
-        return (not any(t.get_closest_marker("vllm") for t in tests), -sum(bool(t.get_closest_marker("slow")) for t in tests))
+        slow = [t for t in tests if t.get_closest_marker("slow")]
+        return (not any(t.get_closest_marker("vllm") for t in slow), -len(slow))
 
     items[:] = [item for tests in sorted(modules.values(), key=longest_first) for item in tests]
 
@@ -150,7 +151,8 @@ class SignalInFinalizer:
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The CLI in this process (the import cost of torch and transformers is paid once per suite, not per call).
-    Tests that need a process of their own (kill -9, torchrun, vLLM) start `python -m taid_cache.cli` themselves."""
+    Tests that need a process of their own (kill -9, torchrun, several workers) start `python -m taid_cache.cli`
+    themselves; a vLLM engine's processes write to this process's file descriptors (read them with `capfd`)."""
     result = CliRunner().invoke(app, list(args), env={"TOKENIZERS_PARALLELISM": "false"})
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
@@ -171,7 +173,7 @@ def assert_one_line(result, *words: str) -> None:
 
 def run_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh process: for what only a process shows (everything it writes to
-    stderr, libraries' own logging included; vLLM's worker processes)."""
+    stderr, libraries' own logging included)."""
     proc = subprocess.run([sys.executable, "-m", "taid_cache.cli", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, cwd=ROOT)
     if check and proc.returncode != 0:

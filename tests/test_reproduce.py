@@ -49,7 +49,9 @@ def random_student(teacher_dir: Path, **over) -> dict:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reproduce") / "quick"
-    proc = subprocess.run(["make", "reproduce", "QUICK=1", f"OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    # -o: never remakes .venv/ (the other xdist worker imports from it), whatever make thinks of the stamp's age
+    proc = subprocess.run(["make", "-o", ".venv/.setup-stamp", "reproduce", "QUICK=1", f"OUT={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out
 

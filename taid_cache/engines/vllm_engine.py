@@ -48,18 +48,22 @@ def cpu_thread_binding(ranks: int) -> str:
 
 
 @contextlib.contextmanager
-def cpu_environment(ranks: int) -> Iterator[None]:
-    """vLLM's CPU settings while its processes start (they read them then): a small KV cache and each rank's
-    cores, unless the user set them. Restored afterwards, so a later engine in this process, or a process
-    started from it, is not bound to this one's cores."""
-    defaults = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(ranks)}
-    added = [key for key in defaults if key not in os.environ]
-    os.environ.update({key: defaults[key] for key in added})
+def start_environment(ranks: int) -> Iterator[None]:
+    """The environment while vLLM starts its processes (they read it then), put back as it was afterwards. On CPU
+    it adds vLLM's CPU settings unless the user set them: a small KV cache and each rank's cores. vLLM's own
+    start writes into os.environ too (LD_PRELOAD of its OpenMP, LOCAL_WORLD_SIZE, inductor threads, ...): put
+    back, a later engine in this process, or any process started from it, sees neither this engine's cores nor
+    those."""
+    saved = dict(os.environ)
+    if not torch.cuda.is_available():
+        defaults = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(ranks)}
+        os.environ.update({key: value for key, value in defaults.items() if key not in os.environ})
     try:
         yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    finally:  # key by key: never an empty environment for another thread to read
+        for key in [key for key in os.environ if key not in saved]:
+            del os.environ[key]
+        os.environ.update({key: value for key, value in saved.items() if os.environ.get(key) != value})
 
 
 def check_engine_args(args: dict[str, Any], own_args: frozenset[str] | set[str] = OWN_ARGS) -> None:
@@ -168,7 +172,7 @@ def kv_fits(kv_heads: Any, tp: int) -> bool:
 
 # kill -9 of the process that started vLLM runs none of its shutdown: vLLM's engine core (and with it, through
 # vLLM's own death pipe, its workers) was left running, re-parented to init, holding the memory a resumed dump
-# needs. Measured on vLLM's CPU build (tests/test_round4_more.py kills a dump so): vLLM's weakref/atexit shutdown
+# needs. Measured on vLLM's CPU build (tests/test_vllm_engine.py kills a dump so): vLLM's weakref/atexit shutdown
 # never runs under kill -9; a worker follows its engine core within seconds (the death pipe); PR_SET_PDEATHSIG
 # set in the engine core works but needs a hook into multiprocessing's spawn (vLLM starts its processes with
 # spawn on CPU and once CUDA is up, which runs no at-fork handler) and follows the death of the starting
@@ -291,12 +295,12 @@ def check_installed() -> None:
 
 def start_llm(model: str, ranks: int, **args: Any):
     """vLLM's offline `LLM` on `model` with these arguments (--vllm-args already checked by `check_engine_args`),
-    on CPU under `cpu_environment(ranks)`; a failed start is one line. Stop it with `stop_llm`."""
+    under `start_environment(ranks)`; a failed start is one line. Stop it with `stop_llm`."""
     from vllm import LLM
 
     reaper = EngineReaper()  # before the mark is set: the watchdog is not one of the processes it ends
     try:
-        with contextlib.nullcontext() if torch.cuda.is_available() else cpu_environment(ranks), reaper.marking():
+        with start_environment(ranks), reaper.marking():
             llm = LLM(model=model, **args)
     except BaseException as exc:
         reaper.close()  # whatever a failed or interrupted start left running
@@ -378,7 +382,7 @@ class VllmEngine:
 
         ranks = config.tensor_parallel_size * config.pipeline_parallel_size
         try:
-            with contextlib.nullcontext() if torch.cuda.is_available() else cpu_environment(ranks):
+            with start_environment(ranks):
                 EngineArgs(model=config.model, **llm_arguments(config)).create_engine_config()
         except Exception as exc:
             raise UserError(f"vLLM refuses its settings for {config.model}: {vllm_error(exc)}") from None
