@@ -44,17 +44,18 @@ if WORKER.startswith("gw"):
     os.environ.setdefault("PET_MASTER_PORT", str(29500 + 17 * (int(WORKER[2:]) + 1)))
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: the order of the tests that run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The order `--dist loadfile` hands modules to the workers: the longest first (those with slow vLLM tests, then
-    those with the most slow tests), so that none starts last and leaves the other worker idle. A stable sort: within a module,
-    the tests keep their order."""
+    those with the most slow tests, then those with the most tests, xdist's own rule), so that none starts last and
+    leaves the other worker idle. A stable sort: within a module, the tests keep their order."""
     modules: dict[str, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.nodeid.split("::")[0], []).append(item)
 
-    def longest_first(tests: list[pytest.Item]) -> tuple[bool, int]:
+    def longest_first(tests: list[pytest.Item]) -> tuple[bool, int, int]:
         slow = [t for t in tests if t.get_closest_marker("slow")]
-        return (not any(t.get_closest_marker("vllm") for t in slow), -len(slow))
+        return (not any(t.get_closest_marker("vllm") for t in slow), -len(slow), -len(tests))
 
     items[:] = [item for tests in sorted(modules.values(), key=longest_first) for item in tests]
 
